@@ -1,0 +1,321 @@
+//! Backup: a byte stream in, a snapshot out.
+//!
+//! ```text
+//! reader ─ chunker ─ keyed id ─ known? ─yes─────────────────────────┐
+//! (this thread)                   │no                                ├─ tree of ids ─ snapshot
+//!                                 └─ group (~1 MiB) ─▶ workers: zstd + seal ─▶ pack writer ─▶ store
+//! ```
+//! Only new chunks are compressed and encrypted, so an unchanged dump runs at the speed of
+//! chunking and hashing. Channels are bounded, so memory stays flat whatever the stream's size:
+//! the read buffer, a few groups in flight, one pack being filled, and the index.
+//! Order of writes: packs, index file, snapshot (see [`crate::repo`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::chunker::{Chunker, GearTable};
+use crate::crypto::CipherKey;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile, IndexedPack};
+use crate::pack::{self, ChunkEntry, Frame, PackSession, PackWriter};
+use crate::repo::{Repository, hostname, pack_name};
+use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry};
+use crate::tree::TreeBuilder;
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub tags: Vec<String>,
+    /// Defaults to this machine's hostname.
+    pub hostname: Option<String>,
+    pub name: String,
+    pub compression_level: i32,
+    /// Uncompressed bytes of new chunks compressed together as one frame.
+    pub group_size: usize,
+    /// A pack is stored once it reaches this many bytes.
+    pub pack_size: usize,
+    /// Compression workers; 0 means one per core.
+    pub threads: usize,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            tags: Vec::new(),
+            hostname: None,
+            name: "stdin".to_string(),
+            compression_level: 3,
+            group_size: 1 << 20,
+            pack_size: 8 << 20,
+            threads: 0,
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackupProgress {
+    pub bytes_read: u64,
+    /// Uncompressed bytes that were new to the repository.
+    pub bytes_new: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackupSummary {
+    pub snapshot: SnapshotEntry,
+    /// Everything this backup stored, the snapshot object included.
+    pub bytes_stored: u64,
+    pub elapsed: Duration,
+}
+
+/// Chunks waiting to be compressed together.
+#[derive(Default)]
+struct Group {
+    raw: Vec<u8>,
+    chunks: Vec<ChunkEntry>,
+}
+
+/// Decides what is new and batches it into groups for the workers.
+struct Deduper<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    stored_this_session: HashSet<Id>,
+    data: Group,
+    tree_nodes: Group,
+    group_size: usize,
+    groups: Sender<Group>,
+    added: AddedBytes,
+}
+
+impl Deduper<'_> {
+    /// Queues `bytes` (known as `id`) unless the repository or this session already has it.
+    fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool) -> Result<()> {
+        if self.index.contains(&id) || !self.stored_this_session.insert(id) {
+            return Ok(());
+        }
+        self.added.new_chunks += 1;
+        self.added.new_raw += bytes.len() as u64;
+        // Tree nodes get groups of their own so that restore can read the chunk list without
+        // decoding data frames.
+        let group = if is_tree_node {
+            &mut self.tree_nodes
+        } else {
+            &mut self.data
+        };
+        group.raw.extend_from_slice(bytes);
+        group.chunks.push(ChunkEntry {
+            id,
+            len: bytes.len() as u32,
+        });
+        if group.raw.len() >= self.group_size {
+            let full = std::mem::take(group);
+            self.send(full)?;
+        }
+        Ok(())
+    }
+
+    fn store_tree_node(&mut self, node: Vec<u8>) -> Result<Id> {
+        let id = self.repo.key().chunk_id(&node);
+        self.offer(id, &node, true)?;
+        Ok(id)
+    }
+
+    fn send(&self, group: Group) -> Result<()> {
+        // A closed channel means a later stage failed; its error is reported instead.
+        self.groups
+            .send(group)
+            .map_err(|_| Error::Internal("pipeline stopped".into()))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for group in [
+            std::mem::take(&mut self.data),
+            std::mem::take(&mut self.tree_nodes),
+        ] {
+            if !group.chunks.is_empty() {
+                self.send(group)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn compress_worker(groups: Receiver<Group>, frames: Sender<Frame>, key: &CipherKey, level: i32) {
+    let mut compressor = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+    for group in groups {
+        let frame = pack::seal_frame(&mut compressor, key, &group.raw, group.chunks);
+        if frames.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+/// Fills packs with frames and stores each as it fills; returns what it stored.
+fn pack_writer(
+    repo: &Repository,
+    session: &PackSession,
+    frames: Receiver<Frame>,
+    pack_size: usize,
+) -> Result<Vec<IndexedPack>> {
+    let mut stored = Vec::new();
+    let mut writer = PackWriter::new(session, pack_size + (2 << 20));
+    let mut store = |writer: PackWriter| -> Result<()> {
+        let pack = writer.finish(&session.metadata_key);
+        let len = pack.bytes.len() as u64;
+        repo.store().put_new(&pack_name(&pack.id), pack.bytes)?;
+        stored.push(IndexedPack {
+            id: pack.id,
+            len,
+            data_ephemeral: session.data_ephemeral,
+            header: pack.header,
+        });
+        Ok(())
+    };
+    for frame in frames {
+        writer.add(frame);
+        if writer.len() >= pack_size {
+            let full =
+                std::mem::replace(&mut writer, PackWriter::new(session, pack_size + (2 << 20)));
+            store(full)?;
+        }
+    }
+    if !writer.is_empty() {
+        store(writer)?;
+    }
+    Ok(stored)
+}
+
+/// Backs up `source` as one snapshot.
+pub fn backup(
+    repo: &Repository,
+    source: impl Read,
+    options: &BackupOptions,
+    progress: &mut dyn FnMut(&BackupProgress),
+) -> Result<BackupSummary> {
+    let started = Instant::now();
+    let key = repo.key();
+    let mut chunker = Chunker::new(
+        source,
+        repo.config().chunker,
+        GearTable::from_key(&key.chunker_key),
+    )?;
+    let index = repo.load_index()?;
+    let (data_ephemeral, data_key) = key.data.sealing().new_session();
+    let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
+    let session = PackSession {
+        data_ephemeral,
+        data_key,
+        metadata_ephemeral,
+        metadata_key,
+    };
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+
+    let (root, stream, added, packs) = std::thread::scope(|scope| {
+        let (group_tx, group_rx) = bounded::<Group>(threads);
+        let (frame_tx, frame_rx) = bounded::<Frame>(2 * threads);
+        for _ in 0..threads {
+            let (groups, frames, key) = (group_rx.clone(), frame_tx.clone(), &session.data_key);
+            let level = options.compression_level;
+            scope.spawn(move || compress_worker(groups, frames, key, level));
+        }
+        drop((group_rx, frame_tx));
+        let writer = scope.spawn(|| pack_writer(repo, &session, frame_rx, options.pack_size));
+
+        let mut dedup = Deduper {
+            repo,
+            index: &index,
+            stored_this_session: HashSet::new(),
+            data: Group::default(),
+            tree_nodes: Group::default(),
+            group_size: options.group_size,
+            groups: group_tx,
+            added: AddedBytes::default(),
+        };
+        let streamed = stream_chunks(&mut chunker, &mut dedup, key, progress);
+        drop(dedup.groups);
+        let packs = writer.join().expect("pack writer does not panic");
+        // A storage failure stops the pipeline; report it rather than the stop it caused.
+        let packs = packs?;
+        let (root, stream) = streamed?;
+        Ok::<_, Error>((root, stream, dedup.added, packs))
+    })?;
+
+    let mut added = added;
+    added.stored = packs.iter().map(|p| p.len).sum();
+    if !packs.is_empty() {
+        added.stored += repo.write_index(&IndexFile { packs })?;
+    }
+    let mut tags = options.tags.clone();
+    tags.sort();
+    tags.dedup();
+    let snapshot = Snapshot {
+        time: SystemTime::now(),
+        hostname: options.hostname.clone().unwrap_or_else(hostname),
+        tags,
+        name: options.name.clone(),
+        size: stream.size,
+        stream_hash: stream.hash,
+        tree: root,
+        added,
+        annotations: options.annotations.clone(),
+    };
+    let (id, snapshot_len) = repo.write_snapshot(&snapshot)?;
+    Ok(BackupSummary {
+        bytes_stored: added.stored + snapshot_len,
+        snapshot: SnapshotEntry { id, snapshot },
+        elapsed: started.elapsed(),
+    })
+}
+
+struct StreamFacts {
+    size: u64,
+    hash: [u8; 32],
+}
+
+fn stream_chunks<R: Read>(
+    chunker: &mut Chunker<R>,
+    dedup: &mut Deduper<'_>,
+    key: &crate::crypto::MasterKey,
+    progress: &mut dyn FnMut(&BackupProgress),
+) -> Result<(crate::tree::TreeRoot, StreamFacts)> {
+    const PROGRESS_EVERY: u64 = 8 << 20;
+    let mut tree = TreeBuilder::default();
+    let mut stream_hash = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut next_report = PROGRESS_EVERY;
+    while let Some(chunk) = chunker.next_chunk().map_err(Error::Source)? {
+        let id = key.chunk_id(chunk);
+        stream_hash.update(chunk);
+        size += chunk.len() as u64;
+        dedup.added.chunks += 1;
+        dedup.offer(id, chunk, false)?;
+        tree.push(id, &mut |node| dedup.store_tree_node(node))?;
+        if size >= next_report {
+            next_report = size + PROGRESS_EVERY;
+            progress(&BackupProgress {
+                bytes_read: size,
+                bytes_new: dedup.added.new_raw,
+            });
+        }
+    }
+    let root = tree.finish(&mut |node| dedup.store_tree_node(node))?;
+    dedup.flush()?;
+    progress(&BackupProgress {
+        bytes_read: size,
+        bytes_new: dedup.added.new_raw,
+    });
+    Ok((
+        root,
+        StreamFacts {
+            size,
+            hash: *stream_hash.finalize().as_bytes(),
+        },
+    ))
+}

@@ -1,0 +1,374 @@
+//! Keys and sealing.
+//!
+//! Key roles (docs/FORMAT.md §Keys): data and metadata are each sealed to an X25519 public key
+//! plus a pre-shared key (PSK); chunk ids and the chunker have their own 256-bit keys. A writer
+//! only ever needs the public halves, which is what leaves room for a put-only key file later.
+//!
+//! Sealing: a writer draws one ephemeral X25519 key per role per backup session and derives a
+//! session key `BLAKE3-derive_key("bkp v1 session key", eph_pk || recipient_pk || dh || psk)`.
+//! Every message under a session key is XChaCha20-Poly1305 with a fresh random 24-byte nonce:
+//! `nonce || ciphertext || tag`. The AAD names what the message is, so a header can never be
+//! passed off as a frame or a snapshot as an index.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+pub const NONCE_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed message adds to its plaintext.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+
+const SESSION_KEY_CONTEXT: &str = "bkp v1 session key";
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    // The OS random source failing is not something a backup can recover from.
+    getrandom::fill(&mut out).expect("the operating system's random source failed");
+    out
+}
+
+/// A symmetric XChaCha20-Poly1305 key.
+#[derive(Clone)]
+pub struct CipherKey(XChaCha20Poly1305);
+
+impl CipherKey {
+    pub fn new(key: &[u8; 32]) -> CipherKey {
+        CipherKey(XChaCha20Poly1305::new(&Key::from(*key)))
+    }
+
+    /// Seals `plaintext` (consumed, reused as the output buffer) as `nonce || ct || tag`.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = random_bytes();
+        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .0
+            .encrypt_inout_detached(&XNonce::from(nonce), aad, out[NONCE_LEN..].as_mut().into())
+            .expect("message length within XChaCha20-Poly1305 limits");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens `nonce || ct || tag`; `None` if it is not authentic under this key and AAD.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut out = ct.to_vec();
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
+        let tag: [u8; TAG_LEN] = tag.try_into().ok()?;
+        self.0
+            .decrypt_inout_detached(
+                &XNonce::from(nonce),
+                aad,
+                out.as_mut_slice().into(),
+                &tag.into(),
+            )
+            .ok()?;
+        Some(out)
+    }
+}
+
+/// What a writer needs to seal to one role: the role's public key and PSK.
+#[derive(Clone)]
+pub struct SealingKey {
+    public: PublicKey,
+    psk: [u8; 32],
+}
+
+/// What a reader needs to open one role's messages.
+#[derive(Clone)]
+pub struct OpeningKey {
+    secret: StaticSecret,
+    sealing: SealingKey,
+}
+
+impl SealingKey {
+    /// Starts a session: a fresh ephemeral key pair, returned as its public half (stored in the
+    /// object) and the derived session key.
+    pub fn new_session(&self) -> ([u8; 32], CipherKey) {
+        let ephemeral = StaticSecret::from(random_bytes::<32>());
+        let ephemeral_public = PublicKey::from(&ephemeral);
+        let shared = ephemeral.diffie_hellman(&self.public);
+        let key = self.derive(ephemeral_public.as_bytes(), shared.as_bytes());
+        (ephemeral_public.to_bytes(), key)
+    }
+
+    fn derive(&self, ephemeral_public: &[u8; 32], shared: &[u8; 32]) -> CipherKey {
+        let mut material = [0u8; 128];
+        material[..32].copy_from_slice(ephemeral_public);
+        material[32..64].copy_from_slice(self.public.as_bytes());
+        material[64..96].copy_from_slice(shared);
+        material[96..].copy_from_slice(&self.psk);
+        let mut key = blake3::derive_key(SESSION_KEY_CONTEXT, &material);
+        material.zeroize();
+        let cipher = CipherKey::new(&key);
+        key.zeroize();
+        cipher
+    }
+}
+
+impl OpeningKey {
+    fn generate() -> OpeningKey {
+        OpeningKey::from_parts(random_bytes(), random_bytes())
+    }
+
+    fn from_parts(secret: [u8; 32], psk: [u8; 32]) -> OpeningKey {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret);
+        OpeningKey {
+            secret,
+            sealing: SealingKey { public, psk },
+        }
+    }
+
+    pub fn sealing(&self) -> &SealingKey {
+        &self.sealing
+    }
+
+    /// The session key for a session whose ephemeral public key is `ephemeral_public`;
+    /// `None` for a degenerate (low-order) ephemeral key, which no honest writer produces.
+    pub fn session(&self, ephemeral_public: &[u8; 32]) -> Option<CipherKey> {
+        let shared = self
+            .secret
+            .diffie_hellman(&PublicKey::from(*ephemeral_public));
+        if !shared.was_contributory() {
+            return None;
+        }
+        Some(self.sealing.derive(ephemeral_public, shared.as_bytes()))
+    }
+}
+
+/// All of a repository's secrets, as unlocked from a key file.
+pub struct MasterKey {
+    pub repository_id: Id,
+    pub data: OpeningKey,
+    pub metadata: OpeningKey,
+    pub chunk_id_key: [u8; 32],
+    pub chunker_key: [u8; 32],
+}
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        self.chunk_id_key.zeroize();
+        self.chunker_key.zeroize();
+    }
+}
+
+impl MasterKey {
+    pub fn generate() -> MasterKey {
+        MasterKey {
+            repository_id: Id(random_bytes()),
+            data: OpeningKey::generate(),
+            metadata: OpeningKey::generate(),
+            chunk_id_key: random_bytes(),
+            chunker_key: random_bytes(),
+        }
+    }
+
+    /// A chunk's id: BLAKE3 keyed with the chunk-id key, so the store cannot test guesses.
+    pub fn chunk_id(&self, chunk: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.chunk_id_key, chunk).as_bytes())
+    }
+}
+
+/// Argon2id cost parameters, stored in each key file so they can differ per key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl KdfParams {
+    /// ~0.2 s here; 32 MiB keeps a backup's peak memory under its 64 MiB budget.
+    pub const DEFAULT: KdfParams = KdfParams {
+        memory_kib: 32 * 1024,
+        iterations: 4,
+        parallelism: 1,
+    };
+    /// For tests only: offers no protection against password guessing.
+    pub const INSECURE_FAST: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    fn derive(&self, password: &[u8], salt: &[u8]) -> Result<CipherKey> {
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+            .map_err(|e| Error::invalid("key derivation parameters", e.to_string()))?;
+        let mut key = [0u8; 32];
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password_into(password, salt, &mut key)
+            .map_err(|e| Error::invalid("key derivation", e.to_string()))?;
+        let cipher = CipherKey::new(&key);
+        key.zeroize();
+        Ok(cipher)
+    }
+}
+
+/// The secrets as serialized inside a key file. Secret halves are optional so that a future
+/// put-only key file (public halves only) is the same structure with fewer fields filled in.
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct KeyMaterial {
+    #[zeroize(skip)]
+    repository_id: Id,
+    data_public: [u8; 32],
+    data_secret: Option<[u8; 32]>,
+    data_psk: [u8; 32],
+    metadata_public: [u8; 32],
+    metadata_secret: Option<[u8; 32]>,
+    metadata_psk: [u8; 32],
+    chunk_id_key: [u8; 32],
+    chunker_key: [u8; 32],
+}
+
+/// A password-wrapped copy of the master key (`keys/<id>`), in plaintext apart from `sealed`.
+#[derive(Serialize, Deserialize)]
+pub struct KeyFile {
+    pub kdf: KdfParams,
+    pub salt: [u8; 16],
+    /// Unix seconds; for `bkp key list`.
+    pub created: i64,
+    pub hostname: String,
+    sealed: Vec<u8>,
+}
+
+pub const KEY_FILE_MAGIC: &[u8; 8] = b"BKPKEY01";
+
+impl KeyFile {
+    pub fn wrap(
+        master: &MasterKey,
+        password: &[u8],
+        kdf: KdfParams,
+        created: i64,
+        hostname: String,
+    ) -> Result<KeyFile> {
+        let salt = random_bytes();
+        let kek = kdf.derive(password, &salt)?;
+        let material = KeyMaterial {
+            repository_id: master.repository_id,
+            data_public: *master.data.sealing.public.as_bytes(),
+            data_secret: Some(master.data.secret.to_bytes()),
+            data_psk: master.data.sealing.psk,
+            metadata_public: *master.metadata.sealing.public.as_bytes(),
+            metadata_secret: Some(master.metadata.secret.to_bytes()),
+            metadata_psk: master.metadata.sealing.psk,
+            chunk_id_key: master.chunk_id_key,
+            chunker_key: master.chunker_key,
+        };
+        let mut plain = postcard::to_allocvec(&material).expect("key material serializes");
+        let sealed = kek.seal(KEY_FILE_MAGIC, &plain);
+        plain.zeroize();
+        Ok(KeyFile {
+            kdf,
+            salt,
+            created,
+            hostname,
+            sealed,
+        })
+    }
+
+    /// `Ok(None)` when the password is not this key's.
+    pub fn unwrap_with(&self, password: &[u8], object: &str) -> Result<Option<MasterKey>> {
+        let kek = self.kdf.derive(password, &self.salt)?;
+        let Some(mut plain) = kek.open(KEY_FILE_MAGIC, &self.sealed) else {
+            return Ok(None);
+        };
+        let material: Result<KeyMaterial, _> = postcard::from_bytes(&plain);
+        plain.zeroize();
+        let material =
+            material.map_err(|e| Error::corrupt(object, format!("key material: {e}")))?;
+        let (Some(data_secret), Some(metadata_secret)) =
+            (material.data_secret, material.metadata_secret)
+        else {
+            return Err(Error::invalid(
+                "key",
+                format!("{object} is a restricted key; this operation needs a full key"),
+            ));
+        };
+        let data = OpeningKey::from_parts(data_secret, material.data_psk);
+        let metadata = OpeningKey::from_parts(metadata_secret, material.metadata_psk);
+        if data.sealing.public.as_bytes() != &material.data_public
+            || metadata.sealing.public.as_bytes() != &material.metadata_public
+        {
+            return Err(Error::corrupt(
+                object,
+                "public and secret keys do not match",
+            ));
+        }
+        Ok(Some(MasterKey {
+            repository_id: material.repository_id,
+            data,
+            metadata,
+            chunk_id_key: material.chunk_id_key,
+            chunker_key: material.chunker_key,
+        }))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = KEY_FILE_MAGIC.to_vec();
+        out.extend(postcard::to_allocvec(self).expect("key file serializes"));
+        out
+    }
+
+    pub fn decode(bytes: &[u8], object: &str) -> Result<KeyFile> {
+        let body = bytes
+            .strip_prefix(KEY_FILE_MAGIC.as_slice())
+            .ok_or_else(|| Error::corrupt(object, "not a bkp key file (bad magic)"))?;
+        postcard::from_bytes(body).map_err(|e| Error::corrupt(object, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip_and_tamper() {
+        let key = CipherKey::new(&[7; 32]);
+        let sealed = key.seal(b"aad", b"hello");
+        assert_eq!(key.open(b"aad", &sealed).unwrap(), b"hello");
+        assert!(key.open(b"other", &sealed).is_none());
+        let mut flipped = sealed.clone();
+        flipped[NONCE_LEN] ^= 1;
+        assert!(key.open(b"aad", &flipped).is_none());
+        assert!(key.open(b"aad", &sealed[..10]).is_none());
+    }
+
+    #[test]
+    fn session_keys_agree_between_writer_and_reader() {
+        let master = MasterKey::generate();
+        let (eph, writer) = master.data.sealing().new_session();
+        let sealed = writer.seal(b"x", b"payload");
+        let reader = master.data.session(&eph).unwrap();
+        assert_eq!(reader.open(b"x", &sealed).unwrap(), b"payload");
+        // The metadata role cannot open data.
+        let wrong = master.metadata.session(&eph).unwrap();
+        assert!(wrong.open(b"x", &sealed).is_none());
+        // A low-order point is refused.
+        assert!(master.data.session(&[0; 32]).is_none());
+    }
+
+    #[test]
+    fn key_file_opens_only_with_its_password() {
+        let master = MasterKey::generate();
+        let file = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0, "h".into()).unwrap();
+        let decoded = KeyFile::decode(&file.encode(), "k").unwrap();
+        assert!(decoded.unwrap_with(b"nope", "k").unwrap().is_none());
+        let opened = decoded.unwrap_with(b"pw", "k").unwrap().unwrap();
+        assert_eq!(opened.repository_id, master.repository_id);
+        assert_eq!(opened.chunk_id(b"a"), master.chunk_id(b"a"));
+        assert_ne!(opened.chunk_id(b"a"), Id(*blake3::hash(b"a").as_bytes()));
+    }
+}

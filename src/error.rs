@@ -1,0 +1,85 @@
+//! The library's one error type.
+//!
+//! Policy: variants are split by what the caller can do about them (create a repository, fix the
+//! password, fix the input, repair or restore from elsewhere), not by which module failed. Every
+//! message is one lowercase line that names the object involved and, where there is one, the fix.
+//! Messages never contain secrets: no passwords, no key material, no plaintext.
+
+use std::io;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no bkp repository at {location} (create one with `bkp init`)")]
+    RepositoryNotFound { location: String },
+
+    #[error("a bkp repository already exists at {location}; refusing to overwrite it")]
+    RepositoryExists { location: String },
+
+    #[error("wrong password: none of the {key_count} key(s) in {location} opens with it")]
+    WrongPassword { location: String, key_count: usize },
+
+    #[error("{location} has no key files; the repository cannot be opened")]
+    NoKeys { location: String },
+
+    #[error(
+        "{object} uses repository format {found}, this bkp reads format {supported}; upgrade bkp"
+    )]
+    UnsupportedFormat {
+        object: String,
+        found: u32,
+        supported: u32,
+    },
+
+    /// Stored bytes failed authentication, did not parse, or decoded to the wrong content.
+    #[error("{object} is corrupt: {reason} (run `bkp check`; restore from another copy)")]
+    Corrupt { object: String, reason: String },
+
+    /// Something that metadata references is not in the store.
+    #[error("{object} is missing from the repository (run `bkp check`)")]
+    Missing { object: String },
+
+    #[error("no snapshot matches {query}")]
+    SnapshotNotFound { query: String },
+
+    #[error(
+        "snapshot id prefix {prefix} is ambiguous: it matches {matches} snapshots; give more characters"
+    )]
+    AmbiguousSnapshot { prefix: String, matches: usize },
+
+    #[error("invalid {what}: {reason}")]
+    InvalidInput { what: String, reason: String },
+
+    #[error("storage error at {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("reading the input stream failed: {0}")]
+    Source(#[source] io::Error),
+
+    #[error("writing the restored stream failed: {0}")]
+    Sink(#[source] io::Error),
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            object: object.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}

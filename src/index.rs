@@ -1,0 +1,158 @@
+//! The index: where each stored chunk is (pack, frame, offset within the frame's plaintext).
+//!
+//! On disk, `index/<id>` files are sealed to the metadata key (see [`crate::envelope`]) and hold
+//! the headers of the packs that one backup wrote, plus each pack's id, length and data
+//! ephemeral key. A pack's own header holds the same frames, so the index can be rebuilt from
+//! packs. In memory, frames and packs are numbered so a chunk's entry stays small (~56 bytes).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Id;
+use crate::pack::PackHeader;
+
+pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX01";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedPack {
+    pub id: Id,
+    pub len: u64,
+    pub data_ephemeral: [u8; 32],
+    pub header: PackHeader,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexFile {
+    pub packs: Vec<IndexedPack>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub frame: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLocation {
+    pub pack: u32,
+    pub offset: u64,
+    pub sealed_len: u32,
+    pub raw_len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackLocation {
+    pub id: Id,
+    pub len: u64,
+    pub data_ephemeral: [u8; 32],
+}
+
+#[derive(Default)]
+pub struct Index {
+    chunks: HashMap<Id, ChunkLocation>,
+    frames: Vec<FrameLocation>,
+    packs: Vec<PackLocation>,
+}
+
+impl Index {
+    pub fn add(&mut self, pack: &IndexedPack) {
+        let pack_number = self.packs.len() as u32;
+        self.packs.push(PackLocation {
+            id: pack.id,
+            len: pack.len,
+            data_ephemeral: pack.data_ephemeral,
+        });
+        for frame in &pack.header.frames {
+            let frame_number = self.frames.len() as u32;
+            let mut offset = 0u32;
+            for chunk in &frame.chunks {
+                self.chunks.entry(chunk.id).or_insert(ChunkLocation {
+                    frame: frame_number,
+                    offset,
+                    len: chunk.len,
+                });
+                offset += chunk.len;
+            }
+            self.frames.push(FrameLocation {
+                pack: pack_number,
+                offset: frame.offset,
+                sealed_len: frame.sealed_len,
+                raw_len: offset,
+            });
+        }
+    }
+
+    pub fn contains(&self, id: &Id) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    pub fn chunk(&self, id: &Id) -> Option<ChunkLocation> {
+        self.chunks.get(id).copied()
+    }
+
+    pub fn frame(&self, frame: u32) -> &FrameLocation {
+        &self.frames[frame as usize]
+    }
+
+    pub fn pack(&self, pack: u32) -> &PackLocation {
+        &self.packs[pack as usize]
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn pack_count(&self) -> usize {
+        self.packs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::{ChunkEntry, FrameEntry};
+
+    #[test]
+    fn locates_chunks_by_frame_and_offset() {
+        let id = |b| Id([b; 32]);
+        let mut index = Index::default();
+        index.add(&IndexedPack {
+            id: id(9),
+            len: 1000,
+            data_ephemeral: [0; 32],
+            header: PackHeader {
+                frames: vec![
+                    FrameEntry {
+                        offset: 72,
+                        sealed_len: 100,
+                        chunks: vec![
+                            ChunkEntry { id: id(1), len: 10 },
+                            ChunkEntry { id: id(2), len: 20 },
+                        ],
+                    },
+                    FrameEntry {
+                        offset: 172,
+                        sealed_len: 50,
+                        chunks: vec![ChunkEntry { id: id(3), len: 5 }],
+                    },
+                ],
+            },
+        });
+        let loc = index.chunk(&id(2)).unwrap();
+        assert_eq!(
+            loc,
+            ChunkLocation {
+                frame: 0,
+                offset: 10,
+                len: 20
+            }
+        );
+        assert_eq!(index.frame(0).raw_len, 30);
+        let third = index.chunk(&id(3)).unwrap();
+        assert_eq!(index.frame(third.frame).offset, 172);
+        assert_eq!(index.pack(index.frame(third.frame).pack).id, id(9));
+        assert!(!index.contains(&id(4)));
+    }
+}

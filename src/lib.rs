@@ -1,0 +1,59 @@
+//! bkp: deduplicating, encrypted backups of database dumps.
+//!
+//! # Glossary
+//! - *chunk*: a piece of the stream cut by content-defined chunking (FastCDC, keyed gear table).
+//! - *frame*: a group of consecutive new chunks, compressed (zstd) and sealed (XChaCha20-Poly1305).
+//! - *pack*: a stored object holding frames and a sealed header listing them.
+//! - *index*: chunk id → (pack, frame, offset); stored as sealed index files.
+//! - *snapshot*: one backed-up stream: tags, host, size, whole-stream hash, chunk tree.
+//! - *repository*: the format (docs/FORMAT.md); *store*: where its bytes live.
+//!
+//! # Data flow
+//! ```text
+//! backup:  source -> chunker -> keyed id -> known? skip : group -> zstd + seal -> pack -> store
+//!          -> index file -> snapshot     (a snapshot is written last, when all it names is stored)
+//! restore: snapshot -> tree -> chunk ids -> index -> aligned pack reads -> open + decompress
+//!          -> re-check ids -> writer -> whole-stream hash check
+//! ```
+//!
+//! # Example
+//! ```
+//! use bkp::{BackupOptions, Repository, InitOptions, KdfParams, Store};
+//! let options = InitOptions { kdf: KdfParams::INSECURE_FAST, ..Default::default() };
+//! let repo = Repository::init(Store::memory(), b"password", &options)?;
+//! let dump = b"CREATE TABLE t (id int);\n".repeat(1000);
+//! let summary = bkp::backup(&repo, &dump[..], &BackupOptions::default(), &mut |_| {})?;
+//! let mut restored = Vec::new();
+//! bkp::restore(&repo, &summary.snapshot, &mut restored, &mut |_| {})?;
+//! assert_eq!(restored, dump);
+//! # Ok::<(), bkp::Error>(())
+//! ```
+
+mod backup;
+mod chunker;
+mod crypto;
+mod envelope;
+mod error;
+mod id;
+mod index;
+mod pack;
+mod padding;
+mod repo;
+mod restore;
+mod snapshot;
+pub mod source;
+mod store;
+mod tree;
+
+pub use backup::{BackupOptions, BackupProgress, BackupSummary, backup};
+pub use chunker::ChunkerParams;
+pub use crypto::KdfParams;
+pub use error::{Error, Result};
+pub use id::Id;
+pub use repo::{Config, InitOptions, Repository};
+pub use restore::{RestoreProgress, RestoreSummary, restore};
+pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry};
+pub use store::{ObjectInfo, Store};
+
+/// The repository format this bkp reads and writes (docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 1;

@@ -1,0 +1,278 @@
+//! A repository: init/open, naming of objects, and the write-ordering rule.
+//!
+//! Layout in the store (docs/FORMAT.md):
+//! ```text
+//! config                 sealed Config; its existence is what makes a repository
+//! keys/<id>              password-wrapped master key, one per password
+//! packs/<id[..2]>/<id>   packs (id = BLAKE3 of the pack's bytes)
+//! index/<id>             sealed IndexFile
+//! snapshots/<id>         sealed Snapshot
+//! ```
+//! Write order: packs, then the index file naming them, then the snapshot. Each step starts only
+//! after the previous one's objects are stored, so a crash leaves at worst unreferenced packs or
+//! an unreferenced index file, never a snapshot that points at nothing.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkerParams;
+use crate::crypto::{KdfParams, KeyFile, MasterKey};
+use crate::envelope;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{INDEX_MAGIC, Index, IndexFile};
+use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
+use crate::store::Store;
+
+pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
+const CONFIG_NAME: &str = "config";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub format_version: u32,
+    pub repository_id: Id,
+    pub chunker: ChunkerParams,
+    pub created: SystemTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub kdf: KdfParams,
+    pub chunker: ChunkerParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            kdf: KdfParams::DEFAULT,
+            chunker: ChunkerParams::DEFAULT,
+        }
+    }
+}
+
+pub struct Repository {
+    store: Store,
+    key: MasterKey,
+    config: Config,
+}
+
+pub fn pack_name(id: &Id) -> String {
+    let hex = id.to_hex();
+    format!("packs/{}/{}", &hex[..2], hex)
+}
+
+pub fn index_name(id: &Id) -> String {
+    format!("index/{id}")
+}
+
+pub fn snapshot_name(id: &Id) -> String {
+    format!("snapshots/{id}")
+}
+
+fn key_name(id: &Id) -> String {
+    format!("keys/{id}")
+}
+
+/// The last path component of an object name, parsed as an id.
+fn id_of(name: &str) -> Option<Id> {
+    name.rsplit('/').next()?.parse().ok()
+}
+
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Repository {
+    /// Creates a repository in an empty store.
+    pub fn init(store: Store, password: &[u8], options: &InitOptions) -> Result<Repository> {
+        options.chunker.validate()?;
+        if store.exists(CONFIG_NAME)? {
+            return Err(Error::RepositoryExists {
+                location: store.location().to_string(),
+            });
+        }
+        let key = MasterKey::generate();
+        let now = SystemTime::now();
+        let key_file = KeyFile::wrap(&key, password, options.kdf, unix_seconds(now), hostname())?;
+        let key_bytes = key_file.encode();
+        store.put_new(&key_name(&Id::of_object(&key_bytes)), key_bytes)?;
+        let config = Config {
+            format_version: crate::FORMAT_VERSION,
+            repository_id: key.repository_id,
+            chunker: options.chunker,
+            created: now,
+        };
+        let sealed = envelope::seal(CONFIG_MAGIC, key.metadata.sealing(), &config);
+        // Create-only: if another init won the race, its config stands and ours is refused.
+        if !store.put_new(CONFIG_NAME, sealed)? {
+            return Err(Error::RepositoryExists {
+                location: store.location().to_string(),
+            });
+        }
+        Ok(Repository { store, key, config })
+    }
+
+    /// Opens a repository with a password, trying each key file in turn.
+    pub fn open(store: Store, password: &[u8]) -> Result<Repository> {
+        let config_bytes = match store.get(CONFIG_NAME) {
+            Ok(bytes) => bytes,
+            Err(Error::Missing { .. }) => {
+                return Err(Error::RepositoryNotFound {
+                    location: store.location().to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let key_objects = store.list("keys")?;
+        if key_objects.is_empty() {
+            return Err(Error::NoKeys {
+                location: store.location().to_string(),
+            });
+        }
+        let mut key = None;
+        for object in &key_objects {
+            let file = KeyFile::decode(&store.get(&object.name)?, &object.name)?;
+            if let Some(master) = file.unwrap_with(password, &object.name)? {
+                key = Some(master);
+                break;
+            }
+        }
+        let key = key.ok_or_else(|| Error::WrongPassword {
+            location: store.location().to_string(),
+            key_count: key_objects.len(),
+        })?;
+        let config: Config =
+            envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME)?;
+        if config.repository_id != key.repository_id {
+            return Err(Error::corrupt(
+                CONFIG_NAME,
+                "belongs to another repository than the key",
+            ));
+        }
+        config.chunker.validate()?;
+        Ok(Repository { store, key, config })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// Reads every index file.
+    pub fn load_index(&self) -> Result<Index> {
+        let mut index = Index::default();
+        for object in self.store.list("index")? {
+            let file: IndexFile = envelope::open(
+                INDEX_MAGIC,
+                &self.key.metadata,
+                &self.store.get(&object.name)?,
+                &object.name,
+            )?;
+            for pack in &file.packs {
+                index.add(pack);
+            }
+        }
+        Ok(index)
+    }
+
+    /// Stores an index file; returns its stored size.
+    pub(crate) fn write_index(&self, file: &IndexFile) -> Result<u64> {
+        let sealed = envelope::seal(INDEX_MAGIC, self.key.metadata.sealing(), file);
+        let len = sealed.len() as u64;
+        self.store
+            .put_new(&index_name(&Id::of_object(&sealed)), sealed)?;
+        Ok(len)
+    }
+
+    /// Stores a snapshot; returns its id and stored size.
+    pub(crate) fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(Id, u64)> {
+        let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
+        let id = Id::of_object(&sealed);
+        let len = sealed.len() as u64;
+        self.store.put_new(&snapshot_name(&id), sealed)?;
+        Ok((id, len))
+    }
+
+    fn read_snapshot(&self, id: Id) -> Result<SnapshotEntry> {
+        let name = snapshot_name(&id);
+        let snapshot = envelope::open(
+            SNAPSHOT_MAGIC,
+            &self.key.metadata,
+            &self.store.get(&name)?,
+            &name,
+        )?;
+        Ok(SnapshotEntry { id, snapshot })
+    }
+
+    /// All snapshots carrying every tag in `tags`, oldest first.
+    pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotEntry>> {
+        let mut out = Vec::new();
+        for object in self.store.list("snapshots")? {
+            let id = id_of(&object.name)
+                .ok_or_else(|| Error::corrupt(&object.name, "not named by a snapshot id"))?;
+            let entry = self.read_snapshot(id)?;
+            if entry.has_tags(tags) {
+                out.push(entry);
+            }
+        }
+        out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// `latest` (newest with all `tags`) or a unique snapshot id prefix.
+    pub fn find_snapshot(&self, query: &str, tags: &[String]) -> Result<SnapshotEntry> {
+        let not_found = || Error::SnapshotNotFound {
+            query: if tags.is_empty() {
+                query.to_string()
+            } else {
+                format!("{query} with tags {}", tags.join(","))
+            },
+        };
+        if query == "latest" {
+            return self.snapshots(tags)?.pop().ok_or_else(not_found);
+        }
+        let prefix = query.to_ascii_lowercase();
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::invalid(
+                "snapshot",
+                format!("{query:?} is neither `latest` nor a hex snapshot id prefix"),
+            ));
+        }
+        let matches: Vec<Id> = self
+            .store
+            .list("snapshots")?
+            .iter()
+            .filter_map(|o| id_of(&o.name))
+            .filter(|id| id.to_hex().starts_with(&prefix))
+            .collect();
+        match matches.as_slice() {
+            [] => Err(not_found()),
+            [id] => {
+                let entry = self.read_snapshot(*id)?;
+                if entry.has_tags(tags) {
+                    Ok(entry)
+                } else {
+                    Err(not_found())
+                }
+            }
+            many => Err(Error::AmbiguousSnapshot {
+                prefix: query.to_string(),
+                matches: many.len(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Snapshots: one per backup, sealed to the metadata key and named by the hash of the stored
+//! object (`snapshots/<id>`). A snapshot is written last, after every pack and index file it
+//! needs, so a visible snapshot is always complete.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Id;
+use crate::tree::TreeRoot;
+
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP01";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub time: SystemTime,
+    pub hostname: String,
+    /// Sorted and unique.
+    pub tags: Vec<String>,
+    /// What the stream is (default `stdin`).
+    pub name: String,
+    /// Bytes in the stream.
+    pub size: u64,
+    /// Unkeyed BLAKE3 of the whole stream: compare with `b3sum` of the original dump.
+    pub stream_hash: [u8; 32],
+    pub tree: TreeRoot,
+    /// What this backup added to the repository.
+    pub added: AddedBytes,
+    /// Room for later, typed facts about the stream (dump kind, command) without a new format.
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedBytes {
+    pub chunks: u64,
+    pub new_chunks: u64,
+    /// Uncompressed bytes of new chunks (data and tree nodes).
+    pub new_raw: u64,
+    /// Stored bytes of new packs and index files (the snapshot object itself not included).
+    pub stored: u64,
+}
+
+/// A snapshot with the id it is stored under.
+#[derive(Clone, Debug)]
+pub struct SnapshotEntry {
+    pub id: Id,
+    pub snapshot: Snapshot,
+}
+
+impl SnapshotEntry {
+    pub fn has_tags(&self, tags: &[String]) -> bool {
+        tags.iter().all(|t| self.snapshot.tags.contains(t))
+    }
+}

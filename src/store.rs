@@ -1,0 +1,194 @@
+//! The only user of `object_store`: where a repository's bytes live.
+//!
+//! Rules every backend obeys (docs/FORMAT.md §Storage): objects are written once, create-only,
+//! and never overwritten or appended to; names are content hashes, random, or fixed (`config`).
+//! The rest of bkp is synchronous; this module owns a small tokio runtime and blocks on it.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, Result};
+
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    location: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object's name relative to the repository root, e.g. `snapshots/1a2b...`.
+    pub name: String,
+    pub size: u64,
+}
+
+impl Store {
+    /// Opens an existing location: a local directory path or `file://` URL.
+    pub fn open(location: &str) -> Result<Store> {
+        let dir = local_dir(location);
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(Error::RepositoryNotFound {
+                location: location.to_string(),
+            });
+        }
+        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|source| Error::Store {
+            location: location.to_string(),
+            source,
+        })?;
+        Ok(Store::with(Arc::new(fs), location))
+    }
+
+    /// Like [`Store::open`], creating a local directory first if there is none.
+    pub fn create(location: &str) -> Result<Store> {
+        let dir = local_dir(location);
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::invalid("repository location", format!("cannot create {dir}: {e}"))
+        })?;
+        Store::open(location)
+    }
+
+    /// A store that lives in this process's memory (tests, examples).
+    pub fn memory() -> Store {
+        Store::with(Arc::new(InMemory::new()), "memory")
+    }
+
+    fn with(inner: Arc<dyn ObjectStore>, location: &str) -> Store {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bkp-store")
+            .enable_all()
+            .build()
+            .expect("tokio runtime starts");
+        Store {
+            inner,
+            location: location.to_string(),
+            runtime,
+        }
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn error(&self, name: &str, source: object_store::Error) -> Error {
+        match source {
+            object_store::Error::NotFound { .. } => Error::Missing {
+                object: name.to_string(),
+            },
+            source => Error::Store {
+                location: format!("{}/{}", self.location, name),
+                source,
+            },
+        }
+    }
+
+    /// Writes a new object. Returns `false`, writing nothing, if `name` already exists.
+    pub fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let result = self.runtime.block_on(self.inner.put_opts(
+            &Path::from(name),
+            PutPayload::from(bytes),
+            options,
+        ));
+        match result {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.error(name, e)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Bytes> {
+        self.runtime
+            .block_on(async { self.inner.get(&Path::from(name)).await?.bytes().await })
+            .map_err(|e| self.error(name, e))
+    }
+
+    pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        self.runtime
+            .block_on(self.inner.get_range(&Path::from(name), range))
+            .map_err(|e| self.error(name, e))
+    }
+
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        match self.runtime.block_on(self.inner.head(&Path::from(name))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.error(name, e)),
+        }
+    }
+
+    /// Every object under `dir` (recursively), sorted by name.
+    pub fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        let prefix = Path::from(dir);
+        let mut out: Vec<ObjectInfo> = self
+            .runtime
+            .block_on(self.inner.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .map_err(|e| self.error(dir, e))?
+            .into_iter()
+            .map(|meta| ObjectInfo {
+                name: meta.location.to_string(),
+                size: meta.size,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes an object (tests that simulate damage; later, prune).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        self.runtime
+            .block_on(self.inner.delete(&Path::from(name)))
+            .map_err(|e| self.error(name, e))
+    }
+}
+
+fn local_dir(location: &str) -> &str {
+    location.strip_prefix("file://").unwrap_or(location)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_only_puts_never_overwrite() {
+        for store in [Store::memory(), {
+            let dir = tempfile::tempdir().unwrap().keep();
+            Store::open(dir.to_str().unwrap()).unwrap()
+        }] {
+            assert!(store.put_new("a/b", b"one".to_vec()).unwrap());
+            assert!(!store.put_new("a/b", b"two".to_vec()).unwrap());
+            assert_eq!(&store.get("a/b").unwrap()[..], b"one");
+            assert_eq!(&store.get_range("a/b", 1..3).unwrap()[..], b"ne");
+            assert!(matches!(store.get("nope"), Err(Error::Missing { .. })));
+            assert!(store.exists("a/b").unwrap());
+            assert!(!store.exists("a/c").unwrap());
+            let listed = store.list("a").unwrap();
+            assert_eq!(
+                listed,
+                vec![ObjectInfo {
+                    name: "a/b".into(),
+                    size: 3
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn opening_a_missing_directory_says_repository_not_found() {
+        assert!(matches!(
+            Store::open("/nonexistent/bkp-repo"),
+            Err(Error::RepositoryNotFound { .. })
+        ));
+    }
+}
