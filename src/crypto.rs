@@ -240,7 +240,6 @@ pub struct KeyFile {
     pub salt: [u8; 16],
     /// Unix seconds; for `bkp key list`.
     pub created: i64,
-    pub hostname: String,
     sealed: Vec<u8>,
 }
 
@@ -252,7 +251,6 @@ impl KeyFile {
         password: &[u8],
         kdf: KdfParams,
         created: i64,
-        hostname: String,
     ) -> Result<KeyFile> {
         let salt = random_bytes();
         let kek = kdf.derive(password, &salt)?;
@@ -274,7 +272,6 @@ impl KeyFile {
             kdf,
             salt,
             created,
-            hostname,
             sealed,
         })
     }
@@ -363,7 +360,7 @@ mod tests {
     #[test]
     fn key_file_opens_only_with_its_password() {
         let master = MasterKey::generate();
-        let file = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0, "h".into()).unwrap();
+        let file = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0).unwrap();
         let decoded = KeyFile::decode(&file.encode(), "k").unwrap();
         assert!(decoded.unwrap_with(b"nope", "k").unwrap().is_none());
         let opened = decoded.unwrap_with(b"pw", "k").unwrap().unwrap();

@@ -51,18 +51,18 @@ pub enum Error {
     #[error("invalid {what}: {reason}")]
     InvalidInput { what: String, reason: String },
 
-    #[error("storage error at {location}: {source}")]
+    // Causes are part of the message (not `#[source]`), so printing the chain never repeats them.
+    #[error("storage error at {location}: {cause}")]
     Store {
         location: String,
-        #[source]
-        source: object_store::Error,
+        cause: object_store::Error,
     },
 
     #[error("reading the input stream failed: {0}")]
-    Source(#[source] io::Error),
+    Source(io::Error),
 
     #[error("writing the restored stream failed: {0}")]
-    Sink(#[source] io::Error),
+    Sink(io::Error),
 
     #[error("{0}")]
     Internal(String),

@@ -50,6 +50,7 @@ pub use chunker::ChunkerParams;
 pub use crypto::KdfParams;
 pub use error::{Error, Result};
 pub use id::Id;
+pub use index::{IndexFile, IndexedPack};
 pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry};

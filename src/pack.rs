@@ -189,7 +189,7 @@ pub fn read_header(
     }
     check_magic(PACK_MAGIC, &pack[..8], object)?;
     let data_ephemeral: [u8; 32] = pack[8..40].try_into().expect("32 bytes");
-    let metadata_ephemeral: [u8; 32] = pack[40..72].try_into().expect("32 bytes");
+    let metadata_ephemeral: [u8; 32] = pack[40..PREFIX_LEN].try_into().expect("32 bytes");
     let key = metadata
         .session(&metadata_ephemeral)
         .ok_or_else(|| Error::corrupt(object, "invalid session key"))?;

@@ -21,7 +21,8 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{INDEX_MAGIC, Index, IndexFile};
+use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
+use crate::pack;
 use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
 use crate::store::Store;
 
@@ -100,7 +101,7 @@ impl Repository {
         }
         let key = MasterKey::generate();
         let now = SystemTime::now();
-        let key_file = KeyFile::wrap(&key, password, options.kdf, unix_seconds(now), hostname())?;
+        let key_file = KeyFile::wrap(&key, password, options.kdf, unix_seconds(now))?;
         let key_bytes = key_file.encode();
         store.put_new(&key_name(&Id::of_object(&key_bytes)), key_bytes)?;
         let config = Config {
@@ -187,6 +188,23 @@ impl Repository {
             }
         }
         Ok(index)
+    }
+
+    /// Reads a pack and rebuilds its index entry from the pack alone, checking that the pack
+    /// is stored under the hash of its bytes.
+    pub fn read_pack(&self, id: &Id) -> Result<IndexedPack> {
+        let name = pack_name(id);
+        let bytes = self.store.get(&name)?;
+        if Id::of_object(&bytes) != *id {
+            return Err(Error::corrupt(&name, "its bytes do not hash to its name"));
+        }
+        let (data_ephemeral, header) = pack::read_header(&bytes, &self.key.metadata, &name)?;
+        Ok(IndexedPack {
+            id: *id,
+            len: bytes.len() as u64,
+            data_ephemeral,
+            header,
+        })
     }
 
     /// Stores an index file; returns its stored size.

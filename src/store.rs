@@ -38,9 +38,9 @@ impl Store {
                 location: location.to_string(),
             });
         }
-        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|source| Error::Store {
+        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|cause| Error::Store {
             location: location.to_string(),
-            source,
+            cause,
         })?;
         Ok(Store::with(Arc::new(fs), location))
     }
@@ -82,9 +82,9 @@ impl Store {
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: name.to_string(),
             },
-            source => Error::Store {
+            cause => Error::Store {
                 location: format!("{}/{}", self.location, name),
-                source,
+                cause,
             },
         }
     }

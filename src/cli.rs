@@ -1,0 +1,431 @@
+//! Command-line interface: clap types, password sources, progress and summaries. The only
+//! module that knows about clap, terminals or exit codes.
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bkp::{
+    BackupOptions, BackupSummary, Error, InitOptions, KdfParams, Repository, SnapshotEntry, Store,
+};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    failure (storage, input or output error, snapshot not found, ...)
+  2    usage error (bad arguments)
+  3    no repository at the given location
+  4    wrong password, or no usable key
+  5    damaged data: an object failed authentication or a restore failed verification
+  130  interrupted (Ctrl-C); nothing was recorded
+  141  restore output closed early (broken pipe, e.g. `| head`)";
+
+const ENVIRONMENT: &str = "\
+Environment:
+  BKP_REPOSITORY         repository location (instead of --repo)
+  BKP_PASSWORD_FILE      file whose first line is the password
+  BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
+  BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
+  Without any of these, bkp asks on the terminal.";
+
+#[derive(Parser)]
+#[command(
+    name = "bkp",
+    version,
+    about = "Deduplicating, encrypted backups of database dumps",
+    long_about = "Deduplicating, encrypted backups of database dumps.\n\n\
+    mysqldump --single-transaction shop | bkp backup --tag shop\n\
+    bkp restore latest --tag shop | mysql shop",
+    after_help = format!("{ENVIRONMENT}\n\n{EXIT_CODES}")
+)]
+struct Cli {
+    /// Repository location: a directory path (or file:// URL)
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "BKP_REPOSITORY",
+        value_name = "LOCATION"
+    )]
+    repo: Option<String>,
+
+    /// Print nothing on success (errors still go to stderr)
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Create a new, empty repository
+    Init,
+    /// Back up standard input as a new snapshot
+    #[command(
+        after_help = "Example:\n  mysqldump --single-transaction shop | bkp backup --tag shop"
+    )]
+    Backup(BackupArgs),
+    /// Write a snapshot's stream to standard output (or --output), verified byte for byte
+    #[command(
+        after_help = "Examples:\n  bkp restore latest --tag shop | mysql shop\n  bkp restore 1a2b3c4d --output shop.sql"
+    )]
+    Restore(RestoreArgs),
+    /// List snapshots, oldest first
+    Snapshots(SnapshotsArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Tag the snapshot (repeatable); `restore latest --tag` picks by tag
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Host name to record (default: this machine's)
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Name of the stream to record
+    #[arg(long, default_value = "stdin")]
+    name: String,
+    /// zstd level for new data (1-19; higher is smaller and slower)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression: i32,
+    /// Print the summary as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot id (a unique prefix is enough) or `latest`
+    snapshot: String,
+    /// With `latest`: the newest snapshot having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Write to this new file instead of standard output (removed again if the restore fails)
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct SnapshotsArgs {
+    /// Only snapshots having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Print a JSON array
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let location = cli.repo.clone().ok_or_else(|| {
+        anyhow!("no repository given: pass --repo LOCATION or set BKP_REPOSITORY")
+    })?;
+    match cli.command {
+        Commands::Init => init(&location, cli.quiet),
+        Commands::Backup(args) => backup(&location, cli.quiet, args),
+        Commands::Restore(args) => restore(&location, cli.quiet, args),
+        Commands::Snapshots(args) => snapshots(&location, args),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The exit code for an error, as documented in [`EXIT_CODES`].
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let code = match err.downcast_ref::<Error>() {
+        Some(Error::RepositoryNotFound { .. }) => 3,
+        Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
+        Some(Error::Corrupt { .. } | Error::Missing { .. }) => 5,
+        _ => 1,
+    };
+    ExitCode::from(code)
+}
+
+/// Errors that end the program without a message: the reader of our output went away.
+pub fn quiet_exit(err: &anyhow::Error) -> Option<ExitCode> {
+    match err.downcast_ref::<Error>() {
+        Some(Error::Sink(e)) if e.kind() == io::ErrorKind::BrokenPipe => Some(ExitCode::from(141)),
+        _ => None,
+    }
+}
+
+fn read_password(confirm: bool) -> Result<Zeroizing<String>> {
+    if let Ok(path) = std::env::var("BKP_PASSWORD_FILE") {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read BKP_PASSWORD_FILE {path}"))?;
+        return Ok(Zeroizing::new(
+            text.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    if let Ok(command) = std::env::var("BKP_PASSWORD_COMMAND") {
+        let output = Command::new("sh")
+            .args(["-c", &command])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("cannot run BKP_PASSWORD_COMMAND")?;
+        if !output.status.success() {
+            bail!(
+                "BKP_PASSWORD_COMMAND failed ({}); fix the command",
+                output.status
+            );
+        }
+        let text = Zeroizing::new(
+            String::from_utf8(output.stdout).context("BKP_PASSWORD_COMMAND printed non-UTF-8")?,
+        );
+        return Ok(Zeroizing::new(
+            text.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    if let Ok(password) = std::env::var("BKP_PASSWORD") {
+        return Ok(Zeroizing::new(password));
+    }
+    if !io::stderr().is_terminal() || File::open("/dev/tty").is_err() {
+        bail!(
+            "no password given: set BKP_PASSWORD_FILE, BKP_PASSWORD_COMMAND or BKP_PASSWORD (no terminal to ask on)"
+        );
+    }
+    let password = Zeroizing::new(rpassword::prompt_password("Repository password: ")?);
+    if confirm {
+        let again = Zeroizing::new(rpassword::prompt_password("Repeat password: ")?);
+        if *again != *password {
+            bail!("the passwords do not match; nothing was created");
+        }
+    }
+    Ok(password)
+}
+
+fn open_repository(location: &str) -> Result<Repository> {
+    let store = Store::open(location)?;
+    let password = read_password(false)?;
+    Ok(Repository::open(store, password.as_bytes())?)
+}
+
+fn init(location: &str, quiet: bool) -> Result<()> {
+    let password = read_password(true)?;
+    if password.is_empty() {
+        bail!(
+            "refusing an empty password; choose one and keep it safe: without it no backup can be restored"
+        );
+    }
+    let kdf = if std::env::var_os("BKP_INSECURE_FAST_KDF").is_some() {
+        KdfParams::INSECURE_FAST
+    } else {
+        KdfParams::DEFAULT
+    };
+    let options = InitOptions {
+        kdf,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(Store::create(location)?, password.as_bytes(), &options)?;
+    if !quiet {
+        println!(
+            "created bkp repository {} at {location}\n\
+             Keep the password safe: without it, no backup in this repository can be restored.",
+            repo.config().repository_id.short()
+        );
+    }
+    Ok(())
+}
+
+fn byte_spinner(template: &str) -> Option<ProgressBar> {
+    if !io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template(template).expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<()> {
+    if io::stdin().is_terminal() {
+        bail!(
+            "standard input is a terminal; pipe a dump into bkp backup, e.g. `pg_dump db | bkp backup --tag db`"
+        );
+    }
+    // Start draining the pipe before the (slower) password and repository work.
+    let input = bkp::source::Prefetch::spawn(io::stdin(), 8);
+    let repo = open_repository(location)?;
+    let options = BackupOptions {
+        tags: args.tags,
+        hostname: args.host,
+        name: args.name,
+        compression_level: args.compression,
+        ..BackupOptions::default()
+    };
+    let bar = if quiet {
+        None
+    } else {
+        byte_spinner("{spinner} {msg} [{elapsed}]")
+    };
+    let summary = bkp::backup(&repo, input, &options, &mut |p| {
+        if let Some(bar) = &bar {
+            let secs = bar.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!(
+                "{} read ({}/s), {} new",
+                HumanBytes(p.bytes_read),
+                HumanBytes((p.bytes_read as f64 / secs) as u64),
+                HumanBytes(p.bytes_new)
+            ));
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", backup_json(&summary));
+    } else if !quiet {
+        println!("{}", backup_line(&summary));
+    }
+    Ok(())
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+fn backup_line(summary: &BackupSummary) -> String {
+    let s = &summary.snapshot.snapshot;
+    let secs = summary.elapsed.as_secs_f64();
+    format!(
+        "snapshot {} saved: {} read, {} added to the repository ({} new before compression, compression {:.1}x), {:.1} s, {}/s",
+        summary.snapshot.id.short(),
+        HumanBytes(s.size),
+        HumanBytes(summary.bytes_stored),
+        HumanBytes(s.added.new_raw),
+        ratio(s.added.new_raw, s.added.stored),
+        secs,
+        HumanBytes((s.size as f64 / secs.max(0.001)) as u64),
+    )
+}
+
+fn backup_json(summary: &BackupSummary) -> serde_json::Value {
+    let s = &summary.snapshot.snapshot;
+    json!({
+        "snapshot_id": summary.snapshot.id.to_hex(),
+        "bytes_read": s.size,
+        "bytes_new": s.added.new_raw,
+        "bytes_added": summary.bytes_stored,
+        "chunks": s.added.chunks,
+        "new_chunks": s.added.new_chunks,
+        "dedup_ratio": ratio(s.size, s.added.new_raw),
+        "compression_ratio": ratio(s.added.new_raw, s.added.stored),
+        "seconds": summary.elapsed.as_secs_f64(),
+        "tags": s.tags,
+        "hostname": s.hostname,
+    })
+}
+
+fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let entry = repo.find_snapshot(&args.snapshot, &args.tags)?;
+    let bar = if quiet || !io::stderr().is_terminal() {
+        None
+    } else {
+        let bar = ProgressBar::new(entry.snapshot.size).with_style(
+            ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        Some(bar)
+    };
+    let mut report = |p: &bkp::RestoreProgress| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.bytes_written);
+        }
+    };
+    let summary = match &args.output {
+        Some(path) => {
+            let file = File::options().write(true).create_new(true).open(path).with_context(|| {
+                format!("cannot create {} (restore never overwrites; remove it or choose another --output)", path.display())
+            })?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let result = bkp::restore(&repo, &entry, &mut out, &mut report).and_then(|s| {
+                out.get_ref().sync_all().map_err(Error::Sink)?;
+                Ok(s)
+            });
+            if result.is_err() {
+                drop(out);
+                let _ = std::fs::remove_file(path);
+            }
+            result?
+        }
+        None => {
+            let stdout = io::stdout();
+            let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
+            bkp::restore(&repo, &entry, &mut out, &mut report)?
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !quiet {
+        eprintln!(
+            "restored snapshot {}: {} verified, {:.1} s",
+            entry.id.short(),
+            HumanBytes(summary.bytes_written),
+            summary.elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn snapshot_json(entry: &SnapshotEntry) -> serde_json::Value {
+    let s = &entry.snapshot;
+    json!({
+        "id": entry.id.to_hex(),
+        "time": humantime::format_rfc3339_seconds(s.time).to_string(),
+        "hostname": s.hostname,
+        "tags": s.tags,
+        "name": s.name,
+        "size": s.size,
+        "stream_blake3": hex::encode(s.stream_hash),
+        "bytes_added": s.added.stored,
+    })
+}
+
+fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let list = repo.snapshots(&args.tags)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let array: Vec<_> = list.iter().map(snapshot_json).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  name",
+        "id", "time", "host", "size", "added", "tags"
+    )?;
+    for entry in &list {
+        let s = &entry.snapshot;
+        writeln!(
+            out,
+            "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {}",
+            entry.id.short(),
+            humantime::format_rfc3339_seconds(s.time).to_string(),
+            s.hostname,
+            HumanBytes(s.size).to_string(),
+            HumanBytes(s.added.stored).to_string(),
+            s.tags.join(","),
+            s.name
+        )?;
+    }
+    writeln!(out, "{} snapshot(s)", list.len())?;
+    Ok(())
+}
