@@ -1,16 +1,19 @@
 //! Restore: a snapshot out to a writer, verified end to end.
 //!
 //! ```text
-//! planner thread: walk the chunk tree ─ locate each chunk ─ one job per run of chunks in a frame
-//! workers:        aligned ranged read of the pack ─ open ─ decompress ─ re-check every chunk id
-//! this thread:    write the chunks in order ─ hash the whole stream ─ compare with the snapshot
+//! planner thread: walk the chunk tree ─ locate each chunk ─ runs of chunks in one frame
+//!                 ─ frame not decoded recently? queue a decode job
+//! workers:        aligned ranged read of the pack ─ open ─ decompress
+//! this thread:    per run: wait for its frame ─ re-check every chunk id ─ write ─ hash the stream
 //! ```
-//! Jobs complete out of order but are consumed in order through a bounded queue of one-shot
-//! receivers, which is also the read-ahead limit (and so the memory bound).
+//! A day-N snapshot interleaves chunks from the frames of many earlier backups, in runs of a
+//! chunk or two, so decoded frames are shared between runs through a small cache; a budget of
+//! decoded frames alive at once ([`MAX_FRAMES_ALIVE`]) bounds memory and read-ahead.
 //! Reads are aligned to [`READ_ALIGNMENT`] so the store does not learn exact frame boundaries.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -25,7 +28,12 @@ use crate::snapshot::SnapshotEntry;
 use crate::tree::TreeWalker;
 
 pub const READ_ALIGNMENT: u64 = 64 * 1024;
-const READ_AHEAD_FRAMES: usize = 8;
+/// Decoded frames kept for reuse by later runs.
+const CACHED_FRAMES: usize = 16;
+/// Decoded (or decoding) frames alive at once: the cache plus read-ahead. ~1 MiB each.
+const MAX_FRAMES_ALIVE: usize = 28;
+/// Runs queued for the writer; each is small (a frame handle and a few slices).
+const QUEUED_RUNS: usize = 4096;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RestoreProgress {
@@ -39,14 +47,43 @@ pub struct RestoreSummary {
     pub elapsed: Duration,
 }
 
-/// A run of chunks to cut from one frame.
-struct Job {
+/// A frame being decoded by a worker, or decoded; shared by every run that needs it. Holding
+/// one takes a unit of the [`MAX_FRAMES_ALIVE`] budget, returned on drop.
+struct FrameSlot {
     frame: u32,
-    slices: Vec<(Id, u32, u32)>,
+    decoded: Mutex<Option<Result<Vec<u8>>>>,
+    ready: Condvar,
+    budget: Sender<()>,
 }
 
-struct Decoded {
-    raw: Vec<u8>,
+impl FrameSlot {
+    fn fill(&self, result: Result<Vec<u8>>) {
+        *self.decoded.lock().expect("slot lock") = Some(result);
+        self.ready.notify_all();
+    }
+
+    /// Waits for the decode and runs `use_raw` on it; an error is handed out once.
+    fn with_raw<T>(&self, use_raw: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        let mut guard = self.decoded.lock().expect("slot lock");
+        while guard.is_none() {
+            guard = self.ready.wait(guard).expect("slot lock");
+        }
+        match guard.as_mut().expect("filled") {
+            Ok(raw) => use_raw(raw),
+            Err(e) => Err(std::mem::replace(e, Error::Internal("restore already failed".into()))),
+        }
+    }
+}
+
+impl Drop for FrameSlot {
+    fn drop(&mut self) {
+        let _ = self.budget.send(());
+    }
+}
+
+/// A run of consecutive chunks of the stream that lie in one frame: (id, offset, len).
+struct Run {
+    slot: Arc<FrameSlot>,
     slices: Vec<(Id, u32, u32)>,
 }
 
@@ -112,106 +149,106 @@ impl<'a> FrameReader<'a> {
         )
     }
 
-    /// Decodes a job's frame and checks that every slice hashes to its chunk id.
-    fn decode(&mut self, job: Job) -> Result<Decoded> {
-        let raw = self.read(job.frame)?;
-        for &(id, offset, len) in &job.slices {
-            let chunk = raw
-                .get(offset as usize..(offset + len) as usize)
-                .ok_or_else(|| {
-                    Error::corrupt(format!("chunk {}", id.short()), "lies outside its frame")
-                })?;
-            if self.repo.key().chunk_id(chunk) != id {
-                let pack = self.index.pack(self.index.frame(job.frame).pack);
-                return Err(Error::corrupt(
-                    pack_name(&pack.id),
-                    format!("chunk {} decodes to other content", id.short()),
-                ));
-            }
-        }
-        Ok(Decoded {
-            raw,
-            slices: job.slices,
-        })
-    }
 }
 
-type Pending = Receiver<Result<Decoded>>;
+/// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
+struct Planner<'a> {
+    index: &'a Index,
+    jobs: Sender<Arc<FrameSlot>>,
+    runs: Sender<Result<Run>>,
+    budget: (Sender<()>, Receiver<()>),
+    cache: Vec<Arc<FrameSlot>>,
+}
 
-/// Walks the tree and queues jobs; the queue of receivers keeps the output order.
-fn plan(
-    repo: &Repository,
-    index: &Index,
-    entry: &SnapshotEntry,
-    jobs: Sender<(Job, Sender<Result<Decoded>>)>,
-    ordered: Sender<Result<Pending>>,
-) {
-    let mut nodes = FrameReader::new(repo, index);
-    let mut node_frames: Vec<(u32, Vec<u8>)> = Vec::new();
-    let mut fetch_node = |id: &Id| -> Result<Vec<u8>> {
-        let loc = index.chunk(id).ok_or_else(|| Error::Missing {
-            object: format!("tree node {} of snapshot {}", id.short(), entry.id.short()),
-        })?;
-        if !node_frames.iter().any(|(f, _)| *f == loc.frame) {
-            let decoded = nodes.decode(Job {
-                frame: loc.frame,
-                slices: vec![(*id, loc.offset, loc.len)],
+impl Planner<'_> {
+    fn slot(&mut self, frame: u32) -> Option<Arc<FrameSlot>> {
+        if let Some(pos) = self.cache.iter().position(|s| s.frame == frame) {
+            let slot = self.cache.remove(pos);
+            self.cache.push(slot.clone());
+            return Some(slot);
+        }
+        if self.cache.len() == CACHED_FRAMES {
+            self.cache.remove(0);
+        }
+        self.budget.1.recv().ok()?;
+        let slot = Arc::new(FrameSlot {
+            frame,
+            decoded: Mutex::new(None),
+            ready: Condvar::new(),
+            budget: self.budget.0.clone(),
+        });
+        self.jobs.send(slot.clone()).ok()?;
+        self.cache.push(slot.clone());
+        Some(slot)
+    }
+
+    /// Queues a run; false when the writer has stopped.
+    fn send(&mut self, frame: u32, slices: Vec<(Id, u32, u32)>) -> bool {
+        match self.slot(frame) {
+            Some(slot) => self.runs.send(Ok(Run { slot, slices })).is_ok(),
+            None => false,
+        }
+    }
+
+    fn run(mut self, repo: &Repository, entry: &SnapshotEntry) {
+        if let Err(e) = self.plan(repo, entry) {
+            let _ = self.runs.send(Err(e));
+        }
+    }
+
+    fn plan(&mut self, repo: &Repository, entry: &SnapshotEntry) -> Result<()> {
+        let index = self.index;
+        let mut nodes = FrameReader::new(repo, index);
+        let mut node_frames: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut fetch_node = |id: &Id| -> Result<Vec<u8>> {
+            let loc = index.chunk(id).ok_or_else(|| Error::Missing {
+                object: format!("tree node {} of snapshot {}", id.short(), entry.id.short()),
             })?;
-            if node_frames.len() == 4 {
-                node_frames.remove(0);
+            if !node_frames.iter().any(|(f, _)| *f == loc.frame) {
+                if node_frames.len() == 4 {
+                    node_frames.remove(0);
+                }
+                node_frames.push((loc.frame, nodes.read(loc.frame)?));
             }
-            node_frames.push((loc.frame, decoded.raw));
-        }
-        let (_, raw) = node_frames
-            .iter()
-            .find(|(f, _)| *f == loc.frame)
-            .expect("just cached");
-        let node = &raw[loc.offset as usize..(loc.offset + loc.len) as usize];
-        if repo.key().chunk_id(node) != *id {
-            return Err(Error::corrupt(
-                format!("tree node {}", id.short()),
-                "decodes to other content",
-            ));
-        }
-        Ok(node.to_vec())
-    };
-    let send = |job: Job| -> bool {
-        let (tx, rx) = bounded(1);
-        ordered.send(Ok(rx)).is_ok() && jobs.send((job, tx)).is_ok()
-    };
-    let mut walker = TreeWalker::new(&entry.snapshot.tree);
-    let mut current: Option<Job> = None;
-    loop {
-        let id = match walker.next_id(&mut fetch_node) {
-            Ok(Some(id)) => id,
-            Ok(None) => break,
-            Err(e) => {
-                let _ = ordered.send(Err(e));
-                return;
-            }
+            let (_, raw) = node_frames.iter().find(|(f, _)| *f == loc.frame).expect("cached");
+            let node = verified_chunk(repo, raw, *id, loc.offset, loc.len)?;
+            Ok(node.to_vec())
         };
-        let Some(loc) = index.chunk(&id) else {
-            let _ = ordered.send(Err(Error::Missing {
+        let mut walker = TreeWalker::new(&entry.snapshot.tree);
+        let mut current: Option<(u32, Vec<(Id, u32, u32)>)> = None;
+        while let Some(id) = walker.next_id(&mut fetch_node)? {
+            let loc = index.chunk(&id).ok_or_else(|| Error::Missing {
                 object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
-            }));
-            return;
-        };
-        match &mut current {
-            Some(job) if job.frame == loc.frame => job.slices.push((id, loc.offset, loc.len)),
-            _ => {
-                if let Some(job) = current.replace(Job {
-                    frame: loc.frame,
-                    slices: vec![(id, loc.offset, loc.len)],
-                }) && !send(job)
-                {
-                    return;
+            })?;
+            match &mut current {
+                Some((frame, slices)) if *frame == loc.frame => slices.push((id, loc.offset, loc.len)),
+                _ => {
+                    let next = (loc.frame, vec![(id, loc.offset, loc.len)]);
+                    if let Some((frame, slices)) = current.replace(next)
+                        && !self.send(frame, slices)
+                    {
+                        return Ok(());
+                    }
                 }
             }
         }
+        if let Some((frame, slices)) = current {
+            self.send(frame, slices);
+        }
+        Ok(())
     }
-    if let Some(job) = current {
-        send(job);
+}
+
+/// The chunk at `offset..offset + len` of a decoded frame, checked against its id.
+fn verified_chunk<'r>(repo: &Repository, raw: &'r [u8], id: Id, offset: u32, len: u32) -> Result<&'r [u8]> {
+    let object = || format!("chunk {}", id.short());
+    let chunk = raw
+        .get(offset as usize..offset as usize + len as usize)
+        .ok_or_else(|| Error::corrupt(object(), "lies outside its frame"))?;
+    if repo.key().chunk_id(chunk) != id {
+        return Err(Error::corrupt(object(), "decodes to other content"));
     }
+    Ok(chunk)
 }
 
 /// Restores `entry` into `out`. Fails if any byte does not verify; `out` may then hold a prefix.
@@ -229,38 +266,47 @@ pub fn restore(
     let mut hasher = blake3::Hasher::new();
 
     std::thread::scope(|scope| -> Result<()> {
-        let (job_tx, job_rx) = bounded::<(Job, Sender<Result<Decoded>>)>(READ_AHEAD_FRAMES);
-        let (ordered_tx, ordered_rx) = bounded::<Result<Pending>>(READ_AHEAD_FRAMES);
+        let (job_tx, job_rx) = bounded::<Arc<FrameSlot>>(MAX_FRAMES_ALIVE);
+        let (run_tx, run_rx) = bounded::<Result<Run>>(QUEUED_RUNS);
+        let budget = bounded::<()>(MAX_FRAMES_ALIVE);
+        for _ in 0..MAX_FRAMES_ALIVE {
+            budget.0.send(()).expect("room for the whole budget");
+        }
         for _ in 0..threads {
             let jobs = job_rx.clone();
             let (repo, index) = (repo, &index);
             scope.spawn(move || {
                 let mut reader = FrameReader::new(repo, index);
-                for (job, reply) in jobs {
-                    let _ = reply.send(reader.decode(job));
+                for slot in jobs {
+                    slot.fill(reader.read(slot.frame));
                 }
             });
         }
         drop(job_rx);
-        scope.spawn(|| plan(repo, &index, entry, job_tx, ordered_tx));
+        let planner = Planner {
+            index: &index,
+            jobs: job_tx,
+            runs: run_tx,
+            budget,
+            cache: Vec::new(),
+        };
+        scope.spawn(|| planner.run(repo, entry));
 
         let mut next_report = 0u64;
-        for pending in ordered_rx {
-            let decoded = pending?
-                .recv()
-                .map_err(|_| Error::Internal("restore worker stopped".into()))??;
-            for (_, offset, len) in &decoded.slices {
-                let chunk = &decoded.raw[*offset as usize..(*offset + *len) as usize];
-                out.write_all(chunk).map_err(Error::Sink)?;
-                hasher.update(chunk);
-                written += chunk.len() as u64;
-            }
+        for run in run_rx {
+            let run = run?;
+            run.slot.with_raw(|raw| {
+                for &(id, offset, len) in &run.slices {
+                    let chunk = verified_chunk(repo, raw, id, offset, len)?;
+                    out.write_all(chunk).map_err(Error::Sink)?;
+                    hasher.update(chunk);
+                    written += chunk.len() as u64;
+                }
+                Ok(())
+            })?;
             if written >= next_report {
                 next_report = written + (8 << 20);
-                progress(&RestoreProgress {
-                    bytes_written: written,
-                    size,
-                });
+                progress(&RestoreProgress { bytes_written: written, size });
             }
         }
         Ok(())

@@ -1,0 +1,133 @@
+//! End-to-end benchmark on a generated SQL dump pair.
+//!
+//! `cargo bench --bench pipeline` (size from BKP_BENCH_SIZE, default 200 MB; the figures in
+//! docs/PERFORMANCE.md use BKP_BENCH_SIZE=1000000000). Runs the release `bkp` binary under
+//! `/usr/bin/time -v` and reports, for backup of day 1, re-backup of day 1, backup of day 2 and
+//! restore: MB/s, bytes added to the repository, and peak RSS.
+//! With BKP_BENCH_SWEEP=1 it also measures day-1 storage and day-2 additions for several chunk
+//! sizes through the library.
+
+#[path = "../tests/common/dumpgen.rs"]
+mod dumpgen;
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+struct Run {
+    seconds: f64,
+    peak_rss_kib: u64,
+    stdout: String,
+}
+
+fn timed(bin: &str, args: &[&str], stdin: Option<&Path>, stdout_to_null: bool, repo: &Path) -> Run {
+    let mut cmd = Command::new("/usr/bin/time");
+    cmd.arg("-v").arg(bin).args(args);
+    cmd.env("BKP_REPOSITORY", repo).env("BKP_PASSWORD", "bench");
+    cmd.stdin(match stdin {
+        Some(p) => Stdio::from(File::open(p).unwrap()),
+        None => Stdio::null(),
+    });
+    if stdout_to_null {
+        cmd.stdout(Stdio::null());
+    }
+    let started = Instant::now();
+    let out = cmd.output().expect("run /usr/bin/time (apt-get install time)");
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bkp {args:?} failed: {stderr}");
+    let peak_rss_kib = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Run {
+        seconds,
+        peak_rss_kib,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+fn bytes_added(json: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("backup --json output");
+    v["bytes_added"].as_u64().unwrap()
+}
+
+fn report(step: &str, size: u64, run: &Run, added: Option<u64>) {
+    println!(
+        "{step:<18} {:>8.1} MB/s  {:>7.2} s  added {:>14}  peak RSS {:>6.1} MiB",
+        size as f64 / 1e6 / run.seconds,
+        run.seconds,
+        added.map_or("-".to_string(), |a| format!("{a} B")),
+        run.peak_rss_kib as f64 / 1024.0
+    );
+}
+
+fn generate(dir: &Path, size: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let day1 = dir.join("day1.sql");
+    let day2 = dir.join("day2.sql");
+    for (path, day) in [(&day1, 1), (&day2, 2)] {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(path).unwrap());
+        dumpgen::write_dump(&mut out, size, day).unwrap();
+    }
+    (day1, day2)
+}
+
+fn sweep(day1: &Path, day2: &Path) {
+    println!("\nchunk-size sweep (library, zstd -3, 1 MiB groups): avg chunk, day-1 stored, day-2 added, chunks");
+    for avg in [4096u32, 8192, 16384, 65536] {
+        let chunker = bkp::ChunkerParams {
+            min_size: avg / 4,
+            avg_size: avg,
+            max_size: avg * 8,
+        };
+        let options = bkp::InitOptions {
+            kdf: bkp::KdfParams::INSECURE_FAST,
+            chunker,
+        };
+        let repo = bkp::Repository::init(bkp::Store::memory(), b"bench", &options).unwrap();
+        let mut stored = Vec::new();
+        let mut chunks = 0;
+        for path in [day1, day2] {
+            let s = bkp::backup(&repo, File::open(path).unwrap(), &Default::default(), &mut |_| {}).unwrap();
+            stored.push(s.bytes_stored);
+            chunks = s.snapshot.snapshot.added.chunks;
+        }
+        println!("  {:>6} B  {:>12} B  {:>12} B  {chunks}", avg, stored[0], stored[1]);
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` / `cargo test --benches` probe
+    }
+    let size: u64 = std::env::var("BKP_BENCH_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000_000);
+    let bin = env!("CARGO_BIN_EXE_bkp");
+    let work = tempfile::tempdir().unwrap();
+    let (day1, day2) = generate(work.path(), size);
+    let len1 = std::fs::metadata(&day1).unwrap().len();
+    let len2 = std::fs::metadata(&day2).unwrap().len();
+    println!("dump pair: day 1 {len1} B, day 2 {len2} B");
+    let repo = work.path().join("repo");
+
+    Command::new(bin)
+        .args(["init", "--quiet"])
+        .env("BKP_REPOSITORY", &repo)
+        .env("BKP_PASSWORD", "bench")
+        .status()
+        .unwrap();
+    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day1), false, &repo);
+    report("backup day 1", len1, &run, Some(bytes_added(&run.stdout)));
+    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day1), false, &repo);
+    report("re-backup day 1", len1, &run, Some(bytes_added(&run.stdout)));
+    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day2), false, &repo);
+    report("backup day 2", len2, &run, Some(bytes_added(&run.stdout)));
+    let run = timed(bin, &["restore", "latest", "--quiet"], None, true, &repo);
+    report("restore day 2", len2, &run, None);
+
+    if std::env::var_os("BKP_BENCH_SWEEP").is_some() {
+        sweep(&day1, &day2);
+    }
+}
