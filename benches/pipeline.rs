@@ -34,13 +34,18 @@ fn timed(bin: &str, args: &[&str], stdin: Option<&Path>, stdout_to_null: bool, r
         cmd.stdout(Stdio::null());
     }
     let started = Instant::now();
-    let out = cmd.output().expect("run /usr/bin/time (apt-get install time)");
+    let out = cmd
+        .output()
+        .expect("run /usr/bin/time (apt-get install time)");
     let seconds = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bkp {args:?} failed: {stderr}");
     let peak_rss_kib = stderr
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Run {
@@ -76,7 +81,9 @@ fn generate(dir: &Path, size: u64) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn sweep(day1: &Path, day2: &Path) {
-    println!("\nchunk-size sweep (library, zstd -3, 1 MiB groups): avg chunk, day-1 stored, day-2 added, chunks");
+    println!(
+        "\nchunk-size sweep (library, zstd -3, 1 MiB groups): avg chunk, day-1 stored, day-2 added, chunks"
+    );
     for avg in [4096u32, 8192, 16384, 65536] {
         let chunker = bkp::ChunkerParams {
             min_size: avg / 4,
@@ -91,11 +98,20 @@ fn sweep(day1: &Path, day2: &Path) {
         let mut stored = Vec::new();
         let mut chunks = 0;
         for path in [day1, day2] {
-            let s = bkp::backup(&repo, File::open(path).unwrap(), &Default::default(), &mut |_| {}).unwrap();
+            let s = bkp::backup(
+                &repo,
+                File::open(path).unwrap(),
+                &Default::default(),
+                &mut |_| {},
+            )
+            .unwrap();
             stored.push(s.bytes_stored);
             chunks = s.snapshot.snapshot.added.chunks;
         }
-        println!("  {:>6} B  {:>12} B  {:>12} B  {chunks}", avg, stored[0], stored[1]);
+        println!(
+            "  {:>6} B  {:>12} B  {:>12} B  {chunks}",
+            avg, stored[0], stored[1]
+        );
     }
 }
 
@@ -103,7 +119,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` / `cargo test --benches` probe
     }
-    let size: u64 = std::env::var("BKP_BENCH_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000_000);
+    let size: u64 = std::env::var("BKP_BENCH_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000_000);
     let bin = env!("CARGO_BIN_EXE_bkp");
     let work = tempfile::tempdir().unwrap();
     let (day1, day2) = generate(work.path(), size);
@@ -118,11 +137,34 @@ fn main() {
         .env("BKP_PASSWORD", "bench")
         .status()
         .unwrap();
-    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day1), false, &repo);
+    let run = timed(
+        bin,
+        &["backup", "--json", "--tag", "bench"],
+        Some(&day1),
+        false,
+        &repo,
+    );
     report("backup day 1", len1, &run, Some(bytes_added(&run.stdout)));
-    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day1), false, &repo);
-    report("re-backup day 1", len1, &run, Some(bytes_added(&run.stdout)));
-    let run = timed(bin, &["backup", "--json", "--tag", "bench"], Some(&day2), false, &repo);
+    let run = timed(
+        bin,
+        &["backup", "--json", "--tag", "bench"],
+        Some(&day1),
+        false,
+        &repo,
+    );
+    report(
+        "re-backup day 1",
+        len1,
+        &run,
+        Some(bytes_added(&run.stdout)),
+    );
+    let run = timed(
+        bin,
+        &["backup", "--json", "--tag", "bench"],
+        Some(&day2),
+        false,
+        &repo,
+    );
     report("backup day 2", len2, &run, Some(bytes_added(&run.stdout)));
     let run = timed(bin, &["restore", "latest", "--quiet"], None, true, &repo);
     report("restore day 2", len2, &run, None);

@@ -17,14 +17,15 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunker::{Chunker, GearTable};
-use crate::crypto::CipherKey;
+use crate::crypto::{CipherKey, MasterKey};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack::{self, ChunkEntry, Frame, PackSession, PackWriter};
 use crate::repo::{Repository, hostname, pack_name};
 use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry};
-use crate::tree::TreeBuilder;
+use crate::source;
+use crate::tree::{TreeBuilder, TreeRoot};
 
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
@@ -88,6 +89,8 @@ struct Deduper<'a> {
     tree_nodes: Group,
     group_size: usize,
     groups: Sender<Group>,
+    /// Group buffers handed back by the workers, for reuse.
+    spare: Receiver<Vec<u8>>,
     added: AddedBytes,
 }
 
@@ -112,7 +115,12 @@ impl Deduper<'_> {
             len: bytes.len() as u32,
         });
         if group.raw.len() >= self.group_size {
-            let full = std::mem::take(group);
+            let mut raw = self.spare.try_recv().unwrap_or_default();
+            raw.clear();
+            let full = Group {
+                raw: std::mem::replace(&mut group.raw, raw),
+                chunks: std::mem::take(&mut group.chunks),
+            };
             self.send(full)?;
         }
         Ok(())
@@ -144,10 +152,17 @@ impl Deduper<'_> {
     }
 }
 
-fn compress_worker(groups: Receiver<Group>, frames: Sender<Frame>, key: &CipherKey, level: i32) {
+fn compress_worker(
+    groups: Receiver<Group>,
+    frames: Sender<Frame>,
+    spare: Sender<Vec<u8>>,
+    key: &CipherKey,
+    level: i32,
+) {
     let mut compressor = zstd::bulk::Compressor::new(level).expect("valid zstd level");
     for group in groups {
         let frame = pack::seal_frame(&mut compressor, key, &group.raw, group.chunks);
+        let _ = spare.try_send(group.raw);
         if frames.send(frame).is_err() {
             return;
         }
@@ -189,20 +204,15 @@ fn pack_writer(
     Ok(stored)
 }
 
-/// Backs up `source` as one snapshot.
+/// Backs up `input` as one snapshot.
 pub fn backup(
     repo: &Repository,
-    source: impl Read,
+    input: impl Read + Send,
     options: &BackupOptions,
     progress: &mut dyn FnMut(&BackupProgress),
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
-    let mut chunker = Chunker::new(
-        source,
-        repo.config().chunker,
-        GearTable::from_key(&key.chunker_key),
-    )?;
     let index = repo.load_index()?;
     let (data_ephemeral, data_key) = key.data.sealing().new_session();
     let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
@@ -218,14 +228,34 @@ pub fn backup(
     };
 
     let (root, stream, added, packs) = std::thread::scope(|scope| {
+        // The whole-stream hash is computed by the thread that reads, off the chunker's thread.
+        let (block_tx, blocks) = source::block_queue(4);
+        let reader = scope.spawn(move || {
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            source::pump(input, block_tx, |block| {
+                hasher.update(block);
+                size += block.len() as u64;
+            });
+            StreamFacts {
+                size,
+                hash: *hasher.finalize().as_bytes(),
+            }
+        });
+        let mut chunker = Chunker::new(
+            blocks,
+            repo.config().chunker,
+            GearTable::from_key(&key.chunker_key),
+        )?;
         let (group_tx, group_rx) = bounded::<Group>(threads);
         let (frame_tx, frame_rx) = bounded::<Frame>(2 * threads);
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads);
         for _ in 0..threads {
-            let (groups, frames, key) = (group_rx.clone(), frame_tx.clone(), &session.data_key);
-            let level = options.compression_level;
-            scope.spawn(move || compress_worker(groups, frames, key, level));
+            let (groups, frames, spare) = (group_rx.clone(), frame_tx.clone(), spare_tx.clone());
+            let (key, level) = (&session.data_key, options.compression_level);
+            scope.spawn(move || compress_worker(groups, frames, spare, key, level));
         }
-        drop((group_rx, frame_tx));
+        drop((group_rx, frame_tx, spare_tx));
         let writer = scope.spawn(|| pack_writer(repo, &session, frame_rx, options.pack_size));
 
         let mut dedup = Deduper {
@@ -236,14 +266,17 @@ pub fn backup(
             tree_nodes: Group::default(),
             group_size: options.group_size,
             groups: group_tx,
+            spare: spare_rx,
             added: AddedBytes::default(),
         };
         let streamed = stream_chunks(&mut chunker, &mut dedup, key, progress);
         drop(dedup.groups);
+        drop(chunker); // hang up on the reader if chunking stopped early
+        let stream = reader.join().expect("reader does not panic");
         let packs = writer.join().expect("pack writer does not panic");
         // A storage failure stops the pipeline; report it rather than the stop it caused.
         let packs = packs?;
-        let (root, stream) = streamed?;
+        let root = streamed?;
         Ok::<_, Error>((root, stream, dedup.added, packs))
     })?;
 
@@ -282,17 +315,15 @@ struct StreamFacts {
 fn stream_chunks<R: Read>(
     chunker: &mut Chunker<R>,
     dedup: &mut Deduper<'_>,
-    key: &crate::crypto::MasterKey,
+    key: &MasterKey,
     progress: &mut dyn FnMut(&BackupProgress),
-) -> Result<(crate::tree::TreeRoot, StreamFacts)> {
+) -> Result<TreeRoot> {
     const PROGRESS_EVERY: u64 = 8 << 20;
     let mut tree = TreeBuilder::default();
-    let mut stream_hash = blake3::Hasher::new();
     let mut size = 0u64;
     let mut next_report = PROGRESS_EVERY;
     while let Some(chunk) = chunker.next_chunk().map_err(Error::Source)? {
         let id = key.chunk_id(chunk);
-        stream_hash.update(chunk);
         size += chunk.len() as u64;
         dedup.added.chunks += 1;
         dedup.offer(id, chunk, false)?;
@@ -311,11 +342,5 @@ fn stream_chunks<R: Read>(
         bytes_read: size,
         bytes_new: dedup.added.new_raw,
     });
-    Ok((
-        root,
-        StreamFacts {
-            size,
-            hash: *stream_hash.finalize().as_bytes(),
-        },
-    ))
+    Ok(root)
 }

@@ -5,6 +5,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    limit_allocator_growth();
     match cli::run() {
         Ok(code) => code,
         Err(err) => {
@@ -14,5 +15,17 @@ fn main() -> ExitCode {
             eprintln!("bkp: error: {err:#}");
             cli::exit_code(&err)
         }
+    }
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, after which the pipeline's
+/// 1 MiB buffers come from per-thread arenas and fragment them: peak RSS grew by ~40 MiB. A
+/// fixed threshold keeps large buffers in mmap, returned to the system when freed.
+fn limit_allocator_growth() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

@@ -80,19 +80,23 @@ pub fn seal_frame(
     }
 }
 
-/// Opens and decompresses a frame; the result is the concatenation of its chunks.
+/// Opens and decompresses a frame into `raw` (reused, so restore does not allocate per frame);
+/// the result is the concatenation of its chunks.
 pub fn open_frame(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     data_key: &CipherKey,
     sealed: &[u8],
     raw_len: usize,
+    raw: &mut Vec<u8>,
     object: &str,
-) -> Result<Vec<u8>> {
+) -> Result<()> {
     let compressed = data_key
         .open(FRAME_AAD, sealed)
         .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
-    let raw = decompressor
-        .decompress(&compressed, raw_len)
+    raw.clear();
+    raw.reserve(raw_len);
+    decompressor
+        .decompress_to_buffer(&compressed, raw)
         .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))?;
     if raw.len() != raw_len {
         return Err(Error::corrupt(
@@ -100,7 +104,7 @@ pub fn open_frame(
             "a frame decompresses to the wrong length",
         ));
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// The keys of one backup session's packs.
@@ -270,6 +274,6 @@ mod tests {
         assert!(read_header(&flipped, &master.metadata, "p").is_err());
         let mut bad_frame = sealed.to_vec();
         bad_frame[30] ^= 1;
-        assert!(open_frame(&mut d, &key, &bad_frame, f.raw_len(), "p").is_err());
+        assert!(open_frame(&mut d, &key, &bad_frame, f.raw_len(), &mut out, "p").is_err());
     }
 }

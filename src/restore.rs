@@ -54,6 +54,8 @@ struct FrameSlot {
     decoded: Mutex<Option<Result<Vec<u8>>>>,
     ready: Condvar,
     budget: Sender<()>,
+    /// Where the decoded buffer goes for reuse when the last run is done with it.
+    spare: Sender<Vec<u8>>,
 }
 
 impl FrameSlot {
@@ -70,13 +72,19 @@ impl FrameSlot {
         }
         match guard.as_mut().expect("filled") {
             Ok(raw) => use_raw(raw),
-            Err(e) => Err(std::mem::replace(e, Error::Internal("restore already failed".into()))),
+            Err(e) => Err(std::mem::replace(
+                e,
+                Error::Internal("restore already failed".into()),
+            )),
         }
     }
 }
 
 impl Drop for FrameSlot {
     fn drop(&mut self) {
+        if let Some(Ok(raw)) = self.decoded.get_mut().ok().and_then(Option::take) {
+            let _ = self.spare.try_send(raw);
+        }
         let _ = self.budget.send(());
     }
 }
@@ -105,7 +113,8 @@ impl<'a> FrameReader<'a> {
         }
     }
 
-    fn read(&mut self, frame_number: u32) -> Result<Vec<u8>> {
+    /// Reads and decodes a frame into `raw` (a reused buffer), returning it.
+    fn read(&mut self, frame_number: u32, mut raw: Vec<u8>) -> Result<Vec<u8>> {
         let frame = *self.index.frame(frame_number);
         let pack = self.index.pack(frame.pack);
         let name = pack_name(&pack.id);
@@ -145,10 +154,11 @@ impl<'a> FrameReader<'a> {
             key,
             sealed,
             frame.raw_len as usize,
+            &mut raw,
             &name,
-        )
+        )?;
+        Ok(raw)
     }
-
 }
 
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
@@ -157,6 +167,7 @@ struct Planner<'a> {
     jobs: Sender<Arc<FrameSlot>>,
     runs: Sender<Result<Run>>,
     budget: (Sender<()>, Receiver<()>),
+    spare: Sender<Vec<u8>>,
     cache: Vec<Arc<FrameSlot>>,
 }
 
@@ -176,6 +187,7 @@ impl Planner<'_> {
             decoded: Mutex::new(None),
             ready: Condvar::new(),
             budget: self.budget.0.clone(),
+            spare: self.spare.clone(),
         });
         self.jobs.send(slot.clone()).ok()?;
         self.cache.push(slot.clone());
@@ -208,9 +220,12 @@ impl Planner<'_> {
                 if node_frames.len() == 4 {
                     node_frames.remove(0);
                 }
-                node_frames.push((loc.frame, nodes.read(loc.frame)?));
+                node_frames.push((loc.frame, nodes.read(loc.frame, Vec::new())?));
             }
-            let (_, raw) = node_frames.iter().find(|(f, _)| *f == loc.frame).expect("cached");
+            let (_, raw) = node_frames
+                .iter()
+                .find(|(f, _)| *f == loc.frame)
+                .expect("cached");
             let node = verified_chunk(repo, raw, *id, loc.offset, loc.len)?;
             Ok(node.to_vec())
         };
@@ -221,7 +236,9 @@ impl Planner<'_> {
                 object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
             })?;
             match &mut current {
-                Some((frame, slices)) if *frame == loc.frame => slices.push((id, loc.offset, loc.len)),
+                Some((frame, slices)) if *frame == loc.frame => {
+                    slices.push((id, loc.offset, loc.len))
+                }
                 _ => {
                     let next = (loc.frame, vec![(id, loc.offset, loc.len)]);
                     if let Some((frame, slices)) = current.replace(next)
@@ -240,7 +257,13 @@ impl Planner<'_> {
 }
 
 /// The chunk at `offset..offset + len` of a decoded frame, checked against its id.
-fn verified_chunk<'r>(repo: &Repository, raw: &'r [u8], id: Id, offset: u32, len: u32) -> Result<&'r [u8]> {
+fn verified_chunk<'r>(
+    repo: &Repository,
+    raw: &'r [u8],
+    id: Id,
+    offset: u32,
+    len: u32,
+) -> Result<&'r [u8]> {
     let object = || format!("chunk {}", id.short());
     let chunk = raw
         .get(offset as usize..offset as usize + len as usize)
@@ -269,16 +292,18 @@ pub fn restore(
         let (job_tx, job_rx) = bounded::<Arc<FrameSlot>>(MAX_FRAMES_ALIVE);
         let (run_tx, run_rx) = bounded::<Result<Run>>(QUEUED_RUNS);
         let budget = bounded::<()>(MAX_FRAMES_ALIVE);
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(MAX_FRAMES_ALIVE);
         for _ in 0..MAX_FRAMES_ALIVE {
             budget.0.send(()).expect("room for the whole budget");
         }
         for _ in 0..threads {
-            let jobs = job_rx.clone();
+            let (jobs, spare) = (job_rx.clone(), spare_rx.clone());
             let (repo, index) = (repo, &index);
             scope.spawn(move || {
                 let mut reader = FrameReader::new(repo, index);
                 for slot in jobs {
-                    slot.fill(reader.read(slot.frame));
+                    let buffer = spare.try_recv().unwrap_or_default();
+                    slot.fill(reader.read(slot.frame, buffer));
                 }
             });
         }
@@ -288,6 +313,7 @@ pub fn restore(
             jobs: job_tx,
             runs: run_tx,
             budget,
+            spare: spare_tx,
             cache: Vec::new(),
         };
         scope.spawn(|| planner.run(repo, entry));
@@ -306,7 +332,10 @@ pub fn restore(
             })?;
             if written >= next_report {
                 next_report = written + (8 << 20);
-                progress(&RestoreProgress { bytes_written: written, size });
+                progress(&RestoreProgress {
+                    bytes_written: written,
+                    size,
+                });
             }
         }
         Ok(())

@@ -1,69 +1,89 @@
-//! Input streams. [`Prefetch`] starts draining a reader at once, on its own thread, so that a
-//! dump program writing into our stdin never stalls while the repository is being opened, and
-//! so that read system calls overlap with chunking.
+//! Input streams, read ahead on a thread of their own.
+//!
+//! [`Prefetch`] starts draining a reader at once, so that a dump program writing into our stdin
+//! never stalls while the repository is being opened. The backup pipeline uses the same pump to
+//! read and hash the whole stream on one thread while the chunker works on another.
 
 use std::io::{self, Read};
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 const BLOCK: usize = 1 << 20;
 
-/// A reader fed by a background thread through a bounded queue of blocks.
-pub struct Prefetch {
-    blocks: Receiver<io::Result<Vec<u8>>>,
-    current: Vec<u8>,
-    pos: usize,
-    done: bool,
-    _thread: JoinHandle<()>,
+type Block = io::Result<Vec<u8>>;
+
+/// The writing end of a block queue: full blocks go out, read ones come back for reuse (fresh
+/// allocations of 1 MiB cost page faults on every block).
+pub(crate) struct BlockSender {
+    blocks: Sender<Block>,
+    spare: Receiver<Vec<u8>>,
 }
 
-impl Prefetch {
-    /// Starts reading `source`; at most `blocks` MiB are read ahead.
-    pub fn spawn(mut source: impl Read + Send + 'static, blocks: usize) -> Prefetch {
-        let (tx, rx) = bounded(blocks.max(1));
-        let thread = std::thread::spawn(move || {
-            loop {
-                let mut block = vec![0u8; BLOCK];
-                let mut filled = 0;
-                let result = loop {
-                    match source.read(&mut block[filled..]) {
-                        Ok(0) => break Ok(()),
-                        Ok(n) => {
-                            filled += n;
-                            if filled == BLOCK {
-                                break Ok(());
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
+/// Reads `source` in blocks into `blocks`, calling `inspect` on each, until the end, an error,
+/// or the receiving side hanging up.
+pub(crate) fn pump(mut source: impl Read, queue: BlockSender, mut inspect: impl FnMut(&[u8])) {
+    let BlockSender { blocks, spare } = queue;
+    loop {
+        let mut block = spare.try_recv().unwrap_or_default();
+        block.resize(BLOCK, 0);
+        let mut filled = 0;
+        let result = loop {
+            match source.read(&mut block[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == BLOCK {
+                        break Ok(());
                     }
-                };
-                block.truncate(filled);
-                let at_end = filled < BLOCK;
-                if filled > 0 && tx.send(Ok(block)).is_err() {
-                    return;
                 }
-                if let Err(e) = result {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-                if at_end {
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
             }
-        });
-        Prefetch {
-            blocks: rx,
-            current: Vec::new(),
-            pos: 0,
-            done: false,
-            _thread: thread,
+        };
+        block.truncate(filled);
+        let at_end = filled < BLOCK;
+        inspect(&block);
+        if filled > 0 && blocks.send(Ok(block)).is_err() {
+            return;
+        }
+        if let Err(e) = result {
+            let _ = blocks.send(Err(e));
+            return;
+        }
+        if at_end {
+            return;
         }
     }
 }
 
-impl Read for Prefetch {
+/// The reading end of a [`pump`].
+pub(crate) struct BlockReader {
+    blocks: Receiver<Block>,
+    spare: Sender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+/// A bounded queue of `capacity` blocks (1 MiB each) between a pump and a reader.
+pub(crate) fn block_queue(capacity: usize) -> (BlockSender, BlockReader) {
+    let (tx, rx) = bounded(capacity.max(1));
+    let (spare_tx, spare_rx) = bounded(2);
+    let reader = BlockReader {
+        blocks: rx,
+        spare: spare_tx,
+        current: Vec::new(),
+        pos: 0,
+        done: false,
+    };
+    let sender = BlockSender {
+        blocks: tx,
+        spare: spare_rx,
+    };
+    (sender, reader)
+}
+
+impl Read for BlockReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.current.len() {
             if self.done {
@@ -71,7 +91,8 @@ impl Read for Prefetch {
             }
             match self.blocks.recv() {
                 Ok(Ok(block)) => {
-                    self.current = block;
+                    let used = std::mem::replace(&mut self.current, block);
+                    let _ = self.spare.try_send(used);
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
@@ -88,6 +109,24 @@ impl Read for Prefetch {
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+/// A reader fed by a background thread that starts reading immediately.
+pub struct Prefetch(BlockReader);
+
+impl Prefetch {
+    /// Starts reading `source`; at most `blocks` MiB are read ahead.
+    pub fn spawn(source: impl Read + Send + 'static, blocks: usize) -> Prefetch {
+        let (tx, reader) = block_queue(blocks);
+        std::thread::spawn(move || pump(source, tx, |_| {}));
+        Prefetch(reader)
+    }
+}
+
+impl Read for Prefetch {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
     }
 }
 

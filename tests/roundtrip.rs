@@ -29,7 +29,19 @@ fn assert_round_trip(repo: &Repository, data: &[u8]) {
 #[test]
 fn restore_is_byte_identical_around_chunk_group_and_pack_boundaries() {
     let repo = memory_repo();
-    let sizes = [0usize, 1, 2047, 2048, 2049, 8192, 65535, 65536, 65537, (1 << 20) - 1, (1 << 20) + 1];
+    let sizes = [
+        0usize,
+        1,
+        2047,
+        2048,
+        2049,
+        8192,
+        65535,
+        65536,
+        65537,
+        (1 << 20) - 1,
+        (1 << 20) + 1,
+    ];
     for (i, size) in sizes.into_iter().enumerate() {
         assert_round_trip(&repo, &random_bytes(size, i as u8));
     }
@@ -50,7 +62,11 @@ fn restore_is_byte_identical_for_100_mb_of_sql_text() {
     assert!(dump.len() > 95_000_000);
     let summary = backup(&repo, &dump, &[]);
     // SQL text compresses: what is stored is a fraction of what was read.
-    assert!(summary.bytes_stored < dump.len() as u64 / 3, "stored {}", summary.bytes_stored);
+    assert!(
+        summary.bytes_stored < dump.len() as u64 / 3,
+        "stored {}",
+        summary.bytes_stored
+    );
     assert_eq!(restore(&repo, &summary.snapshot), dump);
 }
 
@@ -79,7 +95,11 @@ fn a_one_row_change_adds_about_one_chunk() {
     // One or two data chunks (a change near a cut point touches two) plus the tree nodes above.
     assert!(added.new_chunks <= 2 + 3, "{added:?}");
     assert!(added.new_raw <= 2 * 64 * 1024 + 3 * 32 * 1024, "{added:?}");
-    assert!(summary.bytes_stored < 200_000, "stored {}", summary.bytes_stored);
+    assert!(
+        summary.bytes_stored < 200_000,
+        "stored {}",
+        summary.bytes_stored
+    );
     assert_eq!(restore(&repo, &summary.snapshot), changed);
 }
 
@@ -134,7 +154,9 @@ fn snapshot_records_stream_facts() {
         ..BackupOptions::default()
     };
     let summary = bkp::backup(&repo, &data[..], &options, &mut |_| {}).unwrap();
-    let found = repo.find_snapshot(&summary.snapshot.id.short(), &[]).unwrap();
+    let found = repo
+        .find_snapshot(&summary.snapshot.id.short(), &[])
+        .unwrap();
     let s = &found.snapshot;
     assert_eq!(s.tags, vec!["a", "b"]);
     assert_eq!(s.hostname, "db1");

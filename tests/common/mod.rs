@@ -21,7 +21,9 @@ pub fn memory_repo() -> Repository {
 
 pub fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    blake3::Hasher::new_keyed(&[seed; 32]).finalize_xof().fill(&mut out);
+    blake3::Hasher::new_keyed(&[seed; 32])
+        .finalize_xof()
+        .fill(&mut out);
     out
 }
 
@@ -50,7 +52,13 @@ pub fn backup_cli(repo: &Path, data: &[u8], tags: &[&str]) -> String {
     for t in tags {
         cmd.args(["--tag", t]);
     }
-    let out = cmd.write_stdin(data.to_vec()).assert().success().get_output().stdout.clone();
+    let out = cmd
+        .write_stdin(data.to_vec())
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
     let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
     json["snapshot_id"].as_str().unwrap().to_string()
 }
