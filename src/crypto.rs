@@ -51,7 +51,7 @@ impl CipherKey {
         out.extend_from_slice(plaintext);
         let tag = self
             .0
-            .encrypt_inout_detached(&XNonce::from(nonce), aad, out[NONCE_LEN..].as_mut().into())
+            .encrypt_inout_detached(&XNonce::from(nonce), aad, (&mut out[NONCE_LEN..]).into())
             .expect("message length within XChaCha20-Poly1305 limits");
         out.extend_from_slice(&tag);
         out
