@@ -1,0 +1,234 @@
+//! The `bkp` binary as an operator uses it: exit codes, messages, damage, interruption.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{backup_cli, bkp, dumpgen, files_under, local_repo, random_bytes};
+use predicates::prelude::*;
+
+fn restore_bytes(repo: &std::path::Path, snapshot: &str) -> Vec<u8> {
+    bkp(repo).args(["restore", snapshot]).assert().success().get_output().stdout.clone()
+}
+
+#[test]
+fn backup_then_restore_latest_by_tag_is_byte_identical() {
+    let (_dir, repo) = local_repo();
+    let shop = dumpgen::dump(3_000_000, 1);
+    let crm = random_bytes(500_000, 1);
+    backup_cli(&repo, &shop, &["shop"]);
+    backup_cli(&repo, &crm, &["crm"]);
+    let out = bkp(&repo).args(["restore", "latest", "--tag", "shop"]).assert().success();
+    assert!(out.get_output().stdout == shop);
+    let out = bkp(&repo).args(["restore", "latest", "--tag", "crm"]).assert().success();
+    assert!(out.get_output().stdout == crm);
+}
+
+#[test]
+fn summary_is_one_line_and_quiet_prints_nothing() {
+    let (_dir, repo) = local_repo();
+    bkp(&repo)
+        .arg("backup")
+        .write_stdin(b"hello".to_vec())
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("snapshot ").and(predicate::str::contains("added")))
+        .stdout(predicate::function(|s: &str| s.lines().count() == 1))
+        .stderr("");
+    bkp(&repo).args(["--quiet", "backup"]).write_stdin(b"hello".to_vec()).assert().success().stdout("").stderr("");
+}
+
+#[test]
+fn snapshots_json_lists_id_time_hostname_tags_size() {
+    let (_dir, repo) = local_repo();
+    let id = backup_cli(&repo, b"some data", &["b", "a"]);
+    let out = bkp(&repo).args(["snapshots", "--json"]).assert().success().get_output().stdout.clone();
+    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let s = &list[0];
+    assert_eq!(s["id"], id.as_str());
+    assert_eq!(s["size"], 9);
+    assert_eq!(s["tags"], serde_json::json!(["a", "b"]));
+    assert!(s["hostname"].as_str().is_some_and(|h| !h.is_empty()));
+    assert!(s["time"].as_str().unwrap().ends_with('Z'));
+    // A unique prefix names the snapshot.
+    assert_eq!(restore_bytes(&repo, &id[..6]), b"some data");
+}
+
+#[test]
+fn wrong_password_exits_4_and_says_so() {
+    let (_dir, repo) = local_repo();
+    bkp(&repo)
+        .env("BKP_PASSWORD", "not it")
+        .arg("snapshots")
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("wrong password"));
+}
+
+#[test]
+fn missing_repository_exits_3_and_suggests_init() {
+    let dir = tempfile::tempdir().unwrap();
+    bkp(&dir.path().join("nothing-here"))
+        .arg("snapshots")
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("bkp init"));
+    // An existing but empty directory is not a repository either.
+    bkp(dir.path()).arg("snapshots").assert().code(3);
+}
+
+#[test]
+fn init_refuses_an_existing_repository() {
+    let (_dir, repo) = local_repo();
+    bkp(&repo).arg("init").assert().code(1).stderr(predicate::str::contains("already exists"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (_dir, repo) = local_repo();
+    bkp(&repo).arg("frobnicate").assert().code(2);
+    bkp(&repo).args(["backup", "--compression", "99"]).assert().code(2);
+}
+
+#[test]
+fn password_comes_from_a_file_or_a_command_and_never_from_argv() {
+    let (dir, repo) = local_repo();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, format!("{}\n", common::PASSWORD)).unwrap();
+    let mut cmd = bkp(&repo);
+    cmd.env_remove("BKP_PASSWORD").env("BKP_PASSWORD_FILE", &file).arg("snapshots").assert().success();
+    let mut cmd = bkp(&repo);
+    cmd.env_remove("BKP_PASSWORD")
+        .env("BKP_PASSWORD_COMMAND", format!("cat {}", file.display()))
+        .arg("snapshots")
+        .assert()
+        .success();
+    let mut cmd = bkp(&repo);
+    cmd.env_remove("BKP_PASSWORD")
+        .arg("snapshots")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("BKP_PASSWORD_FILE"));
+}
+
+#[test]
+fn restore_output_never_overwrites_and_writes_the_file() {
+    let (dir, repo) = local_repo();
+    backup_cli(&repo, b"payload", &[]);
+    let target = dir.path().join("out.sql");
+    bkp(&repo).args(["restore", "latest", "--output"]).arg(&target).assert().success();
+    assert_eq!(std::fs::read(&target).unwrap(), b"payload");
+    bkp(&repo)
+        .args(["restore", "latest", "--output"])
+        .arg(&target)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("never overwrites"));
+}
+
+#[test]
+fn restore_into_a_closed_pipe_exits_quietly() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, &random_bytes(20_000_000, 5), &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bkp"))
+        .env("BKP_REPOSITORY", &repo)
+        .env("BKP_PASSWORD", common::PASSWORD)
+        .args(["restore", "latest"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1000];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Flips one byte of the only object under `sub` at `offset` from its start.
+fn flip_byte(repo: &std::path::Path, sub: &str, offset: usize) -> String {
+    let files = files_under(repo, sub);
+    let path = files.last().unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn assert_restore_names_damage(repo: &std::path::Path, object: &str) {
+    bkp(repo)
+        .args(["restore", "latest"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(object).and(predicate::str::contains("corrupt")));
+}
+
+#[test]
+fn a_flipped_byte_in_a_pack_fails_restore_naming_the_pack() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, &dumpgen::dump(2_000_000, 1), &[]);
+    let pack = flip_byte(&repo, "packs", 200);
+    assert_restore_names_damage(&repo, &pack);
+}
+
+#[test]
+fn a_flipped_byte_in_an_index_file_is_detected_naming_it() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, &dumpgen::dump(2_000_000, 1), &[]);
+    let index = flip_byte(&repo, "index", 100);
+    assert_restore_names_damage(&repo, &format!("index/{index}"));
+}
+
+#[test]
+fn a_flipped_byte_in_a_snapshot_is_detected_naming_it() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, b"data", &[]);
+    let snapshot = flip_byte(&repo, "snapshots", 2000);
+    assert_restore_names_damage(&repo, &format!("snapshots/{snapshot}"));
+}
+
+#[test]
+fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
+    let (_dir, repo) = local_repo();
+    let day1 = dumpgen::dump(5_000_000, 1);
+    let first = backup_cli(&repo, &day1, &["db"]);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bkp"))
+        .env("BKP_REPOSITORY", &repo)
+        .env("BKP_PASSWORD", common::PASSWORD)
+        .args(["backup", "--tag", "db"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let packs_before = files_under(&repo, "packs").len();
+    let mut stdin = child.stdin.take().unwrap();
+    // Feed new data and keep the pipe open, as a dump still running would.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&random_bytes(40 << 20, 9));
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    // Kill mid-stream, once the backup has stored at least one pack of its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while files_under(&repo, "packs").len() == packs_before {
+        assert!(std::time::Instant::now() < deadline, "the backup stored no pack");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop(writer);
+    assert!(files_under(&repo, "packs").len() > packs_before);
+
+    let out = bkp(&repo).args(["snapshots", "--json"]).assert().success().get_output().stdout.clone();
+    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "no snapshot from the killed backup");
+    assert!(restore_bytes(&repo, &first) == day1);
+
+    let day2 = dumpgen::dump(5_000_000, 2);
+    let second = backup_cli(&repo, &day2, &["db"]);
+    assert!(restore_bytes(&repo, &second) == day2);
+}
