@@ -10,7 +10,13 @@ use common::{backup_cli, bkp, dumpgen, files_under, local_repo, random_bytes};
 use predicates::prelude::*;
 
 fn restore_bytes(repo: &std::path::Path, snapshot: &str) -> Vec<u8> {
-    bkp(repo).args(["restore", snapshot]).assert().success().get_output().stdout.clone()
+    bkp(repo)
+        .args(["restore", snapshot])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone()
 }
 
 #[test]
@@ -20,9 +26,15 @@ fn backup_then_restore_latest_by_tag_is_byte_identical() {
     let crm = random_bytes(500_000, 1);
     backup_cli(&repo, &shop, &["shop"]);
     backup_cli(&repo, &crm, &["crm"]);
-    let out = bkp(&repo).args(["restore", "latest", "--tag", "shop"]).assert().success();
+    let out = bkp(&repo)
+        .args(["restore", "latest", "--tag", "shop"])
+        .assert()
+        .success();
     assert!(out.get_output().stdout == shop);
-    let out = bkp(&repo).args(["restore", "latest", "--tag", "crm"]).assert().success();
+    let out = bkp(&repo)
+        .args(["restore", "latest", "--tag", "crm"])
+        .assert()
+        .success();
     assert!(out.get_output().stdout == crm);
 }
 
@@ -37,14 +49,26 @@ fn summary_is_one_line_and_quiet_prints_nothing() {
         .stdout(predicate::str::starts_with("snapshot ").and(predicate::str::contains("added")))
         .stdout(predicate::function(|s: &str| s.lines().count() == 1))
         .stderr("");
-    bkp(&repo).args(["--quiet", "backup"]).write_stdin(b"hello".to_vec()).assert().success().stdout("").stderr("");
+    bkp(&repo)
+        .args(["--quiet", "backup"])
+        .write_stdin(b"hello".to_vec())
+        .assert()
+        .success()
+        .stdout("")
+        .stderr("");
 }
 
 #[test]
 fn snapshots_json_lists_id_time_hostname_tags_size() {
     let (_dir, repo) = local_repo();
     let id = backup_cli(&repo, b"some data", &["b", "a"]);
-    let out = bkp(&repo).args(["snapshots", "--json"]).assert().success().get_output().stdout.clone();
+    let out = bkp(&repo)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
     let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let s = &list[0];
     assert_eq!(s["id"], id.as_str());
@@ -82,14 +106,21 @@ fn missing_repository_exits_3_and_suggests_init() {
 #[test]
 fn init_refuses_an_existing_repository() {
     let (_dir, repo) = local_repo();
-    bkp(&repo).arg("init").assert().code(1).stderr(predicate::str::contains("already exists"));
+    bkp(&repo)
+        .arg("init")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("already exists"));
 }
 
 #[test]
 fn usage_errors_exit_2() {
     let (_dir, repo) = local_repo();
     bkp(&repo).arg("frobnicate").assert().code(2);
-    bkp(&repo).args(["backup", "--compression", "99"]).assert().code(2);
+    bkp(&repo)
+        .args(["backup", "--compression", "99"])
+        .assert()
+        .code(2);
 }
 
 #[test]
@@ -98,7 +129,11 @@ fn password_comes_from_a_file_or_a_command_and_never_from_argv() {
     let file = dir.path().join("pw");
     std::fs::write(&file, format!("{}\n", common::PASSWORD)).unwrap();
     let mut cmd = bkp(&repo);
-    cmd.env_remove("BKP_PASSWORD").env("BKP_PASSWORD_FILE", &file).arg("snapshots").assert().success();
+    cmd.env_remove("BKP_PASSWORD")
+        .env("BKP_PASSWORD_FILE", &file)
+        .arg("snapshots")
+        .assert()
+        .success();
     let mut cmd = bkp(&repo);
     cmd.env_remove("BKP_PASSWORD")
         .env("BKP_PASSWORD_COMMAND", format!("cat {}", file.display()))
@@ -118,7 +153,11 @@ fn restore_output_never_overwrites_and_writes_the_file() {
     let (dir, repo) = local_repo();
     backup_cli(&repo, b"payload", &[]);
     let target = dir.path().join("out.sql");
-    bkp(&repo).args(["restore", "latest", "--output"]).arg(&target).assert().success();
+    bkp(&repo)
+        .args(["restore", "latest", "--output"])
+        .arg(&target)
+        .assert()
+        .success();
     assert_eq!(std::fs::read(&target).unwrap(), b"payload");
     bkp(&repo)
         .args(["restore", "latest", "--output"])
@@ -146,7 +185,11 @@ fn restore_into_a_closed_pipe_exits_quietly() {
     drop(stdout);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(141));
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Flips one byte of the only object under `sub` at `offset` from its start.
@@ -215,7 +258,10 @@ fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
     // Kill mid-stream, once the backup has stored at least one pack of its own.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while files_under(&repo, "packs").len() == packs_before {
-        assert!(std::time::Instant::now() < deadline, "the backup stored no pack");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup stored no pack"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
@@ -223,9 +269,19 @@ fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
     drop(writer);
     assert!(files_under(&repo, "packs").len() > packs_before);
 
-    let out = bkp(&repo).args(["snapshots", "--json"]).assert().success().get_output().stdout.clone();
+    let out = bkp(&repo)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
     let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "no snapshot from the killed backup");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "no snapshot from the killed backup"
+    );
     assert!(restore_bytes(&repo, &first) == day1);
 
     let day2 = dumpgen::dump(5_000_000, 2);

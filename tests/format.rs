@@ -1,0 +1,391 @@
+//! Format conformance: decodes the committed format-v1 fixture repository following only
+//! docs/FORMAT.md, with the primitive crates and no bkp code, and checks that bkp itself still
+//! reads it. If either fails, the code and the specification have drifted apart.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use common::{bkp, files_under};
+
+const FIXTURE: &str = "tests/fixtures/repo-v1";
+const PASSWORD: &str = "fixture";
+const STREAM_LEN: u64 = 313_070;
+const STREAM_BLAKE3: &str = "c5d0a379e26b93d3bec943baf1415f7a0fb3acddaaeed4c4b731a23db73371ce";
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE)
+}
+
+/// A postcard reader, written from FORMAT.md §1.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        out
+    }
+    fn array32(&mut self) -> [u8; 32] {
+        self.bytes(32).try_into().unwrap()
+    }
+    fn varint(&mut self) -> u64 {
+        let (mut value, mut shift) = (0u64, 0);
+        loop {
+            let byte = self.bytes(1)[0];
+            value |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return value;
+            }
+            shift += 7;
+        }
+    }
+    fn zigzag(&mut self) -> i64 {
+        let v = self.varint();
+        ((v >> 1) as i64) ^ -((v & 1) as i64)
+    }
+    fn vec_bytes(&mut self) -> &'a [u8] {
+        let n = self.varint() as usize;
+        self.bytes(n)
+    }
+    fn string(&mut self) -> String {
+        String::from_utf8(self.vec_bytes().to_vec()).unwrap()
+    }
+    fn option32(&mut self) -> Option<[u8; 32]> {
+        match self.bytes(1)[0] {
+            0 => None,
+            1 => Some(self.array32()),
+            t => panic!("bad option tag {t}"),
+        }
+    }
+    fn rest_is_zero(&self) -> bool {
+        self.buf[self.pos..].iter().all(|&b| b == 0)
+    }
+}
+
+fn open_sealed(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Vec<u8> {
+    let cipher = XChaCha20Poly1305::new(&Key::from(*key));
+    let nonce: [u8; 24] = sealed[..24].try_into().unwrap();
+    let (ct, tag) = sealed[24..].split_at(sealed.len() - 24 - 16);
+    let tag: [u8; 16] = tag.try_into().unwrap();
+    let mut out = ct.to_vec();
+    cipher
+        .decrypt_inout_detached(
+            &XNonce::from(nonce),
+            aad,
+            out.as_mut_slice().into(),
+            &tag.into(),
+        )
+        .expect("authentic");
+    out
+}
+
+struct Role {
+    public: [u8; 32],
+    secret: [u8; 32],
+    psk: [u8; 32],
+}
+
+impl Role {
+    fn session_key(&self, ephemeral: &[u8]) -> [u8; 32] {
+        let shared = x25519_dalek::x25519(self.secret, ephemeral.try_into().unwrap());
+        assert_ne!(shared, [0; 32]);
+        let material = [ephemeral, &self.public, &shared, &self.psk].concat();
+        blake3::derive_key("bkp v1 session key", &material)
+    }
+}
+
+struct Keys {
+    repository_id: [u8; 32],
+    data: Role,
+    metadata: Role,
+    chunk_id_key: [u8; 32],
+    chunker_key: [u8; 32],
+}
+
+fn padme(len: u64) -> u64 {
+    let e = 63 - len.leading_zeros() as u64;
+    let s = 64 - e.leading_zeros() as u64;
+    let mask = (1u64 << (e - s)) - 1;
+    (len + mask) & !mask
+}
+
+fn unlock_key_file(bytes: &[u8]) -> Keys {
+    assert_eq!(&bytes[..8], b"BKPKEY01");
+    let mut r = Reader::new(&bytes[8..]);
+    let (m, t, p) = (r.varint() as u32, r.varint() as u32, r.varint() as u32);
+    let salt = r.bytes(16);
+    let created = r.zigzag();
+    assert!(created > 1_700_000_000, "created {created}");
+    let sealed = r.vec_bytes();
+    assert_eq!(r.pos, bytes.len() - 8);
+    let mut kek = [0u8; 32];
+    Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        Params::new(m, t, p, Some(32)).unwrap(),
+    )
+    .hash_password_into(PASSWORD.as_bytes(), salt, &mut kek)
+    .unwrap();
+    let plain = open_sealed(&kek, b"BKPKEY01", sealed);
+    let mut r = Reader::new(&plain);
+    let repository_id = r.array32();
+    let mut role = || {
+        let public = r.array32();
+        let secret = r.option32().expect("a full key");
+        let psk = r.array32();
+        Role {
+            public,
+            secret,
+            psk,
+        }
+    };
+    let data = role();
+    let metadata = role();
+    let keys = Keys {
+        repository_id,
+        data,
+        metadata,
+        chunk_id_key: r.array32(),
+        chunker_key: r.array32(),
+    };
+    assert_eq!(r.pos, plain.len());
+    for role in [&keys.data, &keys.metadata] {
+        assert_eq!(
+            x25519_dalek::x25519(role.secret, x25519_dalek::X25519_BASEPOINT_BYTES),
+            role.public
+        );
+    }
+    keys
+}
+
+/// FORMAT.md §5: returns the plaintext (value plus zero padding).
+fn open_metadata(keys: &Keys, magic: &[u8; 8], object: &[u8]) -> Vec<u8> {
+    assert_eq!(&object[..8], magic);
+    let key = keys.metadata.session_key(&object[8..40]);
+    open_sealed(&key, magic, &object[40..])
+}
+
+fn read_pack_header(r: &mut Reader) -> Vec<(u64, u32, Vec<([u8; 32], u32)>)> {
+    (0..r.varint())
+        .map(|_| {
+            let offset = r.varint();
+            let sealed_len = r.varint() as u32;
+            let chunks = (0..r.varint())
+                .map(|_| (r.array32(), r.varint() as u32))
+                .collect();
+            (offset, sealed_len, chunks)
+        })
+        .collect()
+}
+
+/// FORMAT.md §6.1, written from the pseudo-code there.
+fn cut_points(
+    stream: &[u8],
+    chunker_key: &[u8; 32],
+    min: usize,
+    avg: usize,
+    max: usize,
+) -> Vec<usize> {
+    let mut table = [0u8; 2048];
+    blake3::Hasher::new_keyed(chunker_key)
+        .update(b"bkp v1 fastcdc gear table")
+        .finalize_xof()
+        .fill(&mut table);
+    let gear: Vec<u64> = table
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    let bits = (avg as f64).log2().round() as usize;
+    let (mask_s, mask_l) = (
+        fastcdc::v2020::MASKS[bits + 1],
+        fastcdc::v2020::MASKS[bits - 1],
+    );
+    let mut lens = Vec::new();
+    let mut src = stream;
+    while !src.is_empty() {
+        let len = 'cut: {
+            if src.len() <= min {
+                break 'cut src.len();
+            }
+            let remaining = src.len().min(max);
+            let center = avg.min(remaining);
+            let mut hash = 0u64;
+            let mut i = min / 2;
+            for (limit, ms) in [(center / 2, mask_s), (remaining / 2, mask_l)] {
+                while i < limit {
+                    let a = 2 * i;
+                    hash = (hash << 2).wrapping_add(gear[src[a] as usize] << 1);
+                    if hash & (ms << 1) == 0 {
+                        break 'cut a;
+                    }
+                    hash = hash.wrapping_add(gear[src[a + 1] as usize]);
+                    if hash & ms == 0 {
+                        break 'cut a + 1;
+                    }
+                    i += 1;
+                }
+            }
+            remaining
+        };
+        lens.push(len);
+        src = &src[len..];
+    }
+    lens
+}
+
+#[test]
+fn format_v1_fixture_decodes_from_the_specification_alone() {
+    let root = fixture();
+    let key_files = files_under(&root, "keys");
+    assert_eq!(key_files.len(), 1);
+    let key_bytes = std::fs::read(&key_files[0]).unwrap();
+    assert_eq!(
+        key_files[0].file_name().unwrap().to_str().unwrap(),
+        blake3::hash(&key_bytes).to_hex().as_str()
+    );
+    let keys = unlock_key_file(&key_bytes);
+
+    // §5: config.
+    let config = std::fs::read(root.join("config")).unwrap();
+    assert_eq!(config.len(), 4096);
+    let plain = open_metadata(&keys, b"BKPCFG01", &config);
+    let mut r = Reader::new(&plain);
+    assert_eq!(r.varint(), 1, "format version");
+    assert_eq!(r.array32(), keys.repository_id);
+    let (min, avg, max) = (
+        r.varint() as usize,
+        r.varint() as usize,
+        r.varint() as usize,
+    );
+    assert_eq!((min, avg, max), (2048, 8192, 65536));
+    let (_secs, _nanos) = (r.varint(), r.varint());
+    assert!(r.rest_is_zero());
+
+    // §8: the snapshot; its name is the hash of the object.
+    let snapshot_files = files_under(&root, "snapshots");
+    let snapshot = std::fs::read(&snapshot_files[0]).unwrap();
+    assert_eq!(
+        snapshot_files[0].file_name().unwrap().to_str().unwrap(),
+        blake3::hash(&snapshot).to_hex().as_str()
+    );
+    assert_eq!(snapshot.len(), 4096);
+    let plain = open_metadata(&keys, b"BKPSNP01", &snapshot);
+    let mut r = Reader::new(&plain);
+    let (_secs, _nanos) = (r.varint(), r.varint());
+    assert_eq!(r.string(), "fixture-host");
+    let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
+    assert_eq!(tags, vec!["fixture"]);
+    assert_eq!(r.string(), "fixture.sql");
+    assert_eq!(r.varint(), STREAM_LEN);
+    assert_eq!(hex::encode(r.array32()), STREAM_BLAKE3);
+    let height = r.bytes(1)[0];
+    let root_ids: Vec<[u8; 32]> = (0..r.varint()).map(|_| r.array32()).collect();
+    let _added: Vec<u64> = (0..4).map(|_| r.varint()).collect();
+    assert_eq!(r.varint(), 0, "no annotations");
+    assert!(r.rest_is_zero());
+
+    // §7: the index file.
+    let index_files = files_under(&root, "index");
+    let plain = open_metadata(&keys, b"BKPIDX01", &std::fs::read(&index_files[0]).unwrap());
+    let mut r = Reader::new(&plain);
+    assert_eq!(r.varint(), 1, "one pack");
+    let pack_id = r.array32();
+    let pack_len = r.varint();
+    let data_ephemeral = r.array32();
+    let frames = read_pack_header(&mut r);
+    assert!(r.rest_is_zero());
+
+    // §6.4: the pack, its trailer and header agree with the index.
+    let hex_id = hex::encode(pack_id);
+    let pack = std::fs::read(root.join("packs").join(&hex_id[..2]).join(&hex_id)).unwrap();
+    assert_eq!(blake3::hash(&pack).as_bytes(), &pack_id);
+    assert_eq!(pack.len() as u64, pack_len);
+    assert_eq!(pack_len, padme(pack_len));
+    assert_eq!(&pack[..8], b"BKPPCK01");
+    assert_eq!(pack[8..40], data_ephemeral);
+    let metadata_key = keys.metadata.session_key(&pack[40..72]);
+    let trailer = open_sealed(
+        &metadata_key,
+        b"bkp v1 pack trailer",
+        &pack[pack.len() - 56..],
+    );
+    let header_offset = u64::from_le_bytes(trailer[..8].try_into().unwrap()) as usize;
+    let header_len = u64::from_le_bytes(trailer[8..].try_into().unwrap()) as usize;
+    assert_eq!(header_offset + header_len + 56, pack.len());
+    let header = open_sealed(
+        &metadata_key,
+        b"bkp v1 pack header",
+        &pack[header_offset..header_offset + header_len],
+    );
+    assert_eq!(read_pack_header(&mut Reader::new(&header)), frames);
+
+    // §6.3: open every frame; collect chunks by id, checking their keyed ids.
+    let data_key = keys.data.session_key(&data_ephemeral);
+    let mut chunks = std::collections::HashMap::new();
+    for (offset, sealed_len, entries) in &frames {
+        let sealed = &pack[*offset as usize..(*offset + *sealed_len as u64) as usize];
+        let raw = zstd::decode_all(&open_sealed(&data_key, b"bkp v1 frame", sealed)[..]).unwrap();
+        let mut at = 0;
+        for (id, len) in entries {
+            let chunk = &raw[at..at + *len as usize];
+            assert_eq!(blake3::keyed_hash(&keys.chunk_id_key, chunk).as_bytes(), id);
+            chunks.insert(*id, chunk.to_vec());
+            at += *len as usize;
+        }
+        assert_eq!(at, raw.len());
+    }
+
+    // §8: walk the tree and rebuild the stream.
+    fn walk(
+        ids: &[[u8; 32]],
+        height: u8,
+        chunks: &std::collections::HashMap<[u8; 32], Vec<u8>>,
+        out: &mut Vec<Vec<u8>>,
+    ) {
+        for id in ids {
+            let bytes = &chunks[id];
+            if height == 0 {
+                out.push(bytes.clone());
+            } else {
+                let children: Vec<[u8; 32]> = bytes
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().unwrap())
+                    .collect();
+                walk(&children, height - 1, chunks, out);
+            }
+        }
+    }
+    let mut stream_chunks = Vec::new();
+    walk(&root_ids, height, &chunks, &mut stream_chunks);
+    let stream = stream_chunks.concat();
+    assert_eq!(stream.len() as u64, STREAM_LEN);
+    assert_eq!(blake3::hash(&stream).to_hex().as_str(), STREAM_BLAKE3);
+
+    // §6.1: the documented chunker reproduces the stored cut points.
+    let lens: Vec<usize> = stream_chunks.iter().map(Vec::len).collect();
+    assert_eq!(cut_points(&stream, &keys.chunker_key, min, avg, max), lens);
+}
+
+#[test]
+fn format_v1_fixture_restores_with_bkp() {
+    let out = bkp(&fixture())
+        .env("BKP_PASSWORD", PASSWORD)
+        .args(["restore", "latest", "--tag", "fixture"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert_eq!(out.len() as u64, STREAM_LEN);
+    assert_eq!(blake3::hash(&out).to_hex().as_str(), STREAM_BLAKE3);
+}
