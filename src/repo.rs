@@ -117,6 +117,7 @@ impl Repository {
                 location: store.location().to_string(),
             });
         }
+        store.barrier()?;
         Ok(Repository { store, key, config })
     }
 
@@ -216,12 +217,15 @@ impl Repository {
         Ok(len)
     }
 
-    /// Stores a snapshot; returns its id and stored size.
+    /// Stores a snapshot after everything it references is durable, and makes it durable.
+    /// Returns its id and stored size.
     pub(crate) fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(Id, u64)> {
+        self.store.barrier()?;
         let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
         let id = Id::of_object(&sealed);
         let len = sealed.len() as u64;
         self.store.put_new(&snapshot_name(&id), sealed)?;
+        self.store.barrier()?;
         Ok((id, len))
     }
 

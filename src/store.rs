@@ -5,7 +5,9 @@
 //! The rest of bkp is synchronous; this module owns a small tokio runtime and blocks on it.
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -19,6 +21,9 @@ use crate::error::{Error, Result};
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
+    /// For a local directory: object_store does not fsync, so [`Store::barrier`] does.
+    local_root: Option<PathBuf>,
+    unsynced: Mutex<Vec<String>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -42,7 +47,9 @@ impl Store {
             location: location.to_string(),
             cause,
         })?;
-        Ok(Store::with(Arc::new(fs), location))
+        let mut store = Store::with(Arc::new(fs), location);
+        store.local_root = Some(PathBuf::from(dir));
+        Ok(store)
     }
 
     /// Like [`Store::open`], creating a local directory first if there is none.
@@ -69,6 +76,8 @@ impl Store {
         Store {
             inner,
             location: location.to_string(),
+            local_root: None,
+            unsynced: Mutex::new(Vec::new()),
             runtime,
         }
     }
@@ -90,6 +99,7 @@ impl Store {
     }
 
     /// Writes a new object. Returns `false`, writing nothing, if `name` already exists.
+    /// The object is durable after the next [`Store::barrier`].
     pub fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool> {
         let options = PutOptions {
             mode: PutMode::Create,
@@ -101,10 +111,51 @@ impl Store {
             options,
         ));
         match result {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                if self.local_root.is_some() {
+                    self.unsynced
+                        .lock()
+                        .expect("unsynced lock")
+                        .push(name.to_string());
+                }
+                Ok(true)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.error(name, e)),
         }
+    }
+
+    /// A write barrier: when it returns, every object written so far survives a crash or power
+    /// loss. The write-ordering rule (packs, then index, then snapshot) depends on it. Object
+    /// stores are durable on a successful put; a local directory needs fsync of each new file
+    /// and of the directories naming them.
+    pub fn barrier(&self) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let names = std::mem::take(&mut *self.unsynced.lock().expect("unsynced lock"));
+        let mut dirs = std::collections::BTreeSet::new();
+        for name in &names {
+            let path = root.join(name);
+            self.sync_path(&path, name)?;
+            dirs.insert(path.parent().unwrap_or(root).to_path_buf());
+        }
+        for dir in dirs {
+            self.sync_path(&dir, "")?;
+        }
+        Ok(())
+    }
+
+    fn sync_path(&self, path: &std::path::Path, name: &str) -> Result<()> {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::Store {
+                location: format!("{}/{}", self.location, name),
+                cause: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            })
     }
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
