@@ -300,13 +300,20 @@ fn ratio(a: u64, b: u64) -> f64 {
 fn backup_line(summary: &BackupSummary) -> String {
     let s = &summary.snapshot.snapshot;
     let secs = summary.elapsed.as_secs_f64();
+    let new = if s.added.new_raw == 0 {
+        "nothing new".to_string()
+    } else {
+        format!(
+            "{} new before compression, compression {:.1}x",
+            HumanBytes(s.added.new_raw),
+            ratio(s.added.new_raw, s.added.stored)
+        )
+    };
     format!(
-        "snapshot {} saved: {} read, {} added to the repository ({} new before compression, compression {:.1}x), {:.1} s, {}/s",
+        "snapshot {} saved: {} read, {} added to the repository ({new}), {:.1} s, {}/s",
         summary.snapshot.id.short(),
         HumanBytes(s.size),
         HumanBytes(summary.bytes_stored),
-        HumanBytes(s.added.new_raw),
-        ratio(s.added.new_raw, s.added.stored),
         secs,
         HumanBytes((s.size as f64 / secs.max(0.001)) as u64),
     )
@@ -410,7 +417,7 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     writeln!(
         out,
         "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  name",
-        "id", "time", "host", "size", "added", "tags"
+        "id", "time", "host", "size", "new data", "tags"
     )?;
     for entry in &list {
         let s = &entry.snapshot;

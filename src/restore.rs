@@ -89,10 +89,18 @@ impl Drop for FrameSlot {
     }
 }
 
-/// A run of consecutive chunks of the stream that lie in one frame: (id, offset, len).
+/// Where one chunk of the stream lies in its frame's plaintext.
+#[derive(Clone, Copy)]
+struct Slice {
+    id: Id,
+    offset: u32,
+    len: u32,
+}
+
+/// A run of consecutive chunks of the stream that lie in one frame.
 struct Run {
     slot: Arc<FrameSlot>,
-    slices: Vec<(Id, u32, u32)>,
+    slices: Vec<Slice>,
 }
 
 /// Reads and decodes frames; each worker keeps its own session keys and zstd context.
@@ -195,7 +203,7 @@ impl Planner<'_> {
     }
 
     /// Queues a run; false when the writer has stopped.
-    fn send(&mut self, frame: u32, slices: Vec<(Id, u32, u32)>) -> bool {
+    fn send(&mut self, frame: u32, slices: Vec<Slice>) -> bool {
         match self.slot(frame) {
             Some(slot) => self.runs.send(Ok(Run { slot, slices })).is_ok(),
             None => false,
@@ -226,21 +234,38 @@ impl Planner<'_> {
                 .iter()
                 .find(|(f, _)| *f == loc.frame)
                 .expect("cached");
-            let node = verified_chunk(repo, raw, *id, loc.offset, loc.len)?;
+            let node = verified_chunk(
+                repo,
+                raw,
+                &Slice {
+                    id: *id,
+                    offset: loc.offset,
+                    len: loc.len,
+                },
+            )?;
             Ok(node.to_vec())
         };
         let mut walker = TreeWalker::new(&entry.snapshot.tree);
-        let mut current: Option<(u32, Vec<(Id, u32, u32)>)> = None;
+        let mut current: Option<(u32, Vec<Slice>)> = None;
         while let Some(id) = walker.next_id(&mut fetch_node)? {
             let loc = index.chunk(&id).ok_or_else(|| Error::Missing {
                 object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
             })?;
             match &mut current {
-                Some((frame, slices)) if *frame == loc.frame => {
-                    slices.push((id, loc.offset, loc.len))
-                }
+                Some((frame, slices)) if *frame == loc.frame => slices.push(Slice {
+                    id,
+                    offset: loc.offset,
+                    len: loc.len,
+                }),
                 _ => {
-                    let next = (loc.frame, vec![(id, loc.offset, loc.len)]);
+                    let next = (
+                        loc.frame,
+                        vec![Slice {
+                            id,
+                            offset: loc.offset,
+                            len: loc.len,
+                        }],
+                    );
                     if let Some((frame, slices)) = current.replace(next)
                         && !self.send(frame, slices)
                     {
@@ -257,18 +282,13 @@ impl Planner<'_> {
 }
 
 /// The chunk at `offset..offset + len` of a decoded frame, checked against its id.
-fn verified_chunk<'r>(
-    repo: &Repository,
-    raw: &'r [u8],
-    id: Id,
-    offset: u32,
-    len: u32,
-) -> Result<&'r [u8]> {
-    let object = || format!("chunk {}", id.short());
+fn verified_chunk<'r>(repo: &Repository, raw: &'r [u8], slice: &Slice) -> Result<&'r [u8]> {
+    let object = || format!("chunk {}", slice.id.short());
+    let start = slice.offset as usize;
     let chunk = raw
-        .get(offset as usize..offset as usize + len as usize)
+        .get(start..start + slice.len as usize)
         .ok_or_else(|| Error::corrupt(object(), "lies outside its frame"))?;
-    if repo.key().chunk_id(chunk) != id {
+    if repo.key().chunk_id(chunk) != slice.id {
         return Err(Error::corrupt(object(), "decodes to other content"));
     }
     Ok(chunk)
@@ -322,8 +342,8 @@ pub fn restore(
         for run in run_rx {
             let run = run?;
             run.slot.with_raw(|raw| {
-                for &(id, offset, len) in &run.slices {
-                    let chunk = verified_chunk(repo, raw, id, offset, len)?;
+                for slice in &run.slices {
+                    let chunk = verified_chunk(repo, raw, slice)?;
                     out.write_all(chunk).map_err(Error::Sink)?;
                     hasher.update(chunk);
                     written += chunk.len() as u64;

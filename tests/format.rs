@@ -175,7 +175,10 @@ fn open_metadata(keys: &Keys, magic: &[u8; 8], object: &[u8]) -> Vec<u8> {
     open_sealed(&key, magic, &object[40..])
 }
 
-fn read_pack_header(r: &mut Reader) -> Vec<(u64, u32, Vec<([u8; 32], u32)>)> {
+/// A frame entry as FORMAT.md §6.4 lays it out: offset, sealed length, (chunk id, length)s.
+type FrameEntry = (u64, u32, Vec<([u8; 32], u32)>);
+
+fn read_pack_header(r: &mut Reader) -> Vec<FrameEntry> {
     (0..r.varint())
         .map(|_| {
             let offset = r.varint();

@@ -152,7 +152,8 @@ pub fn write_dump(out: &mut impl Write, size: u64, day: u32) -> io::Result<()> {
     writeln!(out, "--\n-- PostgreSQL database dump complete\n--")
 }
 
-/// The dump as bytes (tests).
+/// The dump as bytes (tests; the benchmark and example stream to files instead).
+#[allow(dead_code)]
 pub fn dump(size: u64, day: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(size as usize + size as usize / 8);
     write_dump(&mut out, size, day).expect("writing to a Vec");
