@@ -80,38 +80,78 @@ fn generate(dir: &Path, size: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     (day1, day2)
 }
 
-fn sweep(day1: &Path, day2: &Path) {
+/// Chunk size and group size trade-offs, through the library on local repositories.
+fn sweep(dir: &Path, day1: &Path, day2: &Path) {
     println!(
-        "\nchunk-size sweep (library, zstd -3, 1 MiB groups): avg chunk, day-1 stored, day-2 added, chunks"
+        "\nsweep: avg chunk / group -> day-1 stored, day-2 added, index bytes, seconds for day-1 backup, re-backup, day-2 backup, day-2 restore"
     );
-    for avg in [4096u32, 8192, 16384, 65536] {
-        let chunker = bkp::ChunkerParams {
-            min_size: avg / 4,
-            avg_size: avg,
-            max_size: avg * 8,
-        };
+    let configs = [
+        (4096u32, 1usize << 20),
+        (8192, 1 << 20),
+        (16384, 1 << 20),
+        (65536, 1 << 20),
+        (8192, 256 << 10),
+        (8192, 4 << 20),
+    ];
+    for (n, (avg, group)) in configs.into_iter().enumerate() {
         let options = bkp::InitOptions {
             kdf: bkp::KdfParams::INSECURE_FAST,
-            chunker,
+            chunker: bkp::ChunkerParams {
+                min_size: avg / 4,
+                avg_size: avg,
+                max_size: avg * 8,
+            },
         };
-        let repo = bkp::Repository::init(bkp::Store::memory(), b"bench", &options).unwrap();
+        let location = dir.join(format!("sweep-{n}"));
+        let repo = bkp::Repository::init(
+            bkp::Store::create(location.to_str().unwrap()).unwrap(),
+            b"bench",
+            &options,
+        )
+        .unwrap();
+        let backup_options = bkp::BackupOptions {
+            group_size: group,
+            ..Default::default()
+        };
         let mut stored = Vec::new();
-        let mut chunks = 0;
-        for path in [day1, day2] {
+        let mut seconds = Vec::new();
+        let mut last = None;
+        for path in [day1, day1, day2] {
+            let started = Instant::now();
             let s = bkp::backup(
                 &repo,
                 File::open(path).unwrap(),
-                &Default::default(),
+                &backup_options,
                 &mut |_| {},
             )
             .unwrap();
+            seconds.push(started.elapsed().as_secs_f64());
             stored.push(s.bytes_stored);
-            chunks = s.snapshot.snapshot.added.chunks;
+            last = Some(s.snapshot);
         }
+        let started = Instant::now();
+        bkp::restore(&repo, &last.unwrap(), &mut std::io::sink(), &mut |_| {}).unwrap();
+        seconds.push(started.elapsed().as_secs_f64());
+        let index_bytes: u64 = repo
+            .store()
+            .list("index")
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum();
         println!(
-            "  {:>6} B  {:>12} B  {:>12} B  {chunks}",
-            avg, stored[0], stored[1]
+            "  {:>5} B / {:>4} KiB: {:>10} B {:>10} B {:>9} B   {:.2} s {:.2} s {:.2} s {:.2} s",
+            avg,
+            group >> 10,
+            stored[0],
+            stored[2],
+            index_bytes,
+            seconds[0],
+            seconds[1],
+            seconds[2],
+            seconds[3]
         );
+        std::fs::remove_dir_all(&location).ok();
     }
 }
 
@@ -172,6 +212,6 @@ fn main() {
     report("restore day 2", len2, &run, None);
 
     if std::env::var_os("BKP_BENCH_SWEEP").is_some() {
-        sweep(&day1, &day2);
+        sweep(work.path(), &day1, &day2);
     }
 }
