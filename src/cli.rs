@@ -6,7 +6,7 @@ use std::io::{self, BufWriter, IsTerminal, Write};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use bkp::{
     BackupOptions, BackupSummary, Error, InitOptions, KdfParams, Repository, SnapshotEntry, Store,
 };
@@ -131,9 +131,10 @@ pub fn run() -> Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
-    let location = cli.repo.clone().ok_or_else(|| {
-        anyhow!("no repository given: pass --repo LOCATION or set BKP_REPOSITORY")
-    })?;
+    let Some(location) = cli.repo.clone() else {
+        eprintln!("bkp: error: no repository given: pass --repo LOCATION or set BKP_REPOSITORY");
+        return Ok(ExitCode::from(2));
+    };
     match cli.command {
         Commands::Init => init(&location, cli.quiet),
         Commands::Backup(args) => backup(&location, cli.quiet, args),

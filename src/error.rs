@@ -33,11 +33,13 @@ pub enum Error {
     },
 
     /// Stored bytes failed authentication, did not parse, or decoded to the wrong content.
-    #[error("{object} is corrupt: {reason} (run `bkp check`; restore from another copy)")]
+    #[error("{object} is corrupt: {reason} (the repository is damaged; use another copy of it)")]
     Corrupt { object: String, reason: String },
 
     /// Something that metadata references is not in the store.
-    #[error("{object} is missing from the repository (run `bkp check`)")]
+    #[error(
+        "{object} is missing from the repository (the repository is damaged; use another copy of it)"
+    )]
     Missing { object: String },
 
     #[error("no snapshot matches {query}")]

@@ -135,10 +135,17 @@ impl<'a> FrameReader<'a> {
         }
         let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
         let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
-        let bytes = self
-            .repo
-            .store()
-            .get_range(&name, aligned_start..aligned_end.min(pack.len))?;
+        let range = aligned_start..aligned_end.min(pack.len);
+        let bytes = self.repo.store().get_range(&name, range).map_err(|e| {
+            // A failed ranged read of a pack that is shorter than indexed is damage, not I/O.
+            match self.repo.store().size(&name) {
+                Ok(Some(actual)) if actual != pack.len => Error::corrupt(
+                    &name,
+                    format!("it is {actual} bytes long, the index says {}", pack.len),
+                ),
+                _ => e,
+            }
+        })?;
         let start = (frame.offset - aligned_start) as usize;
         let sealed = bytes
             .get(start..start + frame.sealed_len as usize)

@@ -171,9 +171,14 @@ impl Store {
     }
 
     pub fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.size(name)?.is_some())
+    }
+
+    /// The object's size, or `None` if there is no such object.
+    pub fn size(&self, name: &str) -> Result<Option<u64>> {
         match self.runtime.block_on(self.inner.head(&Path::from(name))) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(name, e)),
         }
     }

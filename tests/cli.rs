@@ -235,6 +235,24 @@ fn a_flipped_byte_in_a_snapshot_is_detected_naming_it() {
 }
 
 #[test]
+fn a_truncated_or_missing_pack_fails_restore_naming_it() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, &dumpgen::dump(2_000_000, 1), &[]);
+    let pack = files_under(&repo, "packs").pop().unwrap();
+    let name = pack.file_name().unwrap().to_string_lossy().into_owned();
+    let file = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    file.set_len(20_000).unwrap();
+    drop(file);
+    assert_restore_names_damage(&repo, &name);
+    std::fs::remove_file(&pack).unwrap();
+    bkp(&repo)
+        .args(["restore", "latest"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains(name.as_str()).and(predicate::str::contains("missing")));
+}
+
+#[test]
 fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
     let (_dir, repo) = local_repo();
     let day1 = dumpgen::dump(5_000_000, 1);
