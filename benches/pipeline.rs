@@ -179,35 +179,16 @@ fn main() {
         .env("BKP_PASSWORD", "bench")
         .status()
         .unwrap();
-    let run = timed(
-        bin,
-        &["backup", "--json", "--tag", "bench"],
-        Some(&day1),
-        false,
-        &repo,
-    );
-    report("backup day 1", len1, &run, Some(bytes_added(&run.stdout)));
-    let run = timed(
-        bin,
-        &["backup", "--json", "--tag", "bench"],
-        Some(&day1),
-        false,
-        &repo,
-    );
-    report(
-        "re-backup day 1",
-        len1,
-        &run,
-        Some(bytes_added(&run.stdout)),
-    );
-    let run = timed(
-        bin,
-        &["backup", "--json", "--tag", "bench"],
-        Some(&day2),
-        false,
-        &repo,
-    );
-    report("backup day 2", len2, &run, Some(bytes_added(&run.stdout)));
+    let steps = [
+        ("backup day 1", &day1, len1),
+        ("re-backup day 1", &day1, len1),
+        ("backup day 2", &day2, len2),
+    ];
+    for (step, dump, len) in steps {
+        let args = ["backup", "--json", "--tag", "bench"];
+        let run = timed(bin, &args, Some(dump), false, &repo);
+        report(step, len, &run, Some(bytes_added(&run.stdout)));
+    }
     let run = timed(bin, &["restore", "latest", "--quiet"], None, true, &repo);
     report("restore day 2", len2, &run, None);
 
