@@ -18,12 +18,13 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunker::{Chunker, GearTable};
 use crate::crypto::{CipherKey, MasterKey};
+use crate::dump::{DumpInfo, DumpInspector, DumpReport};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack::{self, ChunkEntry, Frame, PackSession, PackWriter};
 use crate::repo::{Repository, hostname, pack_name};
-use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry};
+use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 use crate::source;
 use crate::tree::{TreeBuilder, TreeRoot};
 
@@ -65,12 +66,22 @@ pub struct BackupProgress {
     pub bytes_new: u64,
 }
 
+/// What a backup tells its caller while it runs.
+#[derive(Clone, Copy, Debug)]
+pub enum BackupEvent<'a> {
+    /// The stream's header has been read (once, at the start): what kind of dump it is.
+    DumpDetected(&'a DumpInfo),
+    Progress(BackupProgress),
+}
+
 #[derive(Clone, Debug)]
 pub struct BackupSummary {
     pub snapshot: SnapshotEntry,
     /// Everything this backup stored, the snapshot object included.
     pub bytes_stored: u64,
     pub elapsed: Duration,
+    /// The dump's kind and whether its trailer was there (also in the snapshot's annotations).
+    pub dump: DumpReport,
 }
 
 /// Chunks waiting to be compressed together.
@@ -207,9 +218,9 @@ fn pack_writer(
 /// Backs up `input` as one snapshot.
 pub fn backup(
     repo: &Repository,
-    input: impl Read + Send,
+    input: impl Read + Send + 'static,
     options: &BackupOptions,
-    progress: &mut dyn FnMut(&BackupProgress),
+    progress: &mut dyn FnMut(BackupEvent<'_>),
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
@@ -228,18 +239,27 @@ pub fn backup(
     };
 
     let (root, stream, added, packs) = std::thread::scope(|scope| {
-        // The whole-stream hash is computed by the thread that reads, off the chunker's thread.
+        // The thread that reads also hashes the whole stream and inspects the dump's header and
+        // trailer, off the chunker's thread.
         let (block_tx, blocks) = source::block_queue(4);
-        let reader = scope.spawn(move || {
+        let (detected_tx, detected) = bounded::<DumpInfo>(1);
+        // Not a scoped thread: if the pipeline fails while the source blocks (a stalled dump),
+        // the backup returns its error instead of waiting for the source forever.
+        let reader = std::thread::spawn(move || {
             let mut hasher = blake3::Hasher::new();
+            let mut inspector = DumpInspector::default();
             let mut size = 0u64;
             source::pump(input, block_tx, |block| {
                 hasher.update(block);
                 size += block.len() as u64;
+                if let Some(info) = inspector.observe(block) {
+                    let _ = detected_tx.try_send(info.clone());
+                }
             });
             StreamFacts {
                 size,
                 hash: *hasher.finalize().as_bytes(),
+                dump: inspector.finish(),
             }
         });
         let mut chunker = Chunker::new(
@@ -269,14 +289,15 @@ pub fn backup(
             spare: spare_rx,
             added: AddedBytes::default(),
         };
-        let streamed = stream_chunks(&mut chunker, &mut dedup, key, progress);
+        let streamed = stream_chunks(&mut chunker, &mut dedup, key, &detected, progress);
         drop(dedup.groups);
         drop(chunker); // hang up on the reader if chunking stopped early
-        let stream = reader.join().expect("reader does not panic");
         let packs = writer.join().expect("pack writer does not panic");
         // A storage failure stops the pipeline; report it rather than the stop it caused.
         let packs = packs?;
         let root = streamed?;
+        // The chunker saw the end of the stream, so the reader has finished.
+        let stream = reader.join().expect("reader does not panic");
         Ok::<_, Error>((root, stream, dedup.added, packs))
     })?;
 
@@ -297,32 +318,57 @@ pub fn backup(
         stream_hash: stream.hash,
         tree: root,
         added,
-        annotations: options.annotations.clone(),
+        annotations: annotations(options, &stream.dump),
     };
     let (id, snapshot_len) = repo.write_snapshot(&snapshot)?;
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,
         snapshot: SnapshotEntry { id, snapshot },
         elapsed: started.elapsed(),
+        dump: stream.dump,
     })
+}
+
+/// The caller's annotations plus what the dump's header and trailer said.
+fn annotations(options: &BackupOptions, dump: &DumpReport) -> BTreeMap<String, String> {
+    let mut out = options.annotations.clone();
+    let info = &dump.info;
+    out.insert(annotation::DUMP_KIND.into(), info.kind.name().into());
+    if let Some(v) = &info.server_version {
+        out.insert(annotation::SERVER_VERSION.into(), v.clone());
+    }
+    if let Some(d) = &info.database {
+        out.insert(annotation::DATABASE.into(), d.clone());
+    }
+    if let Some(complete) = dump.complete {
+        out.insert(annotation::COMPLETE.into(), complete.to_string());
+    }
+    out
 }
 
 struct StreamFacts {
     size: u64,
     hash: [u8; 32],
+    dump: DumpReport,
 }
 
 fn stream_chunks<R: Read>(
     chunker: &mut Chunker<R>,
     dedup: &mut Deduper<'_>,
     key: &MasterKey,
-    progress: &mut dyn FnMut(&BackupProgress),
+    detected: &Receiver<DumpInfo>,
+    progress: &mut dyn FnMut(BackupEvent<'_>),
 ) -> Result<TreeRoot> {
     const PROGRESS_EVERY: u64 = 8 << 20;
     let mut tree = TreeBuilder::default();
     let mut size = 0u64;
     let mut next_report = PROGRESS_EVERY;
-    while let Some(chunk) = chunker.next_chunk().map_err(Error::Source)? {
+    let mut reported_kind = false;
+    while let Some(chunk) = chunker.next_chunk().map_err(Error::from_source)? {
+        if !reported_kind && let Ok(info) = detected.try_recv() {
+            reported_kind = true;
+            progress(BackupEvent::DumpDetected(&info));
+        }
         let id = key.chunk_id(chunk);
         size += chunk.len() as u64;
         dedup.added.chunks += 1;
@@ -330,17 +376,20 @@ fn stream_chunks<R: Read>(
         tree.push(id, &mut |node| dedup.store_tree_node(node))?;
         if size >= next_report {
             next_report = size + PROGRESS_EVERY;
-            progress(&BackupProgress {
+            progress(BackupEvent::Progress(BackupProgress {
                 bytes_read: size,
                 bytes_new: dedup.added.new_raw,
-            });
+            }));
         }
     }
     let root = tree.finish(&mut |node| dedup.store_tree_node(node))?;
     dedup.flush()?;
-    progress(&BackupProgress {
+    if !reported_kind && let Ok(info) = detected.try_recv() {
+        progress(BackupEvent::DumpDetected(&info));
+    }
+    progress(BackupEvent::Progress(BackupProgress {
         bytes_read: size,
         bytes_new: dedup.added.new_raw,
-    });
+    }));
     Ok(root)
 }

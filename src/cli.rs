@@ -23,8 +23,13 @@ Exit codes:
   3    no repository at the given location
   4    wrong password, or no usable key
   5    damaged data: an object failed authentication or a restore failed verification
-  130  interrupted (Ctrl-C); nothing was recorded
+  6    backup saved, but the dump is incomplete (its completion trailer is missing)
+  7    the dump command failed (non-zero exit or killed); nothing was recorded
+  130  interrupted by Ctrl-C (SIGINT); 143: by SIGTERM; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
+
+const EXIT_DUMP_INCOMPLETE: u8 = 6;
+const EXIT_DUMP_COMMAND_FAILED: u8 = 7;
 
 const ENVIRONMENT: &str = "\
 Environment:
@@ -89,15 +94,18 @@ struct BackupArgs {
     /// Host name to record (default: this machine's)
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
-    /// Name of the stream to record
-    #[arg(long, default_value = "stdin")]
-    name: String,
+    /// Name of the stream to record (default: the dump command line, or `stdin`)
+    #[arg(long)]
+    name: Option<String>,
     /// zstd level for new data (1-19; higher is smaller and slower)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     compression: i32,
     /// Print the summary as one JSON object
     #[arg(long)]
     json: bool,
+    /// Run this dump command (no shell) and back up its output; if it fails, nothing is recorded
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]
@@ -136,12 +144,11 @@ pub fn run() -> Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     match cli.command {
-        Commands::Init => init(&location, cli.quiet),
+        Commands::Init => init(&location, cli.quiet).map(|()| ExitCode::SUCCESS),
         Commands::Backup(args) => backup(&location, cli.quiet, args),
-        Commands::Restore(args) => restore(&location, cli.quiet, args),
-        Commands::Snapshots(args) => snapshots(&location, args),
-    }?;
-    Ok(ExitCode::SUCCESS)
+        Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
+        Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
+    }
 }
 
 /// The exit code for an error, as documented in [`EXIT_CODES`].
@@ -150,6 +157,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(Error::RepositoryNotFound { .. }) => 3,
         Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => 5,
+        Some(Error::DumpCommand(_)) => EXIT_DUMP_COMMAND_FAILED,
         _ => 1,
     };
     ExitCode::from(code)
@@ -251,36 +259,81 @@ fn byte_spinner(template: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<()> {
-    if io::stdin().is_terminal() {
-        bail!(
-            "standard input is a terminal; pipe a dump into bkp backup, e.g. `pg_dump db | bkp backup --tag db`"
-        );
-    }
-    // Start draining the pipe before the (slower) password and repository work.
-    let input = bkp::source::Prefetch::spawn(io::stdin(), 8);
-    let repo = open_repository(location)?;
-    let options = BackupOptions {
+/// On SIGINT, SIGTERM or SIGHUP: stop the dump command, say so, and exit without recording.
+/// A snapshot is the last object a backup writes, atomically, so exiting at any point before
+/// it leaves nothing recorded.
+fn stop_on_signals(dump_command: Option<u32>) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            if let Some(pid) = dump_command {
+                // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+            eprintln!(
+                "bkp: interrupted by signal {signal}; the backup stopped and nothing was recorded"
+            );
+            std::process::exit(128 + signal);
+        }
+    });
+    Ok(())
+}
+
+fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
+    let mut options = BackupOptions {
         tags: args.tags,
         hostname: args.host,
-        name: args.name,
         compression_level: args.compression,
         ..BackupOptions::default()
     };
+    // Start draining the dump before the (slower) password and repository work.
+    let input = if args.command.is_empty() {
+        if io::stdin().is_terminal() {
+            bail!(
+                "standard input is a terminal; pipe a dump into bkp backup (`pg_dump db | bkp backup --tag db`) or give the command after `--`"
+            );
+        }
+        stop_on_signals(None)?;
+        options.name = args.name.unwrap_or_else(|| "stdin".to_string());
+        bkp::source::Prefetch::spawn(io::stdin(), 8)
+    } else {
+        let command = bkp::source::DumpCommand::spawn(&args.command)?;
+        stop_on_signals(Some(command.id()))?;
+        options.name = args.name.unwrap_or_else(|| command.command().to_string());
+        options.annotations.insert(
+            bkp::annotation::COMMAND.to_string(),
+            command.command().to_string(),
+        );
+        bkp::source::Prefetch::spawn(command, 8)
+    };
+    let repo = open_repository(location)?;
     let bar = if quiet {
         None
     } else {
         byte_spinner("{spinner} {msg} [{elapsed}]")
     };
-    let summary = bkp::backup(&repo, input, &options, &mut |p| {
-        if let Some(bar) = &bar {
-            let secs = bar.elapsed().as_secs_f64().max(0.001);
-            bar.set_message(format!(
-                "{} read ({}/s), {} new",
-                HumanBytes(p.bytes_read),
-                HumanBytes((p.bytes_read as f64 / secs) as u64),
-                HumanBytes(p.bytes_new)
-            ));
+    let summary = bkp::backup(&repo, input, &options, &mut |event| match event {
+        bkp::BackupEvent::DumpDetected(info) => {
+            if let Some(warning) = &info.compression_warning {
+                let message = format!("bkp: warning: {warning}");
+                match &bar {
+                    Some(bar) => bar.println(message),
+                    None => eprintln!("{message}"),
+                }
+            }
+        }
+        bkp::BackupEvent::Progress(p) => {
+            if let Some(bar) = &bar {
+                let secs = bar.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!(
+                    "{} read ({}/s), {} new",
+                    HumanBytes(p.bytes_read),
+                    HumanBytes((p.bytes_read as f64 / secs) as u64),
+                    HumanBytes(p.bytes_new)
+                ));
+            }
         }
     })?;
     if let Some(bar) = bar {
@@ -291,7 +344,17 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<()> {
     } else if !quiet {
         println!("{}", backup_line(&summary));
     }
-    Ok(())
+    if summary.dump.complete == Some(false) {
+        eprintln!(
+            "bkp: WARNING: the {} dump ends without its completion trailer: it is probably truncated \
+             (the dump program failed or was cut off). Snapshot {} was saved but is flagged INCOMPLETE; \
+             check the dump program's errors and run the backup again.",
+            summary.dump.info.kind.name(),
+            summary.snapshot.id.short()
+        );
+        return Ok(ExitCode::from(EXIT_DUMP_INCOMPLETE));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -334,6 +397,8 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
         "seconds": summary.elapsed.as_secs_f64(),
         "tags": s.tags,
         "hostname": s.hostname,
+        "dump_kind": summary.dump.info.kind.name(),
+        "complete": summary.dump.complete,
     })
 }
 
@@ -403,7 +468,24 @@ fn snapshot_json(entry: &SnapshotEntry) -> serde_json::Value {
         "size": s.size,
         "stream_blake3": hex::encode(s.stream_hash),
         "bytes_added": s.added.stored,
+        "dump_kind": s.annotations.get(bkp::annotation::DUMP_KIND),
+        "complete": s.dump_complete(),
+        "database": s.annotations.get(bkp::annotation::DATABASE),
+        "server_version": s.annotations.get(bkp::annotation::SERVER_VERSION),
+        "command": s.annotations.get(bkp::annotation::COMMAND),
     })
+}
+
+/// The dump kind, marked when the dump was found incomplete.
+fn dump_column(s: &bkp::Snapshot) -> String {
+    let kind = s
+        .annotations
+        .get(bkp::annotation::DUMP_KIND)
+        .map_or("-", String::as_str);
+    match s.dump_complete() {
+        Some(false) => format!("{kind} INCOMPLETE"),
+        _ => kind.to_string(),
+    }
 }
 
 fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
@@ -417,23 +499,33 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  name",
-        "id", "time", "host", "size", "new data", "tags"
+        "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {:<16}  name",
+        "id", "time", "host", "size", "new data", "tags", "dump"
     )?;
+    let mut incomplete = 0;
     for entry in &list {
         let s = &entry.snapshot;
         writeln!(
             out,
-            "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {}",
+            "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {:<16}  {}",
             entry.id.short(),
             humantime::format_rfc3339_seconds(s.time).to_string(),
             s.hostname,
             HumanBytes(s.size).to_string(),
             HumanBytes(s.added.stored).to_string(),
             s.tags.join(","),
+            dump_column(s),
             s.name
         )?;
+        incomplete += usize::from(s.dump_complete() == Some(false));
     }
-    writeln!(out, "{} snapshot(s)", list.len())?;
+    write!(out, "{} snapshot(s)", list.len())?;
+    if incomplete > 0 {
+        write!(
+            out,
+            ", {incomplete} INCOMPLETE (their dumps lack the completion trailer)"
+        )?;
+    }
+    writeln!(out)?;
     Ok(())
 }

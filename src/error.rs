@@ -63,6 +63,10 @@ pub enum Error {
     #[error("reading the input stream failed: {0}")]
     Source(io::Error),
 
+    /// The dump command bkp ran failed; nothing was recorded.
+    #[error("{0}; no snapshot was saved")]
+    DumpCommand(crate::source::CommandFailed),
+
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 
@@ -71,6 +75,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// A read error from the input, or the failure of the dump command behind it.
+    pub(crate) fn from_source(e: io::Error) -> Self {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::source::CommandFailed>())
+        {
+            Some(failed) => Error::DumpCommand(failed.clone()),
+            None => Error::Source(e),
+        }
+    }
+
     pub(crate) fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Corrupt {
             object: object.into(),

@@ -22,7 +22,7 @@
 //! let options = InitOptions { kdf: KdfParams::INSECURE_FAST, ..Default::default() };
 //! let repo = Repository::init(Store::memory(), b"password", &options)?;
 //! let dump = b"CREATE TABLE t (id int);\n".repeat(1000);
-//! let summary = bkp::backup(&repo, &dump[..], &BackupOptions::default(), &mut |_| {})?;
+//! let summary = bkp::backup(&repo, std::io::Cursor::new(dump.clone()), &BackupOptions::default(), &mut |_| {})?;
 //! let mut restored = Vec::new();
 //! bkp::restore(&repo, &summary.snapshot, &mut restored, &mut |_| {})?;
 //! assert_eq!(restored, dump);
@@ -32,6 +32,7 @@
 mod backup;
 mod chunker;
 mod crypto;
+mod dump;
 mod envelope;
 mod error;
 mod id;
@@ -45,15 +46,16 @@ pub mod source;
 mod store;
 mod tree;
 
-pub use backup::{BackupOptions, BackupProgress, BackupSummary, backup};
+pub use backup::{BackupEvent, BackupOptions, BackupProgress, BackupSummary, backup};
 pub use chunker::ChunkerParams;
 pub use crypto::KdfParams;
+pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport};
 pub use error::{Error, Result};
 pub use id::Id;
 pub use index::{IndexFile, IndexedPack};
 pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
-pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry};
+pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 pub use store::{ObjectInfo, Store};
 
 /// The repository format this bkp reads and writes (docs/FORMAT.md).

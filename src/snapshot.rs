@@ -41,6 +41,27 @@ pub struct AddedBytes {
     pub stored: u64,
 }
 
+/// Keys of [`Snapshot::annotations`] that bkp itself writes.
+pub mod annotation {
+    /// `postgres-plain`, `postgres-custom`, `postgres-tar`, `mysql`, `gzip`, ..., `unknown`.
+    pub const DUMP_KIND: &str = "dump.kind";
+    pub const SERVER_VERSION: &str = "dump.server_version";
+    pub const DATABASE: &str = "dump.database";
+    /// `true` or `false`; absent when the kind has no trailer to check.
+    pub const COMPLETE: &str = "dump.complete";
+    /// The dump command line bkp ran, with passwords removed.
+    pub const COMMAND: &str = "command";
+}
+
+impl Snapshot {
+    /// `Some(false)` when the dump's header promised a trailer that never came.
+    pub fn dump_complete(&self) -> Option<bool> {
+        self.annotations
+            .get(annotation::COMPLETE)
+            .map(|v| v == "true")
+    }
+}
+
 /// A snapshot with the id it is stored under.
 #[derive(Clone, Debug)]
 pub struct SnapshotEntry {

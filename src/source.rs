@@ -159,3 +159,284 @@ mod tests {
         assert!(err.to_string().contains("disk on fire"));
     }
 }
+
+/// How a dump command failed: the reason no snapshot is recorded for its output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandFailed {
+    /// The command line, with passwords removed.
+    pub command: String,
+    /// `exited with status 1`, `was killed by signal 9`.
+    pub status: String,
+    /// Its last lines of stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+impl std::fmt::Display for CommandFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dump command `{}` {}", self.command, self.status)?;
+        if !self.stderr_tail.is_empty() {
+            write!(f, ": {}", self.stderr_tail.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CommandFailed {}
+
+const STDERR_TAIL_LINES: usize = 5;
+
+/// A dump program run by bkp (no shell), read through its stdout. Its stderr passes through to
+/// ours. At the end of its output, a non-zero exit or a death by signal becomes a read error
+/// ([`CommandFailed`]), so a failed dump can never be recorded as a snapshot.
+pub struct DumpCommand {
+    child: std::process::Child,
+    stdout: std::process::ChildStdout,
+    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+    command: String,
+    finished: bool,
+}
+
+impl DumpCommand {
+    pub fn spawn(argv: &[std::ffi::OsString]) -> io::Result<DumpCommand> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no dump command given"))?;
+        let command = redact_command(argv);
+        let mut child = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot run dump command `{command}`: {e}"),
+                )
+            })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || pass_through(stderr));
+        Ok(DumpCommand {
+            child,
+            stdout,
+            stderr: Some(stderr),
+            command,
+            finished: false,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The command line as recorded: passwords removed.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        self.finished = true;
+        let status = self.child.wait()?;
+        let stderr_tail = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let status = match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => format!("was killed by signal {signal}"),
+            (None, None) => status.to_string(),
+        };
+        Err(io::Error::other(CommandFailed {
+            command: self.command.clone(),
+            status,
+            stderr_tail,
+        }))
+    }
+}
+
+impl Read for DumpCommand {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.finished {
+            return Ok(0);
+        }
+        match self.stdout.read(buf) {
+            Ok(0) => self.wait().map(|()| 0),
+            other => other,
+        }
+    }
+}
+
+impl Drop for DumpCommand {
+    /// A backup that stops early stops its dump command too.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Copies a child's stderr to ours line by line, keeping the last few lines.
+fn pass_through(stderr: impl Read) -> Vec<String> {
+    use std::io::{BufRead, Write};
+    let mut tail = std::collections::VecDeque::with_capacity(STDERR_TAIL_LINES);
+    let mut reader = io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        let _ = io::stderr().write_all(&line);
+        let text = String::from_utf8_lossy(&line)
+            .trim_end()
+            .chars()
+            .take(300)
+            .collect::<String>();
+        if !text.is_empty() {
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        }
+        line.clear();
+    }
+    tail.into()
+}
+
+/// A command line for display and for the snapshot, without the passwords operators put in
+/// them: `--password=...`, MySQL's `-pSECRET`, and the password in `scheme://user:pass@host`.
+pub fn redact_command(argv: &[std::ffi::OsString]) -> String {
+    let program = argv
+        .first()
+        .map(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    let mysql_like = program.contains("mysql") || program.contains("mariadb");
+    argv.iter()
+        .map(|arg| {
+            let arg = arg.to_string_lossy();
+            let redacted = if let Some((flag, _)) = arg
+                .split_once('=')
+                .filter(|(f, _)| f.starts_with("--") && f.contains("password"))
+            {
+                format!("{flag}=***")
+            } else if mysql_like && arg.starts_with("-p") && arg.len() > 2 {
+                "-p***".to_string()
+            } else {
+                redact_url_password(&arg)
+            };
+            if redacted.contains(char::is_whitespace) || redacted.is_empty() {
+                format!("'{redacted}'")
+            } else {
+                redacted
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn redact_url_password(arg: &str) -> String {
+    let Some(scheme_end) = arg.find("://") else {
+        return arg.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &arg[authority_start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return arg.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &arg[..authority_start],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => arg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn passwords_never_reach_the_recorded_command() {
+        assert_eq!(
+            redact_command(&argv(&[
+                "mysqldump",
+                "-uroot",
+                "-psecret",
+                "--single-transaction",
+                "shop"
+            ])),
+            "mysqldump -uroot -p*** --single-transaction shop"
+        );
+        assert_eq!(
+            redact_command(&argv(&["pg_dump", "-p5432", "crm"])),
+            "pg_dump -p5432 crm"
+        );
+        assert_eq!(
+            redact_command(&argv(&["mariadb-dump", "--password=hunter2", "x"])),
+            "mariadb-dump --password=*** x"
+        );
+        assert_eq!(
+            redact_command(&argv(&[
+                "pg_dump",
+                "postgresql://app:s3cret@db:5432/crm?sslmode=require"
+            ])),
+            "pg_dump postgresql://app:***@db:5432/crm?sslmode=require"
+        );
+        assert_eq!(
+            redact_command(&argv(&["sh", "-c", "echo hi"])),
+            "sh -c 'echo hi'"
+        );
+    }
+
+    #[test]
+    fn a_failing_command_is_a_read_error_naming_status_and_stderr() {
+        let mut cmd = DumpCommand::spawn(&argv(&[
+            "sh",
+            "-c",
+            "echo partial; echo 'boom: no such database' >&2; exit 3",
+        ]))
+        .unwrap();
+        let mut out = Vec::new();
+        let err = cmd.read_to_end(&mut out).unwrap_err();
+        assert_eq!(out, b"partial\n");
+        let failed = err
+            .get_ref()
+            .unwrap()
+            .downcast_ref::<CommandFailed>()
+            .unwrap();
+        assert_eq!(failed.status, "exited with status 3");
+        assert_eq!(failed.stderr_tail, vec!["boom: no such database"]);
+
+        let mut killed = DumpCommand::spawn(&argv(&["sh", "-c", "echo x; kill -9 $$"])).unwrap();
+        let err = killed.read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("killed by signal 9"), "{err}");
+
+        let mut ok = DumpCommand::spawn(&argv(&["printf", "hello"])).unwrap();
+        let mut out = Vec::new();
+        ok.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello");
+
+        let missing = DumpCommand::spawn(&argv(&["/nonexistent/pg_dump"]))
+            .err()
+            .unwrap();
+        assert!(missing.to_string().contains("cannot run dump command"));
+    }
+}

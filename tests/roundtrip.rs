@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::io::Cursor;
+
 use bkp::{BackupOptions, Repository, SnapshotEntry};
 use common::{dumpgen, memory_repo, random_bytes};
 
@@ -10,7 +12,7 @@ fn backup(repo: &Repository, data: &[u8], tags: &[&str]) -> bkp::BackupSummary {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ..BackupOptions::default()
     };
-    bkp::backup(repo, data, &options, &mut |_| {}).unwrap()
+    bkp::backup(repo, Cursor::new(data.to_vec()), &options, &mut |_| {}).unwrap()
 }
 
 fn restore(repo: &Repository, entry: &SnapshotEntry) -> Vec<u8> {
@@ -153,7 +155,7 @@ fn snapshot_records_stream_facts() {
         name: "shop.sql".into(),
         ..BackupOptions::default()
     };
-    let summary = bkp::backup(&repo, &data[..], &options, &mut |_| {}).unwrap();
+    let summary = bkp::backup(&repo, Cursor::new(data.clone()), &options, &mut |_| {}).unwrap();
     let found = repo
         .find_snapshot(&summary.snapshot.id.short(), &[])
         .unwrap();
