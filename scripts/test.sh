@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, integration, format-conformance and doc tests, plus a build of
-# the benchmark and examples. Installs nothing by hand: everything it needs is in this script.
+# The whole test suite: unit, integration, format conformance, CLI, end-to-end against real
+# PostgreSQL and MariaDB servers (installed here if missing, started and stopped by the tests),
+# and doc tests; the benchmark and examples are built too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/install-test-deps.sh
 cargo test --all-targets
 cargo test --doc

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod dumpgen;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,333 @@
+//! End to end with real database servers and their real dump tools: PostgreSQL 15 (pg_dump,
+//! psql) and MariaDB 10.11 (mysqldump, mariadb), both started by the test in a temporary
+//! directory. Backup both ways (pipe and `-- command`), restore into a new database, compare;
+//! the daily-cron scenario; and the failures that must never look like a good backup.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::db::{MariaDb, Postgres};
+
+const BKP_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Runs a shell script with `bkp` on PATH and the repository and password in the environment.
+fn shell(repo: &Path, script: &str) -> Output {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_bkp")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("bash")
+        .args(["-c", &format!("set -o pipefail; {script}")])
+        .current_dir(BKP_DIR)
+        .env("PATH", path)
+        .env("BKP_REPOSITORY", repo)
+        .env("BKP_PASSWORD", common::PASSWORD)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(repo: &Path, script: &str) -> Output {
+    let out = shell(repo, script);
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+fn backup_json(repo: &Path, script: &str) -> serde_json::Value {
+    let out = ok(repo, script);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no JSON from `{script}`: {}", text(&out.stdout)))
+}
+
+fn snapshot_count(repo: &Path) -> usize {
+    let out = ok(repo, "bkp snapshots --json");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+fn quote(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A failing backup: the exit code, a message, and no new snapshot.
+fn assert_backup_fails(repo: &Path, script: &str, code: i32, message: &str) {
+    let before = snapshot_count(repo);
+    let out = shell(repo, script);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "`{script}`: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "`{script}`: expected {message:?} in: {stderr}"
+    );
+    assert_eq!(
+        snapshot_count(repo),
+        before,
+        "`{script}` recorded a snapshot"
+    );
+}
+
+const PG_SCHEMA: &str = "
+CREATE TABLE customers (id int PRIMARY KEY, name text, email text, balance numeric(12,2), note text, created timestamptz);
+INSERT INTO customers SELECT g, 'name ' || g, 'user' || g || '@example.com', (g * 37 % 100000) / 100.0,
+  CASE WHEN g % 10 = 0 THEN NULL ELSE 'Zürich ✓ 日本 ' || md5(g::text) END,
+  '2025-01-01 00:00:00+00'::timestamptz + g * interval '1 minute' FROM generate_series(1, 20000) g;
+CREATE TABLE blobs (id int PRIMARY KEY, data bytea);
+INSERT INTO blobs SELECT g, decode(md5(g::text) || md5((g + 1)::text), 'hex') FROM generate_series(1, 3000) g;
+CREATE TABLE big (id int PRIMARY KEY, body text);
+INSERT INTO big VALUES (1, repeat('a large row ', 200000));
+";
+
+const DAILY_CHANGE: &str = "
+UPDATE customers SET balance = balance + 1 WHERE id % 1000 = 0;
+DELETE FROM customers WHERE id IN (5, 5005, 15005);
+INSERT INTO customers (id, name, email) VALUES (30001, 'new', 'new@example.com'), (30002, 'newer', 'newer@example.com');
+";
+
+#[test]
+fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ok(&repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
+    let mut pg = Postgres::start();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", PG_SCHEMA);
+    let dump = quote(&pg.dump_command(&[], "shop"));
+
+    // Piped, then restored into a new database: the data is the same.
+    let first = backup_json(&repo, &format!("{dump} | bkp backup --json --tag shop"));
+    assert_eq!(first["dump_kind"], "postgres-plain");
+    assert_eq!(first["complete"], true);
+    pg.sql("postgres", "CREATE DATABASE restored1");
+    ok(
+        &repo,
+        &format!(
+            "bkp restore latest --tag shop | {}",
+            pg.restore_command("restored1")
+        ),
+    );
+    assert!(
+        pg.dump("restored1") == pg.dump("shop"),
+        "restored database differs"
+    );
+
+    // bkp runs pg_dump itself; an unchanged database adds almost nothing (only the chunks
+    // holding pg_dump's random \restrict key at the top and bottom).
+    let size = first["bytes_read"].as_u64().unwrap();
+    let unchanged = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    let added = unchanged["bytes_added"].as_u64().unwrap();
+    eprintln!(
+        "postgres: dump {size} B, first backup added {}, unchanged database added {added}",
+        first["bytes_added"]
+    );
+    assert!(added <= 64 * 1024, "unchanged database added {added} bytes");
+    let listed = ok(&repo, "bkp snapshots --json --tag shop");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let last = listed.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last["command"].as_str().unwrap(),
+        pg.dump_command(&[], "shop").join(" ")
+    );
+    assert!(last["server_version"].as_str().unwrap().starts_with("15."));
+    // With a fixed key the dump is byte-identical, and only the snapshot object is added.
+    let fixed = quote(&pg.dump_command(&["--restrict-key=bkptest"], "shop"));
+    backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
+    let again = backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
+    assert_eq!(again["bytes_added"], 4096);
+
+    // The daily cron run: a few rows changed add a small fraction of the dump.
+    pg.sql("shop", DAILY_CHANGE);
+    let daily = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    let added = daily["bytes_added"].as_u64().unwrap();
+    eprintln!("postgres: a day of changes added {added} B to a {size} B dump");
+    assert!(
+        added < size / 10,
+        "daily change added {added} of {size} bytes"
+    );
+    pg.sql("postgres", "CREATE DATABASE restored2");
+    ok(
+        &repo,
+        &format!(
+            "bkp restore latest --tag shop | {}",
+            pg.restore_command("restored2")
+        ),
+    );
+    assert!(
+        pg.dump("restored2") == pg.dump("shop"),
+        "restored database differs after the daily change"
+    );
+
+    // Failures never record a snapshot.
+    let missing_db = quote(&pg.dump_command(&[], "nosuchdb"));
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- {missing_db}"),
+        7,
+        "\"nosuchdb\" does not exist",
+    );
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- sh -c \"{dump}; kill -KILL \\$\\$\""),
+        7,
+        "killed by signal 9",
+    );
+
+    // A truncated dump through a pipe is saved, flagged, and exits 6.
+    let out = shell(
+        &repo,
+        &format!("{dump} | head -c 100000 | bkp backup --tag cut"),
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("INCOMPLETE"));
+    assert!(text(&ok(&repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
+
+    // Compressed input: backed up, with a warning that says how to fix it.
+    let out = ok(&repo, &format!("{dump} | gzip | bkp backup --tag gz"));
+    assert!(
+        text(&out.stderr).contains("gzip-compressed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let custom = quote(&pg.dump_command(&["-Fc"], "shop"));
+    let out = ok(&repo, &format!("bkp backup --tag fc -- {custom}"));
+    assert!(text(&out.stderr).contains("-Z0"), "{}", text(&out.stderr));
+    let uncompressed = quote(&pg.dump_command(&["-Fc", "-Z0"], "shop"));
+    let out = ok(&repo, &format!("bkp backup --tag fc -- {uncompressed}"));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A dump from a server that is gone.
+    pg.stop();
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- {dump}"),
+        7,
+        "connection",
+    );
+}
+
+const MARIADB_SCHEMA: &str = "
+CREATE DATABASE shop CHARACTER SET utf8mb4;
+USE shop;
+CREATE TABLE customers (id INT PRIMARY KEY, name VARCHAR(100), email VARCHAR(200), balance DECIMAL(12,2), note TEXT, created DATETIME);
+INSERT INTO customers SELECT seq, CONCAT('name ', seq), CONCAT('user', seq, '@example.com'), (seq * 37 % 100000) / 100,
+  IF(seq % 10 = 0, NULL, CONCAT('Zürich ✓ 日本 ', MD5(seq))), '2025-01-01' + INTERVAL seq MINUTE FROM seq_1_to_20000;
+CREATE TABLE blobs (id INT PRIMARY KEY, data BLOB);
+INSERT INTO blobs SELECT seq, UNHEX(CONCAT(MD5(seq), MD5(seq + 1))) FROM seq_1_to_3000;
+CREATE TABLE big (id INT PRIMARY KEY, body LONGTEXT);
+INSERT INTO big VALUES (1, REPEAT('a large row ', 200000));
+";
+
+#[test]
+fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ok(&repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
+    let mut db = MariaDb::start();
+    db.sql(MARIADB_SCHEMA);
+    let dump = quote(&db.dump_command("shop"));
+
+    let first = backup_json(&repo, &format!("{dump} | bkp backup --json --tag shop"));
+    assert_eq!(first["dump_kind"], "mysql");
+    assert_eq!(first["complete"], true);
+    db.sql("CREATE DATABASE restored1");
+    ok(
+        &repo,
+        &format!(
+            "bkp restore latest --tag shop | {}",
+            db.restore_command("restored1")
+        ),
+    );
+    assert!(
+        db.dump("restored1") == db.dump("shop"),
+        "restored database differs"
+    );
+
+    // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
+    let size = first["bytes_read"].as_u64().unwrap();
+    let unchanged = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    eprintln!(
+        "mariadb: dump {size} B, first backup added {}, unchanged database added {}",
+        first["bytes_added"], unchanged["bytes_added"]
+    );
+    assert_eq!(unchanged["bytes_added"], 4096);
+    let listed = ok(&repo, "bkp snapshots --json --tag shop");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let last = listed.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["database"], "shop");
+    assert!(last["server_version"].as_str().unwrap().contains("MariaDB"));
+
+    db.sql(&format!("USE shop; {DAILY_CHANGE}"));
+    let daily = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    let added = daily["bytes_added"].as_u64().unwrap();
+    eprintln!("mariadb: a day of changes added {added} B to a {size} B dump");
+    assert!(
+        added < size / 10,
+        "daily change added {added} of {size} bytes"
+    );
+    db.sql("CREATE DATABASE restored2");
+    ok(
+        &repo,
+        &format!(
+            "bkp restore latest --tag shop | {}",
+            db.restore_command("restored2")
+        ),
+    );
+    assert!(
+        db.dump("restored2") == db.dump("shop"),
+        "restored database differs after the daily change"
+    );
+
+    let missing_db = quote(&db.dump_command("nosuchdb"));
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- {missing_db}"),
+        7,
+        "nosuchdb",
+    );
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- sh -c \"{dump}; kill -KILL \\$\\$\""),
+        7,
+        "killed by signal 9",
+    );
+    let out = shell(
+        &repo,
+        &format!("{dump} | head -c 100000 | bkp backup --tag cut"),
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(text(&ok(&repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
+    let out = ok(&repo, &format!("{dump} | gzip | bkp backup --tag gz"));
+    assert!(
+        text(&out.stderr).contains("gzip-compressed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    db.stop();
+    assert_backup_fails(
+        &repo,
+        &format!("bkp backup --tag shop -- {dump}"),
+        7,
+        "Can't connect",
+    );
+}
