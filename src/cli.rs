@@ -25,8 +25,19 @@ Exit codes:
   5    damaged data: an object failed authentication or a restore failed verification
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
   7    the dump command failed (non-zero exit or killed); nothing was recorded
-  130  interrupted by Ctrl-C (SIGINT); 143: by SIGTERM; nothing was recorded
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
+
+const BACKUP_HELP: &str = "\
+Examples:
+  bkp backup --tag crm -- pg_dump --no-password crm
+  mysqldump --single-transaction --skip-dump-date shop | bkp backup --tag shop
+
+With `-- COMMAND`, bkp runs the dump itself (no shell): if it exits non-zero or is killed, no
+snapshot is recorded and bkp exits with 7, showing the command's status and last stderr lines.
+A pg_dump or mysqldump stream whose completion trailer is missing is saved, flagged INCOMPLETE,
+and bkp exits with 6. Compressed input (gzip, zstd, pg_dump -Fc without -Z0) is backed up with
+a warning: it cannot be deduplicated.";
 
 const EXIT_DUMP_INCOMPLETE: u8 = 6;
 const EXIT_DUMP_COMMAND_FAILED: u8 = 7;
@@ -72,10 +83,8 @@ struct Cli {
 enum Commands {
     /// Create a new, empty repository
     Init,
-    /// Back up standard input as a new snapshot
-    #[command(
-        after_help = "Example:\n  mysqldump --single-transaction shop | bkp backup --tag shop"
-    )]
+    /// Back up standard input, or the output of a dump command, as a new snapshot
+    #[command(after_help = BACKUP_HELP)]
     Backup(BackupArgs),
     /// Write a snapshot's stream to standard output (or --output), verified byte for byte
     #[command(

@@ -306,3 +306,61 @@ fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
     let second = backup_cli(&repo, &day2, &["db"]);
     assert!(restore_bytes(&repo, &second) == day2);
 }
+
+#[test]
+fn sigterm_during_a_command_backup_stops_the_dump_and_records_nothing() {
+    let (dir, repo) = local_repo();
+    let pid_file = dir.path().join("dump.pid");
+    let script = format!(
+        "echo $$ > {}; head -c 3000000 /dev/urandom; exec sleep 60",
+        pid_file.display()
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_bkp"))
+        .env("BKP_REPOSITORY", &repo)
+        .env("BKP_PASSWORD", common::PASSWORD)
+        .args(["backup", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dump_pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dump command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was recorded"));
+    // The dump command is gone too.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{dump_pid}")).exists() || {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{dump_pid}/stat")).unwrap_or_default();
+            stat.split_whitespace().nth(2) == Some("Z")
+        }
+    );
+    let listed = bkp(&repo)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed).unwrap(),
+        serde_json::json!([])
+    );
+}
