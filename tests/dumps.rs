@@ -183,7 +183,7 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     );
     assert_backup_fails(
         &repo,
-        &format!("bkp backup --tag shop -- sh -c \"{dump}; kill -KILL \\$\\$\""),
+        &format!("bkp backup --tag shop -- sh -c \"{dump} | head -c 200000; kill -KILL \\$\\$\""),
         7,
         "killed by signal 9",
     );
@@ -306,7 +306,7 @@ fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     );
     assert_backup_fails(
         &repo,
-        &format!("bkp backup --tag shop -- sh -c \"{dump}; kill -KILL \\$\\$\""),
+        &format!("bkp backup --tag shop -- sh -c \"{dump} | head -c 200000; kill -KILL \\$\\$\""),
         7,
         "killed by signal 9",
     );
