@@ -5,7 +5,8 @@
 //! `/usr/bin/time -v` and reports, for backup of day 1, re-backup of day 1, backup of day 2 and
 //! restore: MB/s, bytes added to the repository, and peak RSS.
 //! With BKP_BENCH_SWEEP=1 it also measures day-1 storage and day-2 additions for several chunk
-//! sizes through the library.
+//! sizes through the library. BKP_BENCH_DAY1 and BKP_BENCH_DAY2 name an existing dump pair
+//! (e.g. a real one from benches/pg_dump_pair.sh) to use instead of generated dumps.
 
 #[path = "../tests/common/dumpgen.rs"]
 mod dumpgen;
@@ -167,7 +168,14 @@ fn main() {
         .unwrap_or(200_000_000);
     let bin = env!("CARGO_BIN_EXE_bkp");
     let work = tempfile::tempdir().unwrap();
-    let (day1, day2) = generate(work.path(), size);
+    // A real dump pair (benches/pg_dump_pair.sh) instead of the generated one.
+    let (day1, day2) = match (
+        std::env::var_os("BKP_BENCH_DAY1"),
+        std::env::var_os("BKP_BENCH_DAY2"),
+    ) {
+        (Some(day1), Some(day2)) => (day1.into(), day2.into()),
+        _ => generate(work.path(), size),
+    };
     let len1 = std::fs::metadata(&day1).unwrap().len();
     let len2 = std::fs::metadata(&day2).unwrap().len();
     println!("dump pair: day 1 {len1} B, day 2 {len2} B");

@@ -3,9 +3,13 @@
 //! On disk, `index/<id>` files are sealed to the metadata key (see [`crate::envelope`]) and hold
 //! the headers of the packs that one backup wrote, plus each pack's id, length and data
 //! ephemeral key. A pack's own header holds the same frames, so the index can be rebuilt from
-//! packs. In memory, frames and packs are numbered so a chunk's entry stays small (~56 bytes).
-
-use std::collections::HashMap;
+//! packs.
+//!
+//! In memory the index is the part of a backup or restore that grows with the repository, so a
+//! chunk costs 28 bytes: the first 16 bytes of its id and a 12-byte location, in one vector
+//! sorted for binary search (a hash map of full ids cost 60-70 bytes). A 128-bit prefix of a
+//! keyed hash cannot be collided on purpose, and by chance only with probability ~n/2^128 per
+//! lookup; restore re-checks every chunk against its full id regardless.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,11 +53,19 @@ pub struct PackLocation {
     pub data_ephemeral: [u8; 32],
 }
 
+type IdPrefix = [u8; 16];
+
+fn prefix(id: &Id) -> IdPrefix {
+    id.0[..16].try_into().expect("16 bytes")
+}
+
+/// Build with [`Index::add`], then [`Index::finish`] once before looking anything up.
 #[derive(Default)]
 pub struct Index {
-    chunks: HashMap<Id, ChunkLocation>,
+    chunks: Vec<(IdPrefix, ChunkLocation)>,
     frames: Vec<FrameLocation>,
     packs: Vec<PackLocation>,
+    sorted: bool,
 }
 
 impl Index {
@@ -68,13 +80,15 @@ impl Index {
             let frame_number = self.frames.len() as u32;
             let mut offset = 0u32;
             for chunk in &frame.chunks {
-                self.chunks.entry(chunk.id).or_insert(ChunkLocation {
+                let location = ChunkLocation {
                     frame: frame_number,
                     offset,
                     len: chunk.len,
-                });
+                };
+                self.chunks.push((prefix(&chunk.id), location));
                 offset += chunk.len;
             }
+            self.sorted = false;
             self.frames.push(FrameLocation {
                 pack: pack_number,
                 offset: frame.offset,
@@ -84,12 +98,28 @@ impl Index {
         }
     }
 
+    /// Sorts for lookups, keeping the first location of a chunk stored more than once.
+    pub fn finish(&mut self) {
+        self.chunks.sort_by_key(|(key, _)| *key);
+        self.chunks.dedup_by_key(|(key, _)| *key);
+        self.chunks.shrink_to_fit();
+        self.sorted = true;
+    }
+
     pub fn contains(&self, id: &Id) -> bool {
-        self.chunks.contains_key(id)
+        self.chunk(id).is_some()
     }
 
     pub fn chunk(&self, id: &Id) -> Option<ChunkLocation> {
-        self.chunks.get(id).copied()
+        debug_assert!(
+            self.sorted || self.chunks.is_empty(),
+            "Index::finish not called"
+        );
+        let key = prefix(id);
+        self.chunks
+            .binary_search_by_key(&key, |(k, _)| *k)
+            .ok()
+            .map(|at| self.chunks[at].1)
     }
 
     pub fn frame(&self, frame: u32) -> &FrameLocation {
@@ -140,6 +170,7 @@ mod tests {
                 ],
             },
         });
+        index.finish();
         let loc = index.chunk(&id(2)).unwrap();
         assert_eq!(
             loc,
@@ -154,5 +185,29 @@ mod tests {
         assert_eq!(index.frame(third.frame).offset, 172);
         assert_eq!(index.pack(index.frame(third.frame).pack).id, id(9));
         assert!(!index.contains(&id(4)));
+    }
+
+    #[test]
+    fn a_chunk_stored_twice_is_found_at_its_first_location() {
+        let id = Id([7; 32]);
+        let pack = |pack_id: u8, offset: u64| IndexedPack {
+            id: Id([pack_id; 32]),
+            len: 1 << 20,
+            data_ephemeral: [0; 32],
+            header: PackHeader {
+                frames: vec![FrameEntry {
+                    offset,
+                    sealed_len: 10,
+                    chunks: vec![ChunkEntry { id, len: 4 }],
+                }],
+            },
+        };
+        let mut index = Index::default();
+        index.add(&pack(1, 100));
+        index.add(&pack(2, 200));
+        index.finish();
+        let loc = index.chunk(&id).unwrap();
+        assert_eq!(index.frame(loc.frame).offset, 100);
+        assert!(!index.contains(&Id([8; 32])));
     }
 }

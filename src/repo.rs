@@ -188,6 +188,7 @@ impl Repository {
                 index.add(pack);
             }
         }
+        index.finish();
         Ok(index)
     }
 
