@@ -100,131 +100,6 @@ DELETE FROM customers WHERE id IN (5, 5005, 15005);
 INSERT INTO customers (id, name, email) VALUES (30001, 'new', 'new@example.com'), (30002, 'newer', 'newer@example.com');
 ";
 
-#[test]
-fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    ok(&repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
-    let mut pg = Postgres::start();
-    pg.sql("postgres", "CREATE DATABASE shop");
-    pg.sql("shop", PG_SCHEMA);
-    let dump = quote(&pg.dump_command(&[], "shop"));
-
-    // Piped, then restored into a new database: the data is the same.
-    let first = backup_json(&repo, &format!("{dump} | bkp backup --json --tag shop"));
-    assert_eq!(first["dump_kind"], "postgres-plain");
-    assert_eq!(first["complete"], true);
-    pg.sql("postgres", "CREATE DATABASE restored1");
-    ok(
-        &repo,
-        &format!(
-            "bkp restore latest --tag shop | {}",
-            pg.restore_command("restored1")
-        ),
-    );
-    assert!(
-        pg.dump("restored1") == pg.dump("shop"),
-        "restored database differs"
-    );
-
-    // bkp runs pg_dump itself; an unchanged database adds almost nothing (only the chunks
-    // holding pg_dump's random \restrict key at the top and bottom).
-    let size = first["bytes_read"].as_u64().unwrap();
-    let unchanged = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
-    let added = unchanged["bytes_added"].as_u64().unwrap();
-    eprintln!(
-        "postgres: dump {size} B, first backup added {}, unchanged database added {added}",
-        first["bytes_added"]
-    );
-    assert!(added <= 64 * 1024, "unchanged database added {added} bytes");
-    let listed = ok(&repo, "bkp snapshots --json --tag shop");
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let last = listed.as_array().unwrap().last().unwrap().clone();
-    assert_eq!(
-        last["command"].as_str().unwrap(),
-        pg.dump_command(&[], "shop").join(" ")
-    );
-    assert!(last["server_version"].as_str().unwrap().starts_with("15."));
-    // With a fixed key the dump is byte-identical, and only the snapshot object is added.
-    let fixed = quote(&pg.dump_command(&["--restrict-key=bkptest"], "shop"));
-    backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
-    let again = backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
-    assert_eq!(again["bytes_added"], 4096);
-
-    // The daily cron run: a few rows changed add a small fraction of the dump.
-    pg.sql("shop", DAILY_CHANGE);
-    let daily = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
-    let added = daily["bytes_added"].as_u64().unwrap();
-    eprintln!("postgres: a day of changes added {added} B to a {size} B dump");
-    assert!(
-        added < size / 10,
-        "daily change added {added} of {size} bytes"
-    );
-    pg.sql("postgres", "CREATE DATABASE restored2");
-    ok(
-        &repo,
-        &format!(
-            "bkp restore latest --tag shop | {}",
-            pg.restore_command("restored2")
-        ),
-    );
-    assert!(
-        pg.dump("restored2") == pg.dump("shop"),
-        "restored database differs after the daily change"
-    );
-
-    // Failures never record a snapshot.
-    let missing_db = quote(&pg.dump_command(&[], "nosuchdb"));
-    assert_backup_fails(
-        &repo,
-        &format!("bkp backup --tag shop -- {missing_db}"),
-        7,
-        "\"nosuchdb\" does not exist",
-    );
-    assert_backup_fails(
-        &repo,
-        &format!("bkp backup --tag shop -- sh -c \"{dump} | head -c 200000; kill -KILL \\$\\$\""),
-        7,
-        "killed by signal 9",
-    );
-
-    // A truncated dump through a pipe is saved, flagged, and exits 6.
-    let out = shell(
-        &repo,
-        &format!("{dump} | head -c 100000 | bkp backup --tag cut"),
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("INCOMPLETE"));
-    assert!(text(&ok(&repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
-
-    // Compressed input: backed up, with a warning that says how to fix it.
-    let out = ok(&repo, &format!("{dump} | gzip | bkp backup --tag gz"));
-    assert!(
-        text(&out.stderr).contains("gzip-compressed"),
-        "{}",
-        text(&out.stderr)
-    );
-    let custom = quote(&pg.dump_command(&["-Fc"], "shop"));
-    let out = ok(&repo, &format!("bkp backup --tag fc -- {custom}"));
-    assert!(text(&out.stderr).contains("-Z0"), "{}", text(&out.stderr));
-    let uncompressed = quote(&pg.dump_command(&["-Fc", "-Z0"], "shop"));
-    let out = ok(&repo, &format!("bkp backup --tag fc -- {uncompressed}"));
-    assert!(
-        !text(&out.stderr).contains("warning"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    // A dump from a server that is gone.
-    pg.stop();
-    assert_backup_fails(
-        &repo,
-        &format!("bkp backup --tag shop -- {dump}"),
-        7,
-        "connection",
-    );
-}
-
 const MARIADB_SCHEMA: &str = "
 CREATE DATABASE shop CHARACTER SET utf8mb4;
 USE shop;
@@ -237,97 +112,235 @@ CREATE TABLE big (id INT PRIMARY KEY, body LONGTEXT);
 INSERT INTO big VALUES (1, REPEAT('a large row ', 200000));
 ";
 
-#[test]
-fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    ok(&repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
-    let mut db = MariaDb::start();
-    db.sql(MARIADB_SCHEMA);
-    let dump = quote(&db.dump_command("shop"));
+/// What the shared scenarios need from a database server.
+trait Database {
+    fn name(&self) -> &'static str;
+    /// The `dump.kind` bkp should recognise.
+    fn dump_kind(&self) -> &'static str;
+    fn create_database(&self, db: &str);
+    fn apply(&self, db: &str, sql: &str);
+    fn dump_argv(&self, db: &str) -> Vec<String>;
+    /// The database's dump as sorted lines, for comparing two databases.
+    fn dump_lines(&self, db: &str) -> Vec<Vec<u8>>;
+    fn restore_command(&self, db: &str) -> String;
+    fn stop(&mut self);
+}
 
-    let first = backup_json(&repo, &format!("{dump} | bkp backup --json --tag shop"));
-    assert_eq!(first["dump_kind"], "mysql");
-    assert_eq!(first["complete"], true);
-    db.sql("CREATE DATABASE restored1");
+impl Database for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+    fn dump_kind(&self) -> &'static str {
+        "postgres-plain"
+    }
+    fn create_database(&self, db: &str) {
+        self.sql("postgres", &format!("CREATE DATABASE {db}"));
+    }
+    fn apply(&self, db: &str, sql: &str) {
+        self.sql(db, sql);
+    }
+    fn dump_argv(&self, db: &str) -> Vec<String> {
+        self.dump_command(&[], db)
+    }
+    fn dump_lines(&self, db: &str) -> Vec<Vec<u8>> {
+        self.dump(db)
+    }
+    fn restore_command(&self, db: &str) -> String {
+        Postgres::restore_command(self, db)
+    }
+    fn stop(&mut self) {
+        Postgres::stop(self);
+    }
+}
+
+impl Database for MariaDb {
+    fn name(&self) -> &'static str {
+        "mariadb"
+    }
+    fn dump_kind(&self) -> &'static str {
+        "mysql"
+    }
+    fn create_database(&self, db: &str) {
+        self.sql(&format!("CREATE DATABASE {db}"));
+    }
+    fn apply(&self, db: &str, sql: &str) {
+        self.sql(&format!("USE {db}; {sql}"));
+    }
+    fn dump_argv(&self, db: &str) -> Vec<String> {
+        self.dump_command(db)
+    }
+    fn dump_lines(&self, db: &str) -> Vec<Vec<u8>> {
+        self.dump(db)
+    }
+    fn restore_command(&self, db: &str) -> String {
+        MariaDb::restore_command(self, db)
+    }
+    fn stop(&mut self) {
+        MariaDb::stop(self);
+    }
+}
+
+/// A restore of the latest `shop` snapshot into a new database `into` equals database `shop`.
+fn assert_restores(repo: &Path, db: &dyn Database, into: &str) {
+    db.create_database(into);
     ok(
-        &repo,
+        repo,
         &format!(
             "bkp restore latest --tag shop | {}",
-            db.restore_command("restored1")
+            db.restore_command(into)
         ),
     );
     assert!(
-        db.dump("restored1") == db.dump("shop"),
-        "restored database differs"
+        db.dump_lines(into) == db.dump_lines("shop"),
+        "{}: {into} differs from shop",
+        db.name()
     );
+}
 
-    // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
+/// The scenarios every database goes through, on database `shop`: backups both ways, restores,
+/// the daily cron run, and failures.
+fn shared_scenarios(repo: &Path, db: &dyn Database, unchanged_max: u64, missing_db_message: &str) {
+    ok(repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
+    let dump = quote(&db.dump_argv("shop"));
+    let name = db.name();
+
+    // Piped, then restored into a new database: the data is the same.
+    let first = backup_json(repo, &format!("{dump} | bkp backup --json --tag shop"));
+    assert_eq!(first["dump_kind"], db.dump_kind());
+    assert_eq!(first["complete"], true);
+    assert_restores(repo, db, "restored1");
+
+    // bkp runs the dump itself; an unchanged database adds (almost) nothing.
     let size = first["bytes_read"].as_u64().unwrap();
-    let unchanged = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    let unchanged = backup_json(repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    let added = unchanged["bytes_added"].as_u64().unwrap();
     eprintln!(
-        "mariadb: dump {size} B, first backup added {}, unchanged database added {}",
-        first["bytes_added"], unchanged["bytes_added"]
+        "{name}: dump {size} B, first backup added {}, unchanged database added {added}",
+        first["bytes_added"]
     );
-    assert_eq!(unchanged["bytes_added"], 4096);
-    let listed = ok(&repo, "bkp snapshots --json --tag shop");
+    assert!(
+        added <= unchanged_max,
+        "{name}: unchanged database added {added} bytes"
+    );
+    let listed = ok(repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let last = listed.as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["database"], "shop");
-    assert!(last["server_version"].as_str().unwrap().contains("MariaDB"));
+    assert_eq!(
+        listed[1]["command"].as_str().unwrap(),
+        db.dump_argv("shop").join(" ")
+    );
 
-    db.sql(&format!("USE shop; {DAILY_CHANGE}"));
-    let daily = backup_json(&repo, &format!("bkp backup --json --tag shop -- {dump}"));
+    // The daily cron run: a few rows changed add a small fraction of the dump.
+    db.apply("shop", DAILY_CHANGE);
+    let daily = backup_json(repo, &format!("bkp backup --json --tag shop -- {dump}"));
     let added = daily["bytes_added"].as_u64().unwrap();
-    eprintln!("mariadb: a day of changes added {added} B to a {size} B dump");
+    eprintln!("{name}: a day of changes added {added} B to a {size} B dump");
     assert!(
         added < size / 10,
-        "daily change added {added} of {size} bytes"
+        "{name}: daily change added {added} of {size} bytes"
     );
-    db.sql("CREATE DATABASE restored2");
-    ok(
-        &repo,
-        &format!(
-            "bkp restore latest --tag shop | {}",
-            db.restore_command("restored2")
-        ),
-    );
-    assert!(
-        db.dump("restored2") == db.dump("shop"),
-        "restored database differs after the daily change"
-    );
+    assert_restores(repo, db, "restored2");
 
-    let missing_db = quote(&db.dump_command("nosuchdb"));
+    // A dump that fails, at the start or midway, never records a snapshot.
+    let missing_db = quote(&db.dump_argv("nosuchdb"));
     assert_backup_fails(
-        &repo,
+        repo,
         &format!("bkp backup --tag shop -- {missing_db}"),
         7,
-        "nosuchdb",
+        missing_db_message,
     );
     assert_backup_fails(
-        &repo,
+        repo,
         &format!("bkp backup --tag shop -- sh -c \"{dump} | head -c 200000; kill -KILL \\$\\$\""),
         7,
         "killed by signal 9",
     );
+
+    // A truncated dump through a pipe is saved, flagged, and exits 6.
     let out = shell(
-        &repo,
+        repo,
         &format!("{dump} | head -c 100000 | bkp backup --tag cut"),
     );
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
-    assert!(text(&ok(&repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
-    let out = ok(&repo, &format!("{dump} | gzip | bkp backup --tag gz"));
+    assert!(text(&out.stderr).contains("INCOMPLETE"));
+    assert!(text(&ok(repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
+
+    // Compressed input: backed up, with a warning that says how to fix it.
+    let out = ok(repo, &format!("{dump} | gzip | bkp backup --tag gz"));
     assert!(
         text(&out.stderr).contains("gzip-compressed"),
         "{}",
         text(&out.stderr)
     );
+}
 
+/// A dump from a server that has gone away fails and records nothing.
+fn assert_fails_without_server(repo: &Path, db: &mut dyn Database, message: &str) {
+    let dump = quote(&db.dump_argv("shop"));
     db.stop();
     assert_backup_fails(
-        &repo,
+        repo,
         &format!("bkp backup --tag shop -- {dump}"),
         7,
-        "Can't connect",
+        message,
     );
+}
+
+#[test]
+fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let mut pg = Postgres::start();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", PG_SCHEMA);
+    // Only the chunks holding pg_dump's random \restrict key (top and bottom) change.
+    shared_scenarios(&repo, &pg, 64 * 1024, "\"nosuchdb\" does not exist");
+
+    let listed = ok(&repo, "bkp snapshots --json --tag shop");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed[0]["server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("15.")
+    );
+    // With a fixed key the dump is byte-identical, and only the snapshot object is added.
+    let fixed = quote(&pg.dump_command(&["--restrict-key=bkptest"], "shop"));
+    backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
+    let again = backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
+    assert_eq!(again["bytes_added"], 4096);
+    // A compressed custom archive warns how to fix it; an uncompressed one does not.
+    let custom = quote(&pg.dump_command(&["-Fc"], "shop"));
+    let out = ok(&repo, &format!("bkp backup --tag fc -- {custom}"));
+    assert!(text(&out.stderr).contains("-Z0"), "{}", text(&out.stderr));
+    let uncompressed = quote(&pg.dump_command(&["-Fc", "-Z0"], "shop"));
+    let out = ok(&repo, &format!("bkp backup --tag fc -- {uncompressed}"));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert_fails_without_server(&repo, &mut pg, "connection");
+}
+
+#[test]
+fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let mut db = MariaDb::start();
+    db.sql(MARIADB_SCHEMA);
+    // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
+    shared_scenarios(&repo, &db, 4096, "nosuchdb");
+
+    let listed = ok(&repo, "bkp snapshots --json --tag shop");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["database"], "shop");
+    assert!(
+        listed[0]["server_version"]
+            .as_str()
+            .unwrap()
+            .contains("MariaDB")
+    );
+
+    assert_fails_without_server(&repo, &mut db, "Can't connect");
 }
