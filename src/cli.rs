@@ -180,13 +180,16 @@ pub fn quiet_exit(err: &anyhow::Error) -> Option<ExitCode> {
     }
 }
 
+/// The first line of a password file's or command's output (without its newline).
+fn first_line(text: Zeroizing<String>) -> Zeroizing<String> {
+    Zeroizing::new(text.lines().next().unwrap_or("").to_string())
+}
+
 fn read_password(confirm: bool) -> Result<Zeroizing<String>> {
     if let Ok(path) = std::env::var("BKP_PASSWORD_FILE") {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read BKP_PASSWORD_FILE {path}"))?;
-        return Ok(Zeroizing::new(
-            text.lines().next().unwrap_or("").to_string(),
-        ));
+        return Ok(first_line(Zeroizing::new(text)));
     }
     if let Ok(command) = std::env::var("BKP_PASSWORD_COMMAND") {
         let output = Command::new("sh")
@@ -200,12 +203,9 @@ fn read_password(confirm: bool) -> Result<Zeroizing<String>> {
                 output.status
             );
         }
-        let text = Zeroizing::new(
-            String::from_utf8(output.stdout).context("BKP_PASSWORD_COMMAND printed non-UTF-8")?,
-        );
-        return Ok(Zeroizing::new(
-            text.lines().next().unwrap_or("").to_string(),
-        ));
+        let text = String::from_utf8(output.stdout)
+            .context("BKP_PASSWORD_COMMAND printed something that is not UTF-8")?;
+        return Ok(first_line(Zeroizing::new(text)));
     }
     if let Ok(password) = std::env::var("BKP_PASSWORD") {
         return Ok(Zeroizing::new(password));
