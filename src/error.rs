@@ -53,6 +53,11 @@ pub enum Error {
     #[error("invalid {what}: {reason}")]
     InvalidInput { what: String, reason: String },
 
+    #[error(
+        "the repository's storage is full ({location}): free space or move the repository; this backup recorded nothing"
+    )]
+    StorageFull { location: String },
+
     // Causes are part of the message (not `#[source]`), so printing the chain never repeats them.
     #[error("storage error at {location}: {cause}")]
     Store {

@@ -87,6 +87,11 @@ impl Store {
     }
 
     fn error(&self, name: &str, source: object_store::Error) -> Error {
+        if is_storage_full(&source) {
+            return Error::StorageFull {
+                location: format!("{}/{}", self.location, name),
+            };
+        }
         match source {
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: name.to_string(),
@@ -208,6 +213,20 @@ impl Store {
     }
 }
 
+/// Whether an error, or any error behind it, is "no space left on the device".
+fn is_storage_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 fn local_dir(location: &str) -> &str {
     location.strip_prefix("file://").unwrap_or(location)
 }
@@ -238,6 +257,18 @@ mod tests {
                 }]
             );
         }
+    }
+
+    #[test]
+    fn a_full_disk_is_named_as_such() {
+        let store = Store::memory();
+        let full = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        };
+        let err = store.error("packs/ab/cd", full);
+        assert!(matches!(err, Error::StorageFull { .. }));
+        assert!(err.to_string().contains("free space"));
     }
 
     #[test]
