@@ -171,8 +171,9 @@ fn compress_worker(
     level: i32,
 ) {
     let mut compressor = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+    let mut scratch = Vec::new();
     for group in groups {
-        let frame = pack::seal_frame(&mut compressor, key, &group.raw, group.chunks);
+        let frame = pack::seal_frame(&mut compressor, &mut scratch, key, &group.raw, group.chunks);
         let _ = spare.try_send(group.raw);
         if frames.send(frame).is_err() {
             return;
