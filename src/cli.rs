@@ -414,6 +414,14 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
 fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(location)?;
     let entry = repo.find_snapshot(&args.snapshot, &args.tags)?;
+    if entry.snapshot.dump_complete() == Some(false) {
+        // Said even with --quiet: restoring a truncated dump must never go unnoticed.
+        eprintln!(
+            "bkp: WARNING: snapshot {} is flagged INCOMPLETE: its dump ended without the completion \
+             trailer, so what follows is probably a truncated dump. `bkp snapshots` lists the complete ones.",
+            entry.id.short()
+        );
+    }
     let bar = if quiet || !io::stderr().is_terminal() {
         None
     } else {

@@ -263,6 +263,9 @@ fn shared_scenarios(repo: &Path, db: &dyn Database, unchanged_max: u64, missing_
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("INCOMPLETE"));
     assert!(text(&ok(repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
+    let restored = ok(repo, "bkp restore --quiet latest --tag cut");
+    assert!(text(&restored.stderr).contains("INCOMPLETE"));
+    assert_eq!(restored.stdout.len(), 100_000);
 
     // Compressed input: backed up, with a warning that says how to fix it.
     let out = ok(repo, &format!("{dump} | gzip | bkp backup --tag gz"));
