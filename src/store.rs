@@ -7,7 +7,6 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -21,9 +20,8 @@ use crate::error::{Error, Result};
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
-    /// For a local directory: object_store does not fsync, so [`Store::barrier`] does.
-    local_root: Option<PathBuf>,
-    unsynced: Mutex<Vec<String>>,
+    /// For a local directory: object_store does not fsync, so a [`Syncer`] does.
+    local: Option<(PathBuf, Syncer)>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -48,7 +46,7 @@ impl Store {
             cause,
         })?;
         let mut store = Store::with(Arc::new(fs), location);
-        store.local_root = Some(PathBuf::from(dir));
+        store.local = Some((PathBuf::from(dir), Syncer::spawn()));
         Ok(store)
     }
 
@@ -76,8 +74,7 @@ impl Store {
         Store {
             inner,
             location: location.to_string(),
-            local_root: None,
-            unsynced: Mutex::new(Vec::new()),
+            local: None,
             runtime,
         }
     }
@@ -117,11 +114,8 @@ impl Store {
         ));
         match result {
             Ok(_) => {
-                if self.local_root.is_some() {
-                    self.unsynced
-                        .lock()
-                        .expect("unsynced lock")
-                        .push(name.to_string());
+                if let Some((root, syncer)) = &self.local {
+                    syncer.sync(root.join(name));
                 }
                 Ok(true)
             }
@@ -133,34 +127,23 @@ impl Store {
     /// A write barrier: when it returns, every object written so far survives a crash or power
     /// loss. The write-ordering rule (packs, then index, then snapshot) depends on it. Object
     /// stores are durable on a successful put; a local directory needs fsync of each new file
-    /// and of the directories naming them.
+    /// and of the directories naming them, which the [`Syncer`] has mostly done by now.
     pub fn barrier(&self) -> Result<()> {
-        let Some(root) = &self.local_root else {
+        let Some((root, syncer)) = &self.local else {
             return Ok(());
         };
-        let names = std::mem::take(&mut *self.unsynced.lock().expect("unsynced lock"));
-        let mut dirs = std::collections::BTreeSet::new();
-        for name in &names {
-            let path = root.join(name);
-            self.sync_path(&path, name)?;
-            dirs.insert(path.parent().unwrap_or(root).to_path_buf());
-        }
-        for dir in dirs {
-            self.sync_path(&dir, "")?;
-        }
-        Ok(())
-    }
-
-    fn sync_path(&self, path: &std::path::Path, name: &str) -> Result<()> {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::Store {
-                location: format!("{}/{}", self.location, name),
-                cause: object_store::Error::Generic {
-                    store: "LocalFileSystem",
-                    source: Box::new(e),
-                },
-            })
+        syncer.barrier().map_err(|(path, e)| {
+            let name = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            let cause = object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            };
+            self.error(&name, cause)
+        })
     }
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
@@ -210,6 +193,77 @@ impl Store {
         self.runtime
             .block_on(self.inner.delete(&Path::from(name)))
             .map_err(|e| self.error(name, e))
+    }
+}
+
+/// fsyncs a local store's new files on a thread of its own as they are written, so that a
+/// backup's write barrier finds little left to wait for.
+struct Syncer {
+    requests: crossbeam_channel::Sender<SyncRequest>,
+}
+
+type SyncResult = std::result::Result<(), (PathBuf, std::io::Error)>;
+
+enum SyncRequest {
+    File(PathBuf),
+    /// Sync the directories too, then answer with the first failure since the last barrier.
+    Barrier(crossbeam_channel::Sender<SyncResult>),
+}
+
+impl Syncer {
+    fn spawn() -> Syncer {
+        let (requests, incoming) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("bkp-fsync".into())
+            .spawn(move || {
+                let fsync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+                let mut dirs = std::collections::BTreeSet::new();
+                let mut failure: Option<(PathBuf, std::io::Error)> = None;
+                for request in incoming {
+                    match request {
+                        SyncRequest::File(path) => {
+                            if failure.is_none()
+                                && let Err(e) = fsync(&path)
+                            {
+                                failure = Some((path.clone(), e));
+                            }
+                            if let Some(dir) = path.parent() {
+                                dirs.insert(dir.to_path_buf());
+                            }
+                        }
+                        SyncRequest::Barrier(reply) => {
+                            for dir in std::mem::take(&mut dirs) {
+                                if failure.is_none()
+                                    && let Err(e) = fsync(&dir)
+                                {
+                                    failure = Some((dir, e));
+                                }
+                            }
+                            let _ = reply.send(failure.take().map_or(Ok(()), Err));
+                        }
+                    }
+                }
+            })
+            .expect("the fsync thread starts");
+        Syncer { requests }
+    }
+
+    fn sync(&self, path: PathBuf) {
+        let _ = self.requests.send(SyncRequest::File(path));
+    }
+
+    fn barrier(&self) -> SyncResult {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let lost = |what: &str| {
+            (
+                PathBuf::from("."),
+                std::io::Error::other(format!("fsync thread {what}")),
+            )
+        };
+        self.requests
+            .send(SyncRequest::Barrier(reply))
+            .map_err(|_| lost("stopped"))?;
+        answer.recv().map_err(|_| lost("died"))?
     }
 }
 
