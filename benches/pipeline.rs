@@ -121,7 +121,7 @@ fn sweep(dir: &Path, day1: &Path, day2: &Path) {
             let started = Instant::now();
             let s = bkp::backup(
                 &repo,
-                File::open(path).unwrap(),
+                bkp::Source::spawn(File::open(path).unwrap()),
                 &backup_options,
                 &mut |_| {},
             )

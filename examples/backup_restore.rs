@@ -21,8 +21,18 @@ fn main() -> Result<(), bkp::Error> {
         tags: vec!["shop".into()],
         ..BackupOptions::default()
     };
-    let first = bkp::backup(&repo, Cursor::new(dump.clone()), &options, &mut |_| {})?;
-    let second = bkp::backup(&repo, Cursor::new(dump.clone()), &options, &mut |_| {})?;
+    let first = bkp::backup(
+        &repo,
+        bkp::Source::spawn(Cursor::new(dump.clone())),
+        &options,
+        &mut |_| {},
+    )?;
+    let second = bkp::backup(
+        &repo,
+        bkp::Source::spawn(Cursor::new(dump.clone())),
+        &options,
+        &mut |_| {},
+    )?;
     println!(
         "backed up {} bytes twice: the first stored {} bytes, the second {}",
         dump.len(),

@@ -18,14 +18,14 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunker::{Chunker, GearTable};
 use crate::crypto::{CipherKey, MasterKey};
-use crate::dump::{DumpInfo, DumpInspector, DumpReport};
+use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack::{self, ChunkEntry, Frame, PackSession, PackWriter};
 use crate::repo::{Repository, hostname, pack_name};
 use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
-use crate::source;
+use crate::source::Source;
 use crate::tree::{TreeBuilder, TreeRoot};
 
 #[derive(Clone, Debug)]
@@ -216,10 +216,10 @@ fn pack_writer(
     Ok(stored)
 }
 
-/// Backs up `input` as one snapshot.
+/// Backs up `source` as one snapshot.
 pub fn backup(
     repo: &Repository,
-    input: impl Read + Send + 'static,
+    source: Source,
     options: &BackupOptions,
     progress: &mut dyn FnMut(BackupEvent<'_>),
 ) -> Result<BackupSummary> {
@@ -240,29 +240,7 @@ pub fn backup(
     };
 
     let (root, stream, added, packs) = std::thread::scope(|scope| {
-        // The thread that reads also hashes the whole stream and inspects the dump's header and
-        // trailer, off the chunker's thread.
-        let (block_tx, blocks) = source::block_queue(4);
-        let (detected_tx, detected) = bounded::<DumpInfo>(1);
-        // Not a scoped thread: if the pipeline fails while the source blocks (a stalled dump),
-        // the backup returns its error instead of waiting for the source forever.
-        let reader = std::thread::spawn(move || {
-            let mut hasher = blake3::Hasher::new();
-            let mut inspector = DumpInspector::default();
-            let mut size = 0u64;
-            source::pump(input, block_tx, |block| {
-                hasher.update(block);
-                size += block.len() as u64;
-                if let Some(info) = inspector.observe(block) {
-                    let _ = detected_tx.try_send(info.clone());
-                }
-            });
-            StreamFacts {
-                size,
-                hash: *hasher.finalize().as_bytes(),
-                dump: inspector.finish(),
-            }
-        });
+        let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
             blocks,
             repo.config().chunker,
@@ -297,8 +275,10 @@ pub fn backup(
         // A storage failure stops the pipeline; report it rather than the stop it caused.
         let packs = packs?;
         let root = streamed?;
-        // The chunker saw the end of the stream, so the reader has finished.
-        let stream = reader.join().expect("reader does not panic");
+        // The chunker saw the end of the stream, so the reading thread is done.
+        let stream = facts
+            .recv()
+            .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
         Ok::<_, Error>((root, stream, dedup.added, packs))
     })?;
 
@@ -345,12 +325,6 @@ fn annotations(options: &BackupOptions, dump: &DumpReport) -> BTreeMap<String, S
         out.insert(annotation::COMPLETE.into(), complete.to_string());
     }
     out
-}
-
-struct StreamFacts {
-    size: u64,
-    hash: [u8; 32],
-    dump: DumpReport,
 }
 
 fn stream_chunks<R: Read>(

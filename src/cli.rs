@@ -306,7 +306,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         }
         stop_on_signals(None)?;
         options.name = args.name.unwrap_or_else(|| "stdin".to_string());
-        bkp::source::Prefetch::spawn(io::stdin(), 8)
+        bkp::Source::spawn(io::stdin())
     } else {
         let command = bkp::source::DumpCommand::spawn(&args.command)?;
         stop_on_signals(Some(command.id()))?;
@@ -315,7 +315,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
             bkp::annotation::COMMAND.to_string(),
             command.command().to_string(),
         );
-        bkp::source::Prefetch::spawn(command, 8)
+        bkp::Source::spawn(command)
     };
     let repo = open_repository(location)?;
     let bar = if quiet {

@@ -22,7 +22,7 @@
 //! let options = InitOptions { kdf: KdfParams::INSECURE_FAST, ..Default::default() };
 //! let repo = Repository::init(Store::memory(), b"password", &options)?;
 //! let dump = b"CREATE TABLE t (id int);\n".repeat(1000);
-//! let summary = bkp::backup(&repo, std::io::Cursor::new(dump.clone()), &BackupOptions::default(), &mut |_| {})?;
+//! let summary = bkp::backup(&repo, bkp::Source::spawn(std::io::Cursor::new(dump.clone())), &BackupOptions::default(), &mut |_| {})?;
 //! let mut restored = Vec::new();
 //! bkp::restore(&repo, &summary.snapshot, &mut restored, &mut |_| {})?;
 //! assert_eq!(restored, dump);
@@ -56,6 +56,7 @@ pub use index::{IndexFile, IndexedPack};
 pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
+pub use source::Source;
 pub use store::{ObjectInfo, Store};
 
 /// The repository format this bkp reads and writes (docs/FORMAT.md).

@@ -1,12 +1,14 @@
-//! Input streams, read ahead on a thread of their own.
+//! Input streams, read on a thread of their own.
 //!
-//! [`Prefetch`] starts draining a reader at once, so that a dump program writing into our stdin
-//! never stalls while the repository is being opened. The backup pipeline uses the same pump to
-//! read and hash the whole stream on one thread while the chunker works on another.
+//! A [`Source`] starts draining its reader the moment it is created, so a dump program writing
+//! into our stdin never stalls while the repository is being opened. The same thread hashes the
+//! whole stream and inspects the dump's header and trailer, off the chunker's thread.
 
 use std::io::{self, Read};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::dump::{DumpInfo, DumpInspector, DumpReport};
 
 const BLOCK: usize = 1 << 20;
 
@@ -112,21 +114,57 @@ impl Read for BlockReader {
     }
 }
 
-/// A reader fed by a background thread that starts reading immediately.
-pub struct Prefetch(BlockReader);
+/// Blocks of read-ahead: 8 MiB.
+const READ_AHEAD_BLOCKS: usize = 8;
 
-impl Prefetch {
-    /// Starts reading `source`; at most `blocks` MiB are read ahead.
-    pub fn spawn(source: impl Read + Send + 'static, blocks: usize) -> Prefetch {
-        let (tx, reader) = block_queue(blocks);
-        std::thread::spawn(move || pump(source, tx, |_| {}));
-        Prefetch(reader)
-    }
+/// The stream to back up, already being read.
+pub struct Source {
+    blocks: BlockReader,
+    detected: Receiver<DumpInfo>,
+    facts: Receiver<StreamFacts>,
 }
 
-impl Read for Prefetch {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+/// What the reading thread learned, once the stream has ended.
+pub(crate) struct StreamFacts {
+    pub size: u64,
+    pub hash: [u8; 32],
+    pub dump: DumpReport,
+}
+
+impl Source {
+    /// Starts reading `reader` on a thread of its own.
+    pub fn spawn(reader: impl Read + Send + 'static) -> Source {
+        let (block_tx, blocks) = block_queue(READ_AHEAD_BLOCKS);
+        let (detected_tx, detected) = bounded(1);
+        let (facts_tx, facts) = bounded(1);
+        std::thread::spawn(move || {
+            let mut hasher = blake3::Hasher::new();
+            let mut inspector = DumpInspector::default();
+            let mut size = 0u64;
+            pump(reader, block_tx, |block| {
+                hasher.update(block);
+                size += block.len() as u64;
+                if let Some(info) = inspector.observe(block) {
+                    let _ = detected_tx.try_send(info.clone());
+                }
+            });
+            let _ = facts_tx.send(StreamFacts {
+                size,
+                hash: *hasher.finalize().as_bytes(),
+                dump: inspector.finish(),
+            });
+        });
+        Source {
+            blocks,
+            detected,
+            facts,
+        }
+    }
+
+    /// The stream's bytes; what the header said, as soon as it is known; and, after the end of
+    /// the stream, its size, hash and the dump's verdict.
+    pub(crate) fn into_parts(self) -> (BlockReader, Receiver<DumpInfo>, Receiver<StreamFacts>) {
+        (self.blocks, self.detected, self.facts)
     }
 }
 
@@ -135,27 +173,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefetch_yields_the_stream_unchanged() {
+    fn a_source_yields_the_stream_unchanged_with_its_hash() {
         let data: Vec<u8> = (0..3 * BLOCK + 17).map(|i| (i % 251) as u8).collect();
+        let (mut blocks, _, facts) = Source::spawn(io::Cursor::new(data.clone())).into_parts();
         let mut out = Vec::new();
-        Prefetch::spawn(io::Cursor::new(data.clone()), 2)
-            .read_to_end(&mut out)
-            .unwrap();
+        blocks.read_to_end(&mut out).unwrap();
         assert_eq!(out, data);
+        let facts = facts.recv().unwrap();
+        assert_eq!(facts.size, data.len() as u64);
+        assert_eq!(&facts.hash, blake3::hash(&data).as_bytes());
     }
 
     #[test]
-    fn prefetch_passes_on_read_errors() {
+    fn a_source_passes_on_read_errors() {
         struct Failing;
         impl Read for Failing {
             fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
                 Err(io::Error::other("disk on fire"))
             }
         }
-        let mut out = Vec::new();
-        let err = Prefetch::spawn(Failing, 2)
-            .read_to_end(&mut out)
-            .unwrap_err();
+        let (mut blocks, _, _) = Source::spawn(Failing).into_parts();
+        let err = blocks.read_to_end(&mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("disk on fire"));
     }
 }

@@ -12,7 +12,13 @@ fn backup(repo: &Repository, data: &[u8], tags: &[&str]) -> bkp::BackupSummary {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ..BackupOptions::default()
     };
-    bkp::backup(repo, Cursor::new(data.to_vec()), &options, &mut |_| {}).unwrap()
+    bkp::backup(
+        repo,
+        bkp::Source::spawn(Cursor::new(data.to_vec())),
+        &options,
+        &mut |_| {},
+    )
+    .unwrap()
 }
 
 fn restore(repo: &Repository, entry: &SnapshotEntry) -> Vec<u8> {
@@ -155,7 +161,13 @@ fn snapshot_records_stream_facts() {
         name: "shop.sql".into(),
         ..BackupOptions::default()
     };
-    let summary = bkp::backup(&repo, Cursor::new(data.clone()), &options, &mut |_| {}).unwrap();
+    let summary = bkp::backup(
+        &repo,
+        bkp::Source::spawn(Cursor::new(data.clone())),
+        &options,
+        &mut |_| {},
+    )
+    .unwrap();
     let found = repo
         .find_snapshot(&summary.snapshot.id.short(), &[])
         .unwrap();
