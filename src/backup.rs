@@ -338,12 +338,14 @@ fn stream_chunks<R: Read>(
     let mut tree = TreeBuilder::default();
     let mut size = 0u64;
     let mut next_report = PROGRESS_EVERY;
-    let mut reported_kind = false;
-    while let Some(chunk) = chunker.next_chunk().map_err(Error::from_source)? {
-        if !reported_kind && let Ok(info) = detected.try_recv() {
-            reported_kind = true;
+    // The reading thread sends the header's verdict once, so this reports it once.
+    let report_detected = |progress: &mut dyn FnMut(BackupEvent<'_>)| {
+        if let Ok(info) = detected.try_recv() {
             progress(BackupEvent::DumpDetected(&info));
         }
+    };
+    while let Some(chunk) = chunker.next_chunk().map_err(Error::from_source)? {
+        report_detected(progress);
         let id = key.chunk_id(chunk);
         size += chunk.len() as u64;
         dedup.added.chunks += 1;
@@ -359,9 +361,7 @@ fn stream_chunks<R: Read>(
     }
     let root = tree.finish(&mut |node| dedup.store_tree_node(node))?;
     dedup.flush()?;
-    if !reported_kind && let Ok(info) = detected.try_recv() {
-        progress(BackupEvent::DumpDetected(&info));
-    }
+    report_detected(progress); // in case it arrived after the last chunk was read
     progress(BackupEvent::Progress(BackupProgress {
         bytes_read: size,
         bytes_new: dedup.added.new_raw,

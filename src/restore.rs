@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::crypto::CipherKey;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::Index;
+use crate::index::{ChunkLocation, Index};
 use crate::pack;
 use crate::repo::{Repository, pack_name};
 use crate::snapshot::SnapshotEntry;
@@ -95,6 +95,16 @@ struct Slice {
     id: Id,
     offset: u32,
     len: u32,
+}
+
+impl Slice {
+    fn at(id: Id, location: ChunkLocation) -> Slice {
+        Slice {
+            id,
+            offset: location.offset,
+            len: location.len,
+        }
+    }
 }
 
 /// A run of consecutive chunks of the stream that lie in one frame.
@@ -241,15 +251,7 @@ impl Planner<'_> {
                 .iter()
                 .find(|(f, _)| *f == loc.frame)
                 .expect("cached");
-            let node = verified_chunk(
-                repo,
-                raw,
-                &Slice {
-                    id: *id,
-                    offset: loc.offset,
-                    len: loc.len,
-                },
-            )?;
+            let node = verified_chunk(repo, raw, &Slice::at(*id, loc))?;
             Ok(node.to_vec())
         };
         let mut walker = TreeWalker::new(&entry.snapshot.tree);
@@ -259,20 +261,9 @@ impl Planner<'_> {
                 object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
             })?;
             match &mut current {
-                Some((frame, slices)) if *frame == loc.frame => slices.push(Slice {
-                    id,
-                    offset: loc.offset,
-                    len: loc.len,
-                }),
+                Some((frame, slices)) if *frame == loc.frame => slices.push(Slice::at(id, loc)),
                 _ => {
-                    let next = (
-                        loc.frame,
-                        vec![Slice {
-                            id,
-                            offset: loc.offset,
-                            len: loc.len,
-                        }],
-                    );
+                    let next = (loc.frame, vec![Slice::at(id, loc)]);
                     if let Some((frame, slices)) = current.replace(next)
                         && !self.send(frame, slices)
                     {
