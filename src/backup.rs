@@ -6,12 +6,15 @@
 //!                                 └─ group (~1 MiB) ─▶ workers: zstd + seal ─▶ pack writer ─▶ store
 //! ```
 //! Only new chunks are compressed and encrypted, so an unchanged dump runs at the speed of
-//! chunking and hashing. Channels are bounded, so memory stays flat whatever the stream's size:
+//! chunking and hashing. A group of new data chunks is compressed against the base frames that
+//! hold the known chunks around it (a delta frame, [`crate::frame`]): that is where the previous
+//! version of a changed region is, so a changed row costs about its own bytes. Channels are bounded, so memory stays flat whatever the stream's size:
 //! the read buffer, a few groups in flight, one pack being filled, and the index.
 //! Order of writes: packs, index file, snapshot (see [`crate::repo`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Read;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -20,9 +23,11 @@ use crate::chunker::{Chunker, GearTable};
 use crate::crypto::{CipherKey, MasterKey};
 use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
+use crate::frame::{ChunkEntry, Frame, FrameEncoder, FrameRef, MAX_BASES, push_base};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexedPack};
-use crate::pack::{self, ChunkEntry, Frame, PackSession, PackWriter};
+use crate::index::{Index, IndexFile, IndexedPack, MISSING_BASE};
+use crate::pack::{PackSession, PackWriter};
+use crate::pack_reader::FrameReader;
 use crate::repo::{Repository, hostname, pack_name};
 use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
@@ -89,6 +94,106 @@ pub struct BackupSummary {
 struct Group {
     raw: Vec<u8>,
     chunks: Vec<ChunkEntry>,
+    /// Base frames to compress against (frame numbers in the index); empty for a base frame.
+    bases: Vec<u32>,
+}
+
+/// Picks a data group's base frames: the frames holding the known chunks just before and
+/// among its new chunks, where the previous version of the group's content most likely is.
+#[derive(Default)]
+struct BaseChooser {
+    /// The base frames of the last known data chunk.
+    last: Vec<u32>,
+    /// Base frames seen since the open group started, with how many known chunks they held.
+    seen: Vec<(u32, u32)>,
+}
+
+impl BaseChooser {
+    /// A known data chunk lies in `frame`.
+    fn known(&mut self, index: &Index, frame: u32) {
+        let bases = index.bases(frame);
+        self.last.clear();
+        if bases.is_empty() {
+            self.last.push(frame);
+        } else {
+            self.last
+                .extend(bases.iter().copied().filter(|&b| b != MISSING_BASE));
+        }
+        for &base in &self.last {
+            match self.seen.iter_mut().find(|(f, _)| *f == base) {
+                Some((_, hits)) => *hits += 1,
+                None => self.seen.push((base, 1)),
+            }
+        }
+    }
+
+    fn group_started(&mut self) {
+        self.seen.clear();
+        self.seen.extend(self.last.iter().map(|&f| (f, 1)));
+    }
+
+    /// The most used bases of the group just closed, in stream order.
+    fn group_closed(&mut self) -> Vec<u32> {
+        self.seen
+            .sort_by_key(|&(frame, hits)| (std::cmp::Reverse(hits), frame));
+        let mut bases: Vec<u32> = self.seen.iter().take(MAX_BASES).map(|&(f, _)| f).collect();
+        bases.sort_unstable();
+        self.seen.clear();
+        bases
+    }
+}
+
+/// Decoded base frames, shared by the workers: consecutive groups mostly share their bases.
+struct BaseFrames<'a> {
+    index: &'a Index,
+    decoded: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+}
+
+impl BaseFrames<'_> {
+    const KEPT: usize = 2 * MAX_BASES;
+
+    /// Builds the dictionary of `bases` into `dictionary` and returns how the pack header names
+    /// them. A base that cannot be read leaves the group a base frame: the backup does not
+    /// depend on damaged data (`bkp check` reports the damage).
+    fn dictionary(
+        &self,
+        reader: &mut FrameReader<'_>,
+        bases: &[u32],
+        dictionary: &mut Vec<u8>,
+    ) -> Vec<FrameRef> {
+        dictionary.clear();
+        for &base in bases {
+            match self.get(reader, base) {
+                Ok(raw) => push_base(dictionary, &raw),
+                Err(_) => {
+                    dictionary.clear();
+                    return Vec::new();
+                }
+            }
+        }
+        bases.iter().map(|&f| self.index.frame_ref(f)).collect()
+    }
+
+    fn get(&self, reader: &mut FrameReader<'_>, frame: u32) -> Result<Arc<Vec<u8>>> {
+        let cached = |decoded: &VecDeque<(u32, Arc<Vec<u8>>)>| {
+            decoded
+                .iter()
+                .find(|(f, _)| *f == frame)
+                .map(|(_, raw)| raw.clone())
+        };
+        if let Some(raw) = cached(&self.decoded.lock().expect("base cache lock")) {
+            return Ok(raw);
+        }
+        let raw = Arc::new(reader.read(frame, &[], Vec::new())?);
+        let mut decoded = self.decoded.lock().expect("base cache lock");
+        if cached(&decoded).is_none() {
+            if decoded.len() == Self::KEPT {
+                decoded.pop_front();
+            }
+            decoded.push_back((frame, raw.clone()));
+        }
+        Ok(raw)
+    }
 }
 
 /// Decides what is new and batches it into groups for the workers.
@@ -98,6 +203,7 @@ struct Deduper<'a> {
     stored_this_session: HashSet<Id>,
     data: Group,
     tree_nodes: Group,
+    bases: BaseChooser,
     group_size: usize,
     groups: Sender<Group>,
     /// Group buffers handed back by the workers, for reuse.
@@ -108,8 +214,17 @@ struct Deduper<'a> {
 impl Deduper<'_> {
     /// Queues `bytes` (known as `id`) unless the repository or this session already has it.
     fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool) -> Result<()> {
-        if self.index.contains(&id) || !self.stored_this_session.insert(id) {
+        if let Some(location) = self.index.chunk(&id) {
+            if !is_tree_node {
+                self.bases.known(self.index, location.frame);
+            }
             return Ok(());
+        }
+        if !self.stored_this_session.insert(id) {
+            return Ok(());
+        }
+        if !is_tree_node && self.data.chunks.is_empty() {
+            self.bases.group_started();
         }
         self.added.new_chunks += 1;
         self.added.new_raw += bytes.len() as u64;
@@ -131,6 +246,11 @@ impl Deduper<'_> {
             let full = Group {
                 raw: std::mem::replace(&mut group.raw, raw),
                 chunks: std::mem::take(&mut group.chunks),
+                bases: if is_tree_node {
+                    Vec::new()
+                } else {
+                    self.bases.group_closed()
+                },
             };
             self.send(full)?;
         }
@@ -151,6 +271,7 @@ impl Deduper<'_> {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.data.bases = self.bases.group_closed();
         for group in [
             std::mem::take(&mut self.data),
             std::mem::take(&mut self.tree_nodes),
@@ -169,11 +290,13 @@ fn compress_worker(
     spare: Sender<Vec<u8>>,
     key: &CipherKey,
     level: i32,
+    (base_frames, mut reader): (&BaseFrames<'_>, FrameReader<'_>),
 ) {
-    let mut compressor = zstd::bulk::Compressor::new(level).expect("valid zstd level");
-    let mut scratch = Vec::new();
+    let mut encoder = FrameEncoder::new(level);
+    let mut dictionary = Vec::new();
     for group in groups {
-        let frame = pack::seal_frame(&mut compressor, &mut scratch, key, &group.raw, group.chunks);
+        let bases = base_frames.dictionary(&mut reader, &group.bases, &mut dictionary);
+        let frame = encoder.seal(key, &group.raw, group.chunks, &dictionary, bases);
         let _ = spare.try_send(group.raw);
         if frames.send(frame).is_err() {
             return;
@@ -239,6 +362,10 @@ pub fn backup(
         n => n,
     };
 
+    let base_frames = BaseFrames {
+        index: &index,
+        decoded: Mutex::new(VecDeque::new()),
+    };
     let (root, stream, added, packs) = std::thread::scope(|scope| {
         let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
@@ -252,7 +379,8 @@ pub fn backup(
         for _ in 0..threads {
             let (groups, frames, spare) = (group_rx.clone(), frame_tx.clone(), spare_tx.clone());
             let (key, level) = (&session.data_key, options.compression_level);
-            scope.spawn(move || compress_worker(groups, frames, spare, key, level));
+            let bases = (&base_frames, FrameReader::new(repo, &index));
+            scope.spawn(move || compress_worker(groups, frames, spare, key, level, bases));
         }
         drop((group_rx, frame_tx, spare_tx));
         let writer = scope.spawn(|| pack_writer(repo, &session, frame_rx, options.pack_size));
@@ -263,6 +391,7 @@ pub fn backup(
             stored_this_session: HashSet::new(),
             data: Group::default(),
             tree_nodes: Group::default(),
+            bases: BaseChooser::default(),
             group_size: options.group_size,
             groups: group_tx,
             spare: spare_rx,

@@ -11,10 +11,12 @@
 //! keyed hash cannot be collided on purpose, and by chance only with probability ~n/2^128 per
 //! lookup; restore re-checks every chunk against its full id regardless.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::id::Id;
-use crate::pack::PackHeader;
+use crate::pack::{FrameRef, PackHeader};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX01";
 
@@ -41,10 +43,17 @@ pub struct ChunkLocation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameLocation {
     pub pack: u32,
+    /// Its position in its pack's header.
+    pub number_in_pack: u32,
     pub offset: u64,
     pub sealed_len: u32,
     pub raw_len: u32,
+    bases_at: u32,
+    bases_len: u32,
 }
+
+/// A base frame that is not in the index, or is itself a delta frame (bases are one level).
+pub const MISSING_BASE: u32 = u32::MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackLocation {
@@ -65,6 +74,10 @@ pub struct Index {
     chunks: Vec<(IdPrefix, ChunkLocation)>,
     frames: Vec<FrameLocation>,
     packs: Vec<PackLocation>,
+    /// Base frame numbers of delta frames (`FrameLocation::bases_at..`), resolved by `finish`
+    /// from `unresolved_bases`: a base may be in a pack that is added later.
+    bases: Vec<u32>,
+    unresolved_bases: Vec<FrameRef>,
     sorted: bool,
 }
 
@@ -76,7 +89,7 @@ impl Index {
             len: pack.len,
             data_ephemeral: pack.data_ephemeral,
         });
-        for frame in &pack.header.frames {
+        for (number_in_pack, frame) in pack.header.frames.iter().enumerate() {
             let frame_number = self.frames.len() as u32;
             let mut offset = 0u32;
             for chunk in &frame.chunks {
@@ -91,10 +104,14 @@ impl Index {
             self.sorted = false;
             self.frames.push(FrameLocation {
                 pack: pack_number,
+                number_in_pack: number_in_pack as u32,
                 offset: frame.offset,
                 sealed_len: frame.sealed_len,
                 raw_len: offset,
+                bases_at: self.unresolved_bases.len() as u32,
+                bases_len: frame.bases.len() as u32,
             });
+            self.unresolved_bases.extend_from_slice(&frame.bases);
         }
     }
 
@@ -103,7 +120,36 @@ impl Index {
         self.chunks.sort_by_key(|(key, _)| *key);
         self.chunks.dedup_by_key(|(key, _)| *key);
         self.chunks.shrink_to_fit();
+        self.resolve_bases();
         self.sorted = true;
+    }
+
+    fn resolve_bases(&mut self) {
+        let mut first_frame: HashMap<Id, u32> = HashMap::new();
+        for (number, frame) in self.frames.iter().enumerate() {
+            if frame.number_in_pack == 0 {
+                first_frame
+                    .entry(self.packs[frame.pack as usize].id)
+                    .or_insert(number as u32);
+            }
+        }
+        let resolve = |base: &FrameRef| -> u32 {
+            let Some(&first) = first_frame.get(&base.pack) else {
+                return MISSING_BASE;
+            };
+            let number = first as usize + base.frame as usize;
+            match self.frames.get(number) {
+                Some(f)
+                    if self.packs[f.pack as usize].id == base.pack
+                        && f.number_in_pack == base.frame
+                        && f.bases_len == 0 =>
+                {
+                    number as u32
+                }
+                _ => MISSING_BASE,
+            }
+        };
+        self.bases = self.unresolved_bases.iter().map(resolve).collect();
     }
 
     pub fn contains(&self, id: &Id) -> bool {
@@ -124,6 +170,22 @@ impl Index {
 
     pub fn frame(&self, frame: u32) -> &FrameLocation {
         &self.frames[frame as usize]
+    }
+
+    /// The base frames of a delta frame (empty for a base frame); [`MISSING_BASE`] where a base
+    /// cannot be used.
+    pub fn bases(&self, frame: u32) -> &[u32] {
+        let f = &self.frames[frame as usize];
+        &self.bases[f.bases_at as usize..(f.bases_at + f.bases_len) as usize]
+    }
+
+    /// How pack headers name a frame.
+    pub fn frame_ref(&self, frame: u32) -> FrameRef {
+        let f = &self.frames[frame as usize];
+        FrameRef {
+            pack: self.packs[f.pack as usize].id,
+            frame: f.number_in_pack,
+        }
     }
 
     pub fn pack(&self, pack: u32) -> &PackLocation {
@@ -161,11 +223,13 @@ mod tests {
                             ChunkEntry { id: id(1), len: 10 },
                             ChunkEntry { id: id(2), len: 20 },
                         ],
+                        bases: vec![],
                     },
                     FrameEntry {
                         offset: 172,
                         sealed_len: 50,
                         chunks: vec![ChunkEntry { id: id(3), len: 5 }],
+                        bases: vec![],
                     },
                 ],
             },
@@ -188,6 +252,48 @@ mod tests {
     }
 
     #[test]
+    fn resolves_base_frames_across_packs_one_level_deep() {
+        let id = |b| Id([b; 32]);
+        let frame = |offset, chunk: u8, bases: Vec<FrameRef>| FrameEntry {
+            offset,
+            sealed_len: 10,
+            chunks: vec![ChunkEntry {
+                id: id(chunk),
+                len: 4,
+            }],
+            bases,
+        };
+        let base = |pack: u8, frame: u32| FrameRef {
+            pack: id(pack),
+            frame,
+        };
+        let pack = |pack_id: u8, frames| IndexedPack {
+            id: id(pack_id),
+            len: 1000,
+            data_ephemeral: [0; 32],
+            header: PackHeader { frames },
+        };
+        let mut index = Index::default();
+        // The delta frames' pack comes first: bases resolve whatever the order.
+        index.add(&pack(
+            20,
+            vec![
+                frame(72, 1, vec![base(10, 1), base(10, 0)]),
+                frame(82, 2, vec![base(20, 0)]), // a delta of a delta
+                frame(92, 3, vec![base(30, 0), base(10, 5)]), // unknown pack, no such frame
+            ],
+        ));
+        index.add(&pack(10, vec![frame(72, 4, vec![]), frame(82, 5, vec![])]));
+        index.finish();
+        let number = |chunk| index.chunk(&id(chunk)).unwrap().frame;
+        assert_eq!(index.bases(number(1)), &[number(5), number(4)]);
+        assert_eq!(index.bases(number(2)), &[MISSING_BASE]);
+        assert_eq!(index.bases(number(3)), &[MISSING_BASE, MISSING_BASE]);
+        assert!(index.bases(number(4)).is_empty());
+        assert_eq!(index.frame_ref(number(5)), base(10, 1));
+    }
+
+    #[test]
     fn a_chunk_stored_twice_is_found_at_its_first_location() {
         let id = Id([7; 32]);
         let pack = |pack_id: u8, offset: u64| IndexedPack {
@@ -199,6 +305,7 @@ mod tests {
                     offset,
                     sealed_len: 10,
                     chunks: vec![ChunkEntry { id, len: 4 }],
+                    bases: vec![],
                 }],
             },
         };

@@ -1,10 +1,4 @@
-//! Frames and packs: how new chunks are stored.
-//!
-//! A *frame* is a group of consecutive new chunks (about 1 MiB), compressed together as one zstd
-//! frame and sealed with the session's data key:
-//! `nonce[24] || XChaCha20-Poly1305(zstd(chunk || chunk || ...)) || tag[16]`.
-//! Compressing a group rather than each chunk is what lets small chunks dedup well without
-//! losing compression (docs/PERFORMANCE.md).
+//! Packs: how frames ([`crate::frame`]) are stored.
 //!
 //! A *pack* is one stored object:
 //! ```text
@@ -13,30 +7,25 @@
 //! header: nonce | seal(postcard(PackHeader) || zero padding) | tag   (metadata session key)
 //! trailer: nonce | seal(header_offset u64le || header_len u64le) | tag   (56 bytes, fixed)
 //! ```
-//! The header lists every frame and the chunk ids in it, so an index can be rebuilt from packs
-//! alone. The header's padding makes the whole pack a Padmé length, so neither frame nor chunk
-//! sizes nor counts are visible from outside; the trailer has a fixed size.
+//! The header lists every frame, the chunk ids in it and the base frames of a delta frame, so an
+//! index can be rebuilt from packs alone. The header's padding makes the whole pack a padded
+//! length (Padmé, at least 4 KiB), so neither frame nor chunk sizes nor counts are visible from
+//! outside; the trailer has a fixed size.
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CipherKey, OpeningKey, SEAL_OVERHEAD};
 use crate::envelope::check_magic;
 use crate::error::{Error, Result};
+pub use crate::frame::{ChunkEntry, Frame, FrameRef};
 use crate::id::Id;
-use crate::padding::padme;
+use crate::padding::padded_len;
 
 pub const PACK_MAGIC: &[u8; 8] = b"BKPPCK01";
 pub const PREFIX_LEN: usize = 8 + 32 + 32;
 pub const TRAILER_LEN: usize = SEAL_OVERHEAD + 16;
-const FRAME_AAD: &[u8] = b"bkp v1 frame";
 const HEADER_AAD: &[u8] = b"bkp v1 pack header";
 const TRAILER_AAD: &[u8] = b"bkp v1 pack trailer";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkEntry {
-    pub id: Id,
-    pub len: u32,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameEntry {
@@ -45,6 +34,9 @@ pub struct FrameEntry {
     pub sealed_len: u32,
     /// The chunks in the frame, in order; each starts where the previous one ends.
     pub chunks: Vec<ChunkEntry>,
+    /// Empty for a base frame; for a delta frame, the base frames whose plaintexts form its
+    /// dictionary, in order.
+    pub bases: Vec<FrameRef>,
 }
 
 impl FrameEntry {
@@ -56,60 +48,6 @@ impl FrameEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackHeader {
     pub frames: Vec<FrameEntry>,
-}
-
-/// A group of chunks compressed and sealed, not yet placed in a pack.
-pub struct Frame {
-    pub sealed: Vec<u8>,
-    pub chunks: Vec<ChunkEntry>,
-}
-
-/// Compresses and seals a group; `raw` is the concatenation of the chunks in `chunks`.
-/// `scratch` is the caller's reusable buffer for the compressed bytes: a fresh 1 MiB buffer per
-/// group cost page faults on every frame.
-pub fn seal_frame(
-    compressor: &mut zstd::bulk::Compressor<'_>,
-    scratch: &mut Vec<u8>,
-    data_key: &CipherKey,
-    raw: &[u8],
-    chunks: Vec<ChunkEntry>,
-) -> Frame {
-    scratch.clear();
-    scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-    compressor
-        .compress_to_buffer(raw, scratch)
-        .expect("zstd compression into a buffer of compress_bound bytes does not fail");
-    Frame {
-        sealed: data_key.seal(FRAME_AAD, scratch),
-        chunks,
-    }
-}
-
-/// Opens and decompresses a frame into `raw` (reused, so restore does not allocate per frame);
-/// the result is the concatenation of its chunks.
-pub fn open_frame(
-    decompressor: &mut zstd::bulk::Decompressor<'_>,
-    data_key: &CipherKey,
-    sealed: &[u8],
-    raw_len: usize,
-    raw: &mut Vec<u8>,
-    object: &str,
-) -> Result<()> {
-    let compressed = data_key
-        .open(FRAME_AAD, sealed)
-        .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
-    raw.clear();
-    raw.reserve(raw_len);
-    decompressor
-        .decompress_to_buffer(&compressed, raw)
-        .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))?;
-    if raw.len() != raw_len {
-        return Err(Error::corrupt(
-            object,
-            "a frame decompresses to the wrong length",
-        ));
-    }
-    Ok(())
 }
 
 /// The keys of one backup session's packs.
@@ -158,6 +96,7 @@ impl PackWriter {
             offset: self.buf.len() as u64,
             sealed_len: frame.sealed.len() as u32,
             chunks: frame.chunks,
+            bases: frame.bases,
         });
         self.buf.extend_from_slice(&frame.sealed);
     }
@@ -165,7 +104,7 @@ impl PackWriter {
     pub fn finish(mut self, metadata_key: &CipherKey) -> FinishedPack {
         let mut header_plain = postcard::to_allocvec(&self.header).expect("header serializes");
         let unpadded = (self.buf.len() + header_plain.len() + SEAL_OVERHEAD + TRAILER_LEN) as u64;
-        let padding = (padme(unpadded) - unpadded) as usize;
+        let padding = (padded_len(unpadded) - unpadded) as usize;
         header_plain.resize(header_plain.len() + padding, 0);
         let header_offset = self.buf.len() as u64;
         let sealed_header = metadata_key.seal(HEADER_AAD, &header_plain);
@@ -174,7 +113,7 @@ impl PackWriter {
         trailer[..8].copy_from_slice(&header_offset.to_le_bytes());
         trailer[8..].copy_from_slice(&(sealed_header.len() as u64).to_le_bytes());
         self.buf.extend(metadata_key.seal(TRAILER_AAD, &trailer));
-        debug_assert_eq!(self.buf.len() as u64, padme(unpadded));
+        debug_assert_eq!(self.buf.len() as u64, padded_len(unpadded));
         FinishedPack {
             id: Id::of_object(&self.buf),
             bytes: self.buf,
@@ -222,6 +161,7 @@ pub fn read_header(
 mod tests {
     use super::*;
     use crate::crypto::MasterKey;
+    use crate::frame::{FrameDecoder, FrameEncoder, push_base};
 
     fn session(master: &MasterKey) -> PackSession {
         let (data_ephemeral, data_key) = master.data.sealing().new_session();
@@ -238,7 +178,7 @@ mod tests {
     fn pack_round_trip_through_header_and_frames() {
         let master = MasterKey::generate();
         let s = session(&master);
-        let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
+        let mut encoder = FrameEncoder::new(3);
         let mut writer = PackWriter::new(&s, 1 << 20);
         let raw = b"INSERT INTO t VALUES (1);\nINSERT INTO t VALUES (2);\n".repeat(100);
         let chunks = vec![
@@ -251,34 +191,42 @@ mod tests {
                 len: (raw.len() - 1000) as u32,
             },
         ];
-        writer.add(seal_frame(
-            &mut compressor,
-            &mut Vec::new(),
-            &s.data_key,
-            &raw,
-            chunks.clone(),
-        ));
+        let base = FrameRef {
+            pack: Id([5; 32]),
+            frame: 2,
+        };
+        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new()));
+        let mut dictionary = Vec::new();
+        push_base(&mut dictionary, &raw);
+        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &dictionary, vec![base]));
         let pack = writer.finish(&s.metadata_key);
-        assert_eq!(pack.bytes.len() as u64, padme(pack.bytes.len() as u64));
+        assert_eq!(pack.bytes.len() as u64, padded_len(pack.bytes.len() as u64));
         assert_eq!(pack.id, Id::of_object(&pack.bytes));
 
         let (data_eph, header) = read_header(&pack.bytes, &master.metadata, "p").unwrap();
         assert_eq!(header, pack.header);
         assert_eq!(header.frames[0].chunks, chunks);
+        assert!(header.frames[0].bases.is_empty());
+        assert_eq!(header.frames[1].bases, vec![base]);
         let f = &header.frames[0];
         let sealed = &pack.bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
         let key = master.data.session(&data_eph).unwrap();
-        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let mut decoder = FrameDecoder::default();
         let mut out = Vec::new();
-        open_frame(&mut d, &key, sealed, f.raw_len(), &mut out, "p").unwrap();
+        decoder
+            .open(&key, sealed, &[], f.raw_len(), &mut out, "p")
+            .unwrap();
+        assert_eq!(out, raw);
+        let f = &header.frames[1];
+        let sealed = &pack.bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
+        decoder
+            .open(&key, sealed, &dictionary, f.raw_len(), &mut out, "p")
+            .unwrap();
         assert_eq!(out, raw);
 
         let mut flipped = pack.bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert!(read_header(&flipped, &master.metadata, "p").is_err());
-        let mut bad_frame = sealed.to_vec();
-        bad_frame[30] ^= 1;
-        assert!(open_frame(&mut d, &key, &bad_frame, f.raw_len(), &mut out, "p").is_err());
     }
 }

@@ -3,31 +3,29 @@
 //! ```text
 //! planner thread: walk the chunk tree ─ locate each chunk ─ runs of chunks in one frame
 //!                 ─ frame not decoded recently? queue a decode job
-//! workers:        aligned ranged read of the pack ─ open ─ decompress
+//! workers:        aligned ranged read of the pack ─ open ─ decompress (a delta frame: against
+//!                 its base frames, which are decoded first through the same cache)
 //! this thread:    per run: wait for its frame ─ re-check every chunk id ─ write ─ hash the stream
 //! ```
 //! A day-N snapshot interleaves chunks from the frames of many earlier backups, in runs of a
 //! chunk or two, so decoded frames are shared between runs through a small cache; a budget of
 //! decoded frames alive at once ([`MAX_FRAMES_ALIVE`]) bounds memory and read-ahead.
-//! Reads are aligned to [`READ_ALIGNMENT`] so the store does not learn exact frame boundaries.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::crypto::CipherKey;
 use crate::error::{Error, Result};
+use crate::frame::push_base;
 use crate::id::Id;
 use crate::index::{ChunkLocation, Index};
-use crate::pack;
-use crate::repo::{Repository, pack_name};
+use crate::pack_reader::{FrameReader, bases_of};
+use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
 use crate::tree::TreeWalker;
 
-pub const READ_ALIGNMENT: u64 = 64 * 1024;
 /// Decoded frames kept for reuse by later runs.
 const CACHED_FRAMES: usize = 16;
 /// Decoded (or decoding) frames alive at once: the cache plus read-ahead. ~1 MiB each.
@@ -51,6 +49,8 @@ pub struct RestoreSummary {
 /// one takes a unit of the [`MAX_FRAMES_ALIVE`] budget, returned on drop.
 struct FrameSlot {
     frame: u32,
+    /// The slots of a delta frame's bases, queued before it; let go once it is decoded.
+    bases: Mutex<Vec<Arc<FrameSlot>>>,
     decoded: Mutex<Option<Result<Vec<u8>>>>,
     ready: Condvar,
     budget: Sender<()>,
@@ -59,23 +59,60 @@ struct FrameSlot {
 }
 
 impl FrameSlot {
+    /// Decodes this slot's frame, after its bases.
+    fn decode(&self, reader: &mut FrameReader<'_>, dictionary: &mut Vec<u8>, buffer: Vec<u8>) {
+        let bases = std::mem::take(&mut *self.bases.lock().expect("slot lock"));
+        dictionary.clear();
+        let result = bases
+            .iter()
+            .try_for_each(|base| {
+                base.with_base_raw(|raw| {
+                    push_base(dictionary, raw);
+                    Ok(())
+                })
+            })
+            .and_then(|()| reader.read(self.frame, dictionary, buffer));
+        drop(bases);
+        self.fill(result);
+    }
+
     fn fill(&self, result: Result<Vec<u8>>) {
         *self.decoded.lock().expect("slot lock") = Some(result);
         self.ready.notify_all();
     }
 
-    /// Waits for the decode and runs `use_raw` on it; an error is handed out once.
+    /// Waits for the decode and runs `use_raw` on it; the error of a failed decode is handed
+    /// out once, to the run that comes first in the stream.
     fn with_raw<T>(&self, use_raw: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        self.wait_for_raw(use_raw, |e| {
+            std::mem::replace(e, Error::Internal("restore already failed".into()))
+        })
+    }
+
+    /// As [`FrameSlot::with_raw`], for a delta frame using this slot as a base: the error stays
+    /// for this frame's own run.
+    fn with_base_raw<T>(&self, use_raw: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        self.wait_for_raw(use_raw, |e| match e {
+            Error::Corrupt { object, reason } => Error::corrupt(object.clone(), reason.clone()),
+            Error::Missing { object } => Error::Missing {
+                object: object.clone(),
+            },
+            other => Error::Internal(format!("a base frame could not be read: {other}")),
+        })
+    }
+
+    fn wait_for_raw<T>(
+        &self,
+        use_raw: impl FnOnce(&[u8]) -> Result<T>,
+        on_error: impl FnOnce(&mut Error) -> Error,
+    ) -> Result<T> {
         let mut guard = self.decoded.lock().expect("slot lock");
         while guard.is_none() {
             guard = self.ready.wait(guard).expect("slot lock");
         }
         match guard.as_mut().expect("filled") {
             Ok(raw) => use_raw(raw),
-            Err(e) => Err(std::mem::replace(
-                e,
-                Error::Internal("restore already failed".into()),
-            )),
+            Err(e) => Err(on_error(e)),
         }
     }
 }
@@ -113,79 +150,6 @@ struct Run {
     slices: Vec<Slice>,
 }
 
-/// Reads and decodes frames; each worker keeps its own session keys and zstd context.
-struct FrameReader<'a> {
-    repo: &'a Repository,
-    index: &'a Index,
-    session_keys: HashMap<[u8; 32], CipherKey>,
-    decompressor: zstd::bulk::Decompressor<'static>,
-}
-
-impl<'a> FrameReader<'a> {
-    fn new(repo: &'a Repository, index: &'a Index) -> FrameReader<'a> {
-        FrameReader {
-            repo,
-            index,
-            session_keys: HashMap::new(),
-            decompressor: zstd::bulk::Decompressor::new().expect("zstd context"),
-        }
-    }
-
-    /// Reads and decodes a frame into `raw` (a reused buffer), returning it.
-    fn read(&mut self, frame_number: u32, mut raw: Vec<u8>) -> Result<Vec<u8>> {
-        let frame = *self.index.frame(frame_number);
-        let pack = self.index.pack(frame.pack);
-        let name = pack_name(&pack.id);
-        let end = frame.offset + frame.sealed_len as u64;
-        if end > pack.len {
-            return Err(Error::corrupt(
-                format!("index entry for {name}"),
-                "frame lies outside the pack",
-            ));
-        }
-        let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
-        let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
-        let range = aligned_start..aligned_end.min(pack.len);
-        let bytes = self.repo.store().get_range(&name, range).map_err(|e| {
-            // A failed ranged read of a pack that is shorter than indexed is damage, not I/O.
-            match self.repo.store().size(&name) {
-                Ok(Some(actual)) if actual != pack.len => Error::corrupt(
-                    &name,
-                    format!("it is {actual} bytes long, the index says {}", pack.len),
-                ),
-                _ => e,
-            }
-        })?;
-        let start = (frame.offset - aligned_start) as usize;
-        let sealed = bytes
-            .get(start..start + frame.sealed_len as usize)
-            .ok_or_else(|| Error::corrupt(&name, "shorter than the index says"))?;
-        let key = match self.session_keys.get(&pack.data_ephemeral) {
-            Some(key) => key,
-            None => {
-                let key = self
-                    .repo
-                    .key()
-                    .data
-                    .session(&pack.data_ephemeral)
-                    .ok_or_else(|| {
-                        Error::corrupt(format!("index entry for {name}"), "invalid session key")
-                    })?;
-                self.session_keys.entry(pack.data_ephemeral).or_insert(key)
-            }
-        };
-        pack::open_frame(
-            &mut self.decompressor,
-            key,
-            sealed,
-            frame.raw_len as usize,
-            &mut raw,
-            &name,
-        )?;
-        Ok(raw)
-    }
-}
-
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
 struct Planner<'a> {
     index: &'a Index,
@@ -197,34 +161,49 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    fn slot(&mut self, frame: u32) -> Option<Arc<FrameSlot>> {
+    /// The slot of a frame (and of its bases), queued for decoding unless cached; `None` when
+    /// the writer has stopped.
+    fn slot(&mut self, frame: u32) -> Result<Option<Arc<FrameSlot>>> {
         if let Some(pos) = self.cache.iter().position(|s| s.frame == frame) {
             let slot = self.cache.remove(pos);
             self.cache.push(slot.clone());
-            return Some(slot);
+            return Ok(Some(slot));
+        }
+        let mut bases = Vec::new();
+        for &base in bases_of(self.index, frame)? {
+            // Bases are base frames, so this recursion is one level deep.
+            match self.slot(base)? {
+                Some(slot) => bases.push(slot),
+                None => return Ok(None),
+            }
         }
         if self.cache.len() == CACHED_FRAMES {
             self.cache.remove(0);
         }
-        self.budget.1.recv().ok()?;
+        if self.budget.1.recv().is_err() {
+            return Ok(None);
+        }
         let slot = Arc::new(FrameSlot {
             frame,
+            bases: Mutex::new(bases),
             decoded: Mutex::new(None),
             ready: Condvar::new(),
             budget: self.budget.0.clone(),
             spare: self.spare.clone(),
         });
-        self.jobs.send(slot.clone()).ok()?;
+        if self.jobs.send(slot.clone()).is_err() {
+            return Ok(None);
+        }
         self.cache.push(slot.clone());
-        Some(slot)
+        Ok(Some(slot))
     }
 
     /// Queues a run; false when the writer has stopped.
-    fn send(&mut self, frame: u32, slices: Vec<Slice>) -> bool {
-        match self.slot(frame) {
+    fn send(&mut self, frame: u32, slices: Vec<Slice>) -> Result<bool> {
+        Ok(match self.slot(frame)? {
             Some(slot) => self.runs.send(Ok(Run { slot, slices })).is_ok(),
             None => false,
-        }
+        })
     }
 
     fn run(mut self, repo: &Repository, entry: &SnapshotEntry) {
@@ -245,7 +224,7 @@ impl Planner<'_> {
                 if node_frames.len() == 4 {
                     node_frames.remove(0);
                 }
-                node_frames.push((loc.frame, nodes.read(loc.frame, Vec::new())?));
+                node_frames.push((loc.frame, nodes.read(loc.frame, &[], Vec::new())?));
             }
             let (_, raw) = node_frames
                 .iter()
@@ -265,7 +244,7 @@ impl Planner<'_> {
                 _ => {
                     let next = (loc.frame, vec![Slice::at(id, loc)]);
                     if let Some((frame, slices)) = current.replace(next)
-                        && !self.send(frame, slices)
+                        && !self.send(frame, slices)?
                     {
                         return Ok(());
                     }
@@ -273,7 +252,7 @@ impl Planner<'_> {
             }
         }
         if let Some((frame, slices)) = current {
-            self.send(frame, slices);
+            self.send(frame, slices)?;
         }
         Ok(())
     }
@@ -319,9 +298,10 @@ pub fn restore(
             let (repo, index) = (repo, &index);
             scope.spawn(move || {
                 let mut reader = FrameReader::new(repo, index);
+                let mut dictionary = Vec::new();
                 for slot in jobs {
                     let buffer = spare.try_recv().unwrap_or_default();
-                    slot.fill(reader.read(slot.frame, buffer));
+                    slot.decode(&mut reader, &mut dictionary, buffer);
                 }
             });
         }

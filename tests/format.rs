@@ -13,8 +13,18 @@ use common::{bkp, files_under};
 
 const FIXTURE: &str = "tests/fixtures/repo-v1";
 const PASSWORD: &str = "fixture";
-const STREAM_LEN: u64 = 313_070;
-const STREAM_BLAKE3: &str = "c5d0a379e26b93d3bec943baf1415f7a0fb3acddaaeed4c4b731a23db73371ce";
+/// The fixture's two snapshots, oldest first: a 313 KB plain pg_dump and the same dump with a row
+/// changed, a row deleted and a row added (stored as a delta frame against the first one's frame).
+const STREAMS: [(u64, &str); 2] = [
+    (
+        313_070,
+        "c5d0a379e26b93d3bec943baf1415f7a0fb3acddaaeed4c4b731a23db73371ce",
+    ),
+    (
+        313_081,
+        "df742166a66342017b7ed6522b508b3b45ebc445fa9bdf11684249cc3a727406",
+    ),
+];
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE)
@@ -175,20 +185,37 @@ fn open_metadata(keys: &Keys, magic: &[u8; 8], object: &[u8]) -> Vec<u8> {
     open_sealed(&key, magic, &object[40..])
 }
 
-/// A frame entry as FORMAT.md §6.4 lays it out: offset, sealed length, (chunk id, length)s.
-type FrameEntry = (u64, u32, Vec<([u8; 32], u32)>);
+/// A frame entry as FORMAT.md §6.4 lays it out.
+#[derive(Debug, PartialEq)]
+struct FrameEntry {
+    offset: u64,
+    sealed_len: u32,
+    chunks: Vec<([u8; 32], u32)>,
+    /// (pack id, frame number in that pack)
+    bases: Vec<([u8; 32], u64)>,
+}
 
 fn read_pack_header(r: &mut Reader) -> Vec<FrameEntry> {
     (0..r.varint())
-        .map(|_| {
-            let offset = r.varint();
-            let sealed_len = r.varint() as u32;
-            let chunks = (0..r.varint())
+        .map(|_| FrameEntry {
+            offset: r.varint(),
+            sealed_len: r.varint() as u32,
+            chunks: (0..r.varint())
                 .map(|_| (r.array32(), r.varint() as u32))
-                .collect();
-            (offset, sealed_len, chunks)
+                .collect(),
+            bases: (0..r.varint()).map(|_| (r.array32(), r.varint())).collect(),
         })
         .collect()
+}
+
+fn zstd_decompress(compressed: &[u8], prefix: &[u8], capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    let mut context = zstd::zstd_safe::DCtx::create();
+    if !prefix.is_empty() {
+        context.ref_prefix(prefix).unwrap();
+    }
+    context.decompress(&mut out, compressed).unwrap();
+    out
 }
 
 /// FORMAT.md §6.1, written from the pseudo-code there.
@@ -274,81 +301,136 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
     let (_secs, _nanos) = (r.varint(), r.varint());
     assert!(r.rest_is_zero());
 
-    // §8: the snapshot; its name is the hash of the object.
-    let snapshot_files = files_under(&root, "snapshots");
-    let snapshot = std::fs::read(&snapshot_files[0]).unwrap();
-    assert_eq!(
-        snapshot_files[0].file_name().unwrap().to_str().unwrap(),
-        blake3::hash(&snapshot).to_hex().as_str()
-    );
-    assert_eq!(snapshot.len(), 4096);
-    let plain = open_metadata(&keys, b"BKPSNP01", &snapshot);
-    let mut r = Reader::new(&plain);
-    let (_secs, _nanos) = (r.varint(), r.varint());
-    assert_eq!(r.string(), "fixture-host");
-    let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
-    assert_eq!(tags, vec!["fixture"]);
-    assert_eq!(r.string(), "fixture.sql");
-    assert_eq!(r.varint(), STREAM_LEN);
-    assert_eq!(hex::encode(r.array32()), STREAM_BLAKE3);
-    let height = r.bytes(1)[0];
-    let root_ids: Vec<[u8; 32]> = (0..r.varint()).map(|_| r.array32()).collect();
-    let _added: Vec<u64> = (0..4).map(|_| r.varint()).collect();
-    assert_eq!(r.varint(), 0, "no annotations");
-    assert!(r.rest_is_zero());
+    // §7: the index files, each naming the packs of one backup.
+    struct Pack {
+        bytes: Vec<u8>,
+        data_ephemeral: [u8; 32],
+        frames: Vec<FrameEntry>,
+    }
+    let mut packs: Vec<([u8; 32], Pack)> = Vec::new();
+    for index_file in files_under(&root, "index") {
+        let plain = open_metadata(&keys, b"BKPIDX01", &std::fs::read(&index_file).unwrap());
+        let mut r = Reader::new(&plain);
+        for _ in 0..r.varint() {
+            let pack_id = r.array32();
+            let pack_len = r.varint();
+            let data_ephemeral = r.array32();
+            let frames = read_pack_header(&mut r);
 
-    // §7: the index file.
-    let index_files = files_under(&root, "index");
-    let plain = open_metadata(&keys, b"BKPIDX01", &std::fs::read(&index_files[0]).unwrap());
-    let mut r = Reader::new(&plain);
-    assert_eq!(r.varint(), 1, "one pack");
-    let pack_id = r.array32();
-    let pack_len = r.varint();
-    let data_ephemeral = r.array32();
-    let frames = read_pack_header(&mut r);
-    assert!(r.rest_is_zero());
-
-    // §6.4: the pack, its trailer and header agree with the index.
-    let hex_id = hex::encode(pack_id);
-    let pack = std::fs::read(root.join("packs").join(&hex_id[..2]).join(&hex_id)).unwrap();
-    assert_eq!(blake3::hash(&pack).as_bytes(), &pack_id);
-    assert_eq!(pack.len() as u64, pack_len);
-    assert_eq!(pack_len, padme(pack_len));
-    assert_eq!(&pack[..8], b"BKPPCK01");
-    assert_eq!(pack[8..40], data_ephemeral);
-    let metadata_key = keys.metadata.session_key(&pack[40..72]);
-    let trailer = open_sealed(
-        &metadata_key,
-        b"bkp v1 pack trailer",
-        &pack[pack.len() - 56..],
-    );
-    let header_offset = u64::from_le_bytes(trailer[..8].try_into().unwrap()) as usize;
-    let header_len = u64::from_le_bytes(trailer[8..].try_into().unwrap()) as usize;
-    assert_eq!(header_offset + header_len + 56, pack.len());
-    let header = open_sealed(
-        &metadata_key,
-        b"bkp v1 pack header",
-        &pack[header_offset..header_offset + header_len],
-    );
-    assert_eq!(read_pack_header(&mut Reader::new(&header)), frames);
-
-    // §6.3: open every frame; collect chunks by id, checking their keyed ids.
-    let data_key = keys.data.session_key(&data_ephemeral);
-    let mut chunks = std::collections::HashMap::new();
-    for (offset, sealed_len, entries) in &frames {
-        let sealed = &pack[*offset as usize..(*offset + *sealed_len as u64) as usize];
-        let raw = zstd::decode_all(&open_sealed(&data_key, b"bkp v1 frame", sealed)[..]).unwrap();
-        let mut at = 0;
-        for (id, len) in entries {
-            let chunk = &raw[at..at + *len as usize];
-            assert_eq!(blake3::keyed_hash(&keys.chunk_id_key, chunk).as_bytes(), id);
-            chunks.insert(*id, chunk.to_vec());
-            at += *len as usize;
+            // §6.4: the pack, its trailer and header agree with the index.
+            let hex_id = hex::encode(pack_id);
+            let pack = std::fs::read(root.join("packs").join(&hex_id[..2]).join(&hex_id)).unwrap();
+            assert_eq!(blake3::hash(&pack).as_bytes(), &pack_id);
+            assert_eq!(pack.len() as u64, pack_len);
+            assert_eq!(pack_len, padme(pack_len).max(4096));
+            assert_eq!(&pack[..8], b"BKPPCK01");
+            assert_eq!(pack[8..40], data_ephemeral);
+            let metadata_key = keys.metadata.session_key(&pack[40..72]);
+            let trailer = open_sealed(
+                &metadata_key,
+                b"bkp v1 pack trailer",
+                &pack[pack.len() - 56..],
+            );
+            let header_offset = u64::from_le_bytes(trailer[..8].try_into().unwrap()) as usize;
+            let header_len = u64::from_le_bytes(trailer[8..].try_into().unwrap()) as usize;
+            assert_eq!(header_offset + header_len + 56, pack.len());
+            let header = open_sealed(
+                &metadata_key,
+                b"bkp v1 pack header",
+                &pack[header_offset..header_offset + header_len],
+            );
+            assert_eq!(read_pack_header(&mut Reader::new(&header)), frames);
+            let pack = Pack {
+                bytes: pack,
+                data_ephemeral,
+                frames,
+            };
+            packs.push((pack_id, pack));
         }
-        assert_eq!(at, raw.len());
+        assert!(r.rest_is_zero());
+    }
+    assert_eq!(packs.len(), 2, "one pack per backup");
+
+    // §6.3: open every frame, base frames first; collect chunks by id, checking their keyed ids.
+    let open_frame = |pack: &Pack, frame: &FrameEntry, prefix: &[u8]| -> Vec<u8> {
+        let data_key = keys.data.session_key(&pack.data_ephemeral);
+        let start = frame.offset as usize;
+        let sealed = &pack.bytes[start..start + frame.sealed_len as usize];
+        let compressed = open_sealed(&data_key, b"bkp v1 frame", sealed);
+        zstd_decompress(&compressed, prefix, 4 << 20)
+    };
+    let mut plaintexts: std::collections::HashMap<([u8; 32], u64), Vec<u8>> =
+        std::collections::HashMap::new();
+    for delta in [false, true] {
+        for (pack_id, pack) in &packs {
+            for (number, frame) in pack.frames.iter().enumerate() {
+                if frame.bases.is_empty() == delta {
+                    continue;
+                }
+                let prefix: Vec<u8> = frame
+                    .bases
+                    .iter()
+                    .flat_map(|base| plaintexts[base].clone())
+                    .collect();
+                let raw = open_frame(pack, frame, &prefix);
+                plaintexts.insert((*pack_id, number as u64), raw);
+            }
+        }
+    }
+    let delta_frames = packs
+        .iter()
+        .flat_map(|(_, p)| &p.frames)
+        .filter(|f| !f.bases.is_empty())
+        .count();
+    assert_eq!(
+        delta_frames, 1,
+        "the second backup stored its change as a delta"
+    );
+    let mut chunks = std::collections::HashMap::new();
+    for (pack_id, pack) in &packs {
+        for (number, frame) in pack.frames.iter().enumerate() {
+            let raw = &plaintexts[&(*pack_id, number as u64)];
+            let mut at = 0;
+            for (id, len) in &frame.chunks {
+                let chunk = &raw[at..at + *len as usize];
+                assert_eq!(blake3::keyed_hash(&keys.chunk_id_key, chunk).as_bytes(), id);
+                chunks.insert(*id, chunk.to_vec());
+                at += *len as usize;
+            }
+            assert_eq!(at, raw.len());
+        }
     }
 
-    // §8: walk the tree and rebuild the stream.
+    // §8: the snapshots; a snapshot's name is the hash of the object.
+    let mut snapshots = Vec::new();
+    for file in files_under(&root, "snapshots") {
+        let snapshot = std::fs::read(&file).unwrap();
+        assert_eq!(
+            file.file_name().unwrap().to_str().unwrap(),
+            blake3::hash(&snapshot).to_hex().as_str()
+        );
+        assert_eq!(snapshot.len(), 4096);
+        let plain = open_metadata(&keys, b"BKPSNP01", &snapshot);
+        let mut r = Reader::new(&plain);
+        let time = (r.varint(), r.varint());
+        assert_eq!(r.string(), "fixture-host");
+        let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
+        assert_eq!(tags, vec!["fixture"]);
+        assert_eq!(r.string(), "fixture.sql");
+        let size = r.varint();
+        let stream_hash = hex::encode(r.array32());
+        let height = r.bytes(1)[0];
+        let root_ids: Vec<[u8; 32]> = (0..r.varint()).map(|_| r.array32()).collect();
+        let _added: Vec<u64> = (0..4).map(|_| r.varint()).collect();
+        let annotations: Vec<(String, String)> =
+            (0..r.varint()).map(|_| (r.string(), r.string())).collect();
+        assert!(annotations.contains(&("dump.kind".into(), "postgres-plain".into())));
+        assert!(r.rest_is_zero());
+        snapshots.push((time, size, stream_hash, height, root_ids));
+    }
+    snapshots.sort();
+
+    // §8: walk each tree and rebuild its stream.
     fn walk(
         ids: &[[u8; 32]],
         height: u8,
@@ -368,27 +450,37 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
             }
         }
     }
-    let mut stream_chunks = Vec::new();
-    walk(&root_ids, height, &chunks, &mut stream_chunks);
-    let stream = stream_chunks.concat();
-    assert_eq!(stream.len() as u64, STREAM_LEN);
-    assert_eq!(blake3::hash(&stream).to_hex().as_str(), STREAM_BLAKE3);
+    assert_eq!(snapshots.len(), STREAMS.len());
+    for ((_, size, hash, height, root_ids), (len, blake3_hex)) in snapshots.iter().zip(STREAMS) {
+        assert_eq!((*size, hash.as_str()), (len, blake3_hex));
+        let mut stream_chunks = Vec::new();
+        walk(root_ids, *height, &chunks, &mut stream_chunks);
+        let stream = stream_chunks.concat();
+        assert_eq!(stream.len() as u64, len);
+        assert_eq!(blake3::hash(&stream).to_hex().as_str(), blake3_hex);
 
-    // §6.1: the documented chunker reproduces the stored cut points.
-    let lens: Vec<usize> = stream_chunks.iter().map(Vec::len).collect();
-    assert_eq!(cut_points(&stream, &keys.chunker_key, min, avg, max), lens);
+        // §6.1: the documented chunker reproduces the stored cut points.
+        let lens: Vec<usize> = stream_chunks.iter().map(Vec::len).collect();
+        assert_eq!(cut_points(&stream, &keys.chunker_key, min, avg, max), lens);
+    }
 }
 
 #[test]
 fn format_v1_fixture_restores_with_bkp() {
-    let out = bkp(&fixture())
-        .env("BKP_PASSWORD", PASSWORD)
-        .args(["restore", "latest", "--tag", "fixture"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(out.len() as u64, STREAM_LEN);
-    assert_eq!(blake3::hash(&out).to_hex().as_str(), STREAM_BLAKE3);
+    let restore = |snapshot: &str| {
+        bkp(&fixture())
+            .env("BKP_PASSWORD", PASSWORD)
+            .args(["restore", snapshot])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone()
+    };
+    let ids = ["dad90779", "4ee9b061"];
+    for (id, (len, blake3_hex)) in ids.into_iter().zip(STREAMS) {
+        let out = restore(id);
+        assert_eq!(out.len() as u64, len);
+        assert_eq!(blake3::hash(&out).to_hex().as_str(), blake3_hex);
+    }
 }

@@ -1,0 +1,268 @@
+//! Frames: a group of consecutive new chunks (about 1 MiB) compressed together as one zstd frame
+//! and sealed with the backup session's data key:
+//! `nonce[24] || XChaCha20-Poly1305(zstd(chunk || chunk || ...)) || tag[16]`.
+//!
+//! Compressing a group rather than each chunk is what lets small chunks dedup well without
+//! losing compression. A *delta frame* is compressed against the plaintext of up to
+//! [`MAX_BASES`] earlier *base frames* (frames that are not deltas themselves), given to zstd as
+//! a prefix (a raw-content dictionary): a dump that changed a little changes many small chunks a little, and
+//! each changed chunk then costs the bytes of its change instead of a compressed copy
+//! (docs/PERFORMANCE.md). One level only, so decoding a frame never needs more than its bases.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::CipherKey;
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+const FRAME_AAD: &[u8] = b"bkp v1 frame";
+/// Base frames one delta frame may use.
+pub const MAX_BASES: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub id: Id,
+    pub len: u32,
+}
+
+/// A frame named by its pack and its position in that pack's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FrameRef {
+    pub pack: Id,
+    pub frame: u32,
+}
+
+/// A group of chunks compressed and sealed, not yet placed in a pack.
+pub struct Frame {
+    pub sealed: Vec<u8>,
+    pub chunks: Vec<ChunkEntry>,
+    pub bases: Vec<FrameRef>,
+}
+
+/// Appends a base frame's plaintext to a delta frame's dictionary.
+pub fn push_base(dictionary: &mut Vec<u8>, base: &[u8]) {
+    dictionary.extend_from_slice(base);
+}
+
+/// zstd parameters of a delta frame: a window that keeps all of its dictionary reachable, and
+/// a hash table large enough to index all of it (zstd indexes only the last
+/// 2^max(hashLog + 3, chainLog + 1) bytes of a dictionary: 1 MiB at level 3).
+fn delta_parameters(dictionary: &[u8], raw_len: usize) -> [zstd::zstd_safe::CParameter; 2] {
+    let span = (dictionary.len() + raw_len).next_power_of_two();
+    let window_log = span.trailing_zeros().clamp(20, 27);
+    [
+        zstd::zstd_safe::CParameter::WindowLog(window_log),
+        zstd::zstd_safe::CParameter::HashLog(window_log - 3),
+    ]
+}
+
+fn zstd_error(code: usize) -> String {
+    zstd::zstd_safe::get_error_name(code).to_string()
+}
+
+/// Compresses and seals groups; one per worker, so its zstd context and buffers are reused (a
+/// fresh 1 MiB buffer per group cost page faults on every frame).
+pub struct FrameEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    compressed: Vec<u8>,
+    level: i32,
+}
+
+impl FrameEncoder {
+    pub fn new(level: i32) -> FrameEncoder {
+        FrameEncoder {
+            compressor: zstd::bulk::Compressor::new(level).expect("valid zstd level"),
+            compressed: Vec::new(),
+            level,
+        }
+    }
+
+    /// `raw` is the concatenation of `chunks`; `dictionary` is empty for a base frame, or the
+    /// concatenated plaintexts of `bases`, in order.
+    pub fn seal(
+        &mut self,
+        key: &CipherKey,
+        raw: &[u8],
+        chunks: Vec<ChunkEntry>,
+        dictionary: &[u8],
+        bases: Vec<FrameRef>,
+    ) -> Frame {
+        debug_assert_eq!(dictionary.is_empty(), bases.is_empty());
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        if dictionary.is_empty() {
+            self.compressor
+                .compress_to_buffer(raw, &mut self.compressed)
+                .expect("zstd compression into a buffer of compress_bound bytes does not fail");
+        } else {
+            // A prefix is referenced, not copied, and used for one frame only; the context
+            // borrows it, hence one context per delta frame.
+            let mut context = zstd::zstd_safe::CCtx::create();
+            let parameters = delta_parameters(dictionary, raw.len());
+            [zstd::zstd_safe::CParameter::CompressionLevel(self.level)]
+                .into_iter()
+                .chain(parameters)
+                .try_for_each(|p| context.set_parameter(p).map(drop))
+                .and_then(|()| context.ref_prefix(dictionary).map(drop))
+                .and_then(|()| context.compress2(&mut self.compressed, raw).map(drop))
+                .map_err(zstd_error)
+                .expect("zstd compresses against a prefix into compress_bound bytes");
+        }
+        Frame {
+            sealed: key.seal(FRAME_AAD, &self.compressed),
+            chunks,
+            bases,
+        }
+    }
+}
+
+/// Opens and decompresses frames, reusing its zstd context.
+pub struct FrameDecoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            decompressor: zstd::bulk::Decompressor::new().expect("zstd context"),
+        }
+    }
+}
+
+impl FrameDecoder {
+    /// Opens a frame into `raw` (reused, so restore does not allocate per frame); the result is
+    /// the concatenation of its chunks. `dictionary` as for [`FrameEncoder::seal`].
+    pub fn open(
+        &mut self,
+        key: &CipherKey,
+        sealed: &[u8],
+        dictionary: &[u8],
+        raw_len: usize,
+        raw: &mut Vec<u8>,
+        object: &str,
+    ) -> Result<()> {
+        let compressed = key
+            .open(FRAME_AAD, sealed)
+            .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
+        raw.clear();
+        raw.reserve(raw_len);
+        let decompressed = if dictionary.is_empty() {
+            self.decompressor
+                .decompress_to_buffer(&compressed, raw)
+                .map_err(|e| e.to_string())
+        } else {
+            let mut context = zstd::zstd_safe::DCtx::create();
+            context
+                .ref_prefix(dictionary)
+                .and_then(|_| context.decompress(raw, &compressed))
+                .map_err(zstd_error)
+        };
+        decompressed
+            .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))?;
+        if raw.len() != raw_len {
+            return Err(Error::corrupt(
+                object,
+                "a frame decompresses to the wrong length",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    fn session_key(master: &MasterKey) -> CipherKey {
+        master.data.sealing().new_session().1
+    }
+
+    fn rows(from: u32, to: u32) -> Vec<u8> {
+        (from..to)
+            .map(|i| format!("{i}\tcustomer {}\t{}\tshipped\n", i % 97, i * 7 % 1000))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_delta_frame_stores_the_change_not_a_copy() {
+        let master = MasterKey::generate();
+        let key = session_key(&master);
+        let day1 = rows(0, 20_000);
+        let mut day2 = rows(0, 20_000);
+        day2.splice(300_000..300_010, b"UPDATED!!!".iter().copied());
+        let chunk = |raw: &[u8]| {
+            vec![ChunkEntry {
+                id: master.chunk_id(raw),
+                len: raw.len() as u32,
+            }]
+        };
+        let mut encoder = FrameEncoder::new(3);
+        let base = encoder.seal(&key, &day1, chunk(&day1), &[], Vec::new());
+        let plain = encoder.seal(&key, &day2, chunk(&day2), &[], Vec::new());
+        let mut dictionary = Vec::new();
+        push_base(&mut dictionary, &day1);
+        let base_ref = FrameRef {
+            pack: Id([1; 32]),
+            frame: 0,
+        };
+        let delta = encoder.seal(&key, &day2, chunk(&day2), &dictionary, vec![base_ref]);
+        assert_eq!(delta.bases, vec![base_ref]);
+        assert!(
+            delta.sealed.len() * 20 < plain.sealed.len(),
+            "delta {} bytes, plain {} bytes",
+            delta.sealed.len(),
+            plain.sealed.len()
+        );
+
+        let mut decoder = FrameDecoder::default();
+        let mut out = Vec::new();
+        decoder
+            .open(&key, &delta.sealed, &dictionary, day2.len(), &mut out, "p")
+            .unwrap();
+        assert_eq!(out, day2);
+        // The same context then opens a base frame without the dictionary.
+        decoder
+            .open(&key, &base.sealed, &[], day1.len(), &mut out, "p")
+            .unwrap();
+        assert_eq!(out, day1);
+        // Without its bases, or with other bases, a delta frame does not decode to its content.
+        assert!(
+            decoder
+                .open(&key, &delta.sealed, &[], day2.len(), &mut out, "p")
+                .is_err()
+                || out != day2
+        );
+        let mut wrong = Vec::new();
+        push_base(&mut wrong, &rows(1, 20_001));
+        assert!(
+            decoder
+                .open(&key, &delta.sealed, &wrong, day2.len(), &mut out, "p")
+                .is_err()
+                || out != day2
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_authentication() {
+        let master = MasterKey::generate();
+        let key = session_key(&master);
+        let raw = rows(0, 100);
+        let mut frame = FrameEncoder::new(3).seal(&key, &raw, Vec::new(), &[], Vec::new());
+        frame.sealed[30] ^= 1;
+        let mut out = Vec::new();
+        let err = FrameDecoder::default()
+            .open(
+                &key,
+                &frame.sealed,
+                &[],
+                raw.len(),
+                &mut out,
+                "packs/ab/abc",
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("packs/ab/abc"), "{err}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Reading frames back out of packs, for restore and for the bases of delta frames in backup.
+//! Reads are aligned to [`READ_ALIGNMENT`] so the store does not learn exact frame boundaries.
+
+use std::collections::HashMap;
+
+use crate::crypto::CipherKey;
+use crate::error::{Error, Result};
+use crate::frame::FrameDecoder;
+use crate::index::{Index, MISSING_BASE};
+use crate::repo::{Repository, pack_name};
+
+pub const READ_ALIGNMENT: u64 = 64 * 1024;
+
+/// Reads and decodes frames; each thread keeps its own session keys and zstd context.
+pub struct FrameReader<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    session_keys: HashMap<[u8; 32], CipherKey>,
+    decoder: FrameDecoder,
+}
+
+impl<'a> FrameReader<'a> {
+    pub fn new(repo: &'a Repository, index: &'a Index) -> FrameReader<'a> {
+        FrameReader {
+            repo,
+            index,
+            session_keys: HashMap::new(),
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    /// Reads and decodes a frame into `raw` (a reused buffer), returning it. A delta frame
+    /// needs `dictionary`, built with [`crate::frame::push_base`] from its bases' plaintexts.
+    pub fn read(
+        &mut self,
+        frame_number: u32,
+        dictionary: &[u8],
+        mut raw: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let frame = *self.index.frame(frame_number);
+        let pack = self.index.pack(frame.pack);
+        let name = pack_name(&pack.id);
+        let end = frame.offset + frame.sealed_len as u64;
+        if end > pack.len {
+            return Err(Error::corrupt(
+                format!("index entry for {name}"),
+                "frame lies outside the pack",
+            ));
+        }
+        let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
+        let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
+        let range = aligned_start..aligned_end.min(pack.len);
+        let bytes = self.repo.store().get_range(&name, range).map_err(|e| {
+            // A failed ranged read of a pack that is shorter than indexed is damage, not I/O.
+            match self.repo.store().size(&name) {
+                Ok(Some(actual)) if actual != pack.len => Error::corrupt(
+                    &name,
+                    format!("it is {actual} bytes long, the index says {}", pack.len),
+                ),
+                _ => e,
+            }
+        })?;
+        let start = (frame.offset - aligned_start) as usize;
+        let sealed = bytes
+            .get(start..start + frame.sealed_len as usize)
+            .ok_or_else(|| Error::corrupt(&name, "shorter than the index says"))?;
+        let key = match self.session_keys.get(&pack.data_ephemeral) {
+            Some(key) => key,
+            None => {
+                let key = self
+                    .repo
+                    .key()
+                    .data
+                    .session(&pack.data_ephemeral)
+                    .ok_or_else(|| {
+                        Error::corrupt(format!("index entry for {name}"), "invalid session key")
+                    })?;
+                self.session_keys.entry(pack.data_ephemeral).or_insert(key)
+            }
+        };
+        self.decoder.open(
+            key,
+            sealed,
+            dictionary,
+            frame.raw_len as usize,
+            &mut raw,
+            &name,
+        )?;
+        Ok(raw)
+    }
+}
+
+/// The base frames a delta frame needs, or an error naming the frame whose base is missing.
+pub fn bases_of(repo_index: &Index, frame: u32) -> Result<&[u32]> {
+    let bases = repo_index.bases(frame);
+    if bases.contains(&MISSING_BASE) {
+        let pack = repo_index.pack(repo_index.frame(frame).pack);
+        return Err(Error::Missing {
+            object: format!(
+                "a base frame of frame {} in {}",
+                repo_index.frame(frame).number_in_pack,
+                pack_name(&pack.id)
+            ),
+        });
+    }
+    Ok(bases)
+}
