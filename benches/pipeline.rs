@@ -91,8 +91,8 @@ fn sweep(dir: &Path, day1: &Path, day2: &Path) {
         (8192, 1 << 20),
         (16384, 1 << 20),
         (65536, 1 << 20),
-        (8192, 256 << 10),
-        (8192, 4 << 20),
+        (16384, 256 << 10),
+        (16384, 4 << 20),
     ];
     for (n, (avg, group)) in configs.into_iter().enumerate() {
         let options = bkp::InitOptions {

@@ -150,7 +150,9 @@ struct BaseFrames<'a> {
 }
 
 impl BaseFrames<'_> {
-    const KEPT: usize = 2 * MAX_BASES;
+    /// Consecutive groups share most bases; 2 * MAX_BASES was ~5 % faster on a day-2 backup
+    /// and 2 MiB more RSS.
+    const KEPT: usize = MAX_BASES + 1;
 
     /// Builds the dictionary of `bases` into `dictionary` and returns how the pack header names
     /// them. A base that cannot be read leaves the group a base frame: the backup does not

@@ -22,12 +22,14 @@ pub struct ChunkerParams {
 }
 
 impl ChunkerParams {
-    /// Chosen by measurement on SQL dumps (docs/PERFORMANCE.md): 8 KiB chunks find small
-    /// scattered row changes; compression works on ~1 MiB groups, not on single chunks.
+    /// Chosen by measurement on SQL dumps (docs/PERFORMANCE.md): with delta frames, 16 KiB
+    /// chunks stored less than 8 KiB or 4 KiB ones on day 1 and on day 2, with half the index
+    /// of 8 KiB; 64 KiB chunks leave too few unchanged chunks to find a changed one's bases.
+    /// Compression works on ~1 MiB groups, not on single chunks.
     pub const DEFAULT: ChunkerParams = ChunkerParams {
-        min_size: 2 * 1024,
-        avg_size: 8 * 1024,
-        max_size: 64 * 1024,
+        min_size: 4 * 1024,
+        avg_size: 16 * 1024,
+        max_size: 128 * 1024,
     };
 
     /// fastcdc only checks these in debug builds; a bad value in release silently shifts cuts.
@@ -184,7 +186,8 @@ mod tests {
             assert!(l >= p.min_size as usize && l <= p.max_size as usize, "{l}");
         }
         let avg = data.len() / lens.len();
-        assert!((4096..16384).contains(&avg), "average {avg}");
+        let target = p.avg_size as usize;
+        assert!((target / 2..target * 2).contains(&avg), "average {avg}");
     }
 
     #[test]

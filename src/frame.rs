@@ -45,14 +45,15 @@ pub fn push_base(dictionary: &mut Vec<u8>, base: &[u8]) {
 }
 
 /// zstd parameters of a delta frame: a window that keeps all of its dictionary reachable, and
-/// a hash table large enough to index all of it (zstd indexes only the last
-/// 2^max(hashLog + 3, chainLog + 1) bytes of a dictionary: 1 MiB at level 3).
+/// a hash table just large enough to index all of the dictionary (zstd indexes only its last
+/// 2^(hashLog + 3) bytes: 1 MiB at level 3). Larger tables cost memory and cache misses.
 fn delta_parameters(dictionary: &[u8], raw_len: usize) -> [zstd::zstd_safe::CParameter; 2] {
-    let span = (dictionary.len() + raw_len).next_power_of_two();
-    let window_log = span.trailing_zeros().clamp(20, 27);
+    let log2_ceil = |n: usize| n.next_power_of_two().trailing_zeros();
+    let window_log = log2_ceil(dictionary.len() + raw_len).clamp(20, 27);
+    let hash_log = (log2_ceil(dictionary.len()).saturating_sub(3)).clamp(17, 24);
     [
         zstd::zstd_safe::CParameter::WindowLog(window_log),
-        zstd::zstd_safe::CParameter::HashLog(window_log - 3),
+        zstd::zstd_safe::CParameter::HashLog(hash_log),
     ]
 }
 

@@ -1,6 +1,6 @@
 //! A snapshot's chunk list as a hash tree whose nodes are themselves deduplicated chunks.
 //!
-//! A 1 GB dump in 8 KiB chunks has ~130,000 chunk ids (4 MB). Storing that list in the snapshot
+//! A 1 GB dump in 16 KiB chunks has ~65,000 chunk ids (2 MB). Storing that list in the snapshot
 //! would make an unchanged dump cost megabytes; stored as a tree it costs nothing new, because
 //! every node dedups. A node is the concatenation of its children's 32-byte ids. A node closes
 //! after a child id whose first four bytes, read as a little-endian u32, are `0xff` modulo 256
