@@ -87,11 +87,13 @@ fn sweep(dir: &Path, day1: &Path, day2: &Path) {
         "\nsweep: avg chunk / group -> day-1 stored, day-2 added, index bytes, seconds for day-1 backup, re-backup, day-2 backup, day-2 restore"
     );
     let configs = [
-        (4096u32, 1usize << 20),
-        (8192, 1 << 20),
+        (4096u32, 2usize << 20),
+        (8192, 2 << 20),
         (16384, 1 << 20),
-        (65536, 1 << 20),
+        (16384, 2 << 20),
+        (65536, 2 << 20),
         (16384, 256 << 10),
+        (16384, 2 << 20),
         (16384, 4 << 20),
     ];
     for (n, (avg, group)) in configs.into_iter().enumerate() {

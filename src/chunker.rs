@@ -25,7 +25,7 @@ impl ChunkerParams {
     /// Chosen by measurement on SQL dumps (docs/PERFORMANCE.md): with delta frames, 16 KiB
     /// chunks stored less than 8 KiB or 4 KiB ones on day 1 and on day 2, with half the index
     /// of 8 KiB; 64 KiB chunks leave too few unchanged chunks to find a changed one's bases.
-    /// Compression works on ~1 MiB groups, not on single chunks.
+    /// Compression works on ~2 MiB groups, not on single chunks.
     pub const DEFAULT: ChunkerParams = ChunkerParams {
         min_size: 4 * 1024,
         avg_size: 16 * 1024,

@@ -1,4 +1,4 @@
-//! Frames: a group of consecutive new chunks (about 1 MiB) compressed together as one zstd frame
+//! Frames: a group of consecutive new chunks (about 2 MiB) compressed together as one zstd frame
 //! and sealed with the backup session's data key:
 //! `nonce[24] || XChaCha20-Poly1305(zstd(chunk || chunk || ...)) || tag[16]`.
 //!
@@ -16,8 +16,10 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 
 const FRAME_AAD: &[u8] = b"bkp v1 frame";
+/// A delta frame above 1/REBASE_RATIO of its plain size is stored plain ([`FrameEncoder::seal`]).
+const REBASE_RATIO: usize = 4;
 /// Base frames one delta frame may use.
-pub const MAX_BASES: usize = 3;
+pub const MAX_BASES: usize = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkEntry {
@@ -45,12 +47,14 @@ pub fn push_base(dictionary: &mut Vec<u8>, base: &[u8]) {
 }
 
 /// zstd parameters of a delta frame: a window that keeps all of its dictionary reachable, and
-/// a hash table just large enough to index all of the dictionary (zstd indexes only its last
-/// 2^(hashLog + 3) bytes: 1 MiB at level 3). Larger tables cost memory and cache misses.
+/// a hash table large enough to index it: zstd indexes only the last 2^(hashLog + 3) bytes of a
+/// dictionary, 1 MiB at level 3. Leaving the oldest 1/16 of a dictionary just over a power of
+/// two out halves the table (memory and cache misses) for a loss too small to measure.
 fn delta_parameters(dictionary: &[u8], raw_len: usize) -> [zstd::zstd_safe::CParameter; 2] {
     let log2_ceil = |n: usize| n.next_power_of_two().trailing_zeros();
     let window_log = log2_ceil(dictionary.len() + raw_len).clamp(20, 27);
-    let hash_log = (log2_ceil(dictionary.len()).saturating_sub(3)).clamp(17, 24);
+    let indexed = dictionary.len() - dictionary.len() / 16;
+    let hash_log = log2_ceil(indexed).saturating_sub(3).clamp(17, 24);
     [
         zstd::zstd_safe::CParameter::WindowLog(window_log),
         zstd::zstd_safe::CParameter::HashLog(hash_log),
@@ -80,41 +84,69 @@ impl FrameEncoder {
 
     /// `raw` is the concatenation of `chunks`; `dictionary` is empty for a base frame, or the
     /// concatenated plaintexts of `bases`, in order.
+    ///
+    /// A delta frame grows with the changes since its bases were written, so one that is no
+    /// longer much smaller than the group compressed alone (`plain_estimate`, from the bases'
+    /// own ratio) is stored as a base frame instead, and the next backups find a fresher base.
+    /// The break-even: a delta that grows by `c` a day over a plain frame of size `p` costs
+    /// least on average when rebased at `d = sqrt(2cp)`; with c ≈ 0.035 p (docs/PERFORMANCE.md)
+    /// that is about p / 4, after about a week.
     pub fn seal(
         &mut self,
         key: &CipherKey,
         raw: &[u8],
         chunks: Vec<ChunkEntry>,
         dictionary: &[u8],
-        bases: Vec<FrameRef>,
+        mut bases: Vec<FrameRef>,
+        plain_estimate: usize,
     ) -> Frame {
         debug_assert_eq!(dictionary.is_empty(), bases.is_empty());
-        self.compressed.clear();
-        self.compressed
-            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
         if dictionary.is_empty() {
-            self.compressor
-                .compress_to_buffer(raw, &mut self.compressed)
-                .expect("zstd compression into a buffer of compress_bound bytes does not fail");
+            self.compress_plain(raw);
         } else {
-            // A prefix is referenced, not copied, and used for one frame only; the context
-            // borrows it, hence one context per delta frame.
-            let mut context = zstd::zstd_safe::CCtx::create();
-            let parameters = delta_parameters(dictionary, raw.len());
-            [zstd::zstd_safe::CParameter::CompressionLevel(self.level)]
-                .into_iter()
-                .chain(parameters)
-                .try_for_each(|p| context.set_parameter(p).map(drop))
-                .and_then(|()| context.ref_prefix(dictionary).map(drop))
-                .and_then(|()| context.compress2(&mut self.compressed, raw).map(drop))
-                .map_err(zstd_error)
-                .expect("zstd compresses against a prefix into compress_bound bytes");
+            self.compress_delta(raw, dictionary);
+            if self.compressed.len() * REBASE_RATIO > plain_estimate {
+                let delta = std::mem::take(&mut self.compressed);
+                self.compress_plain(raw);
+                if delta.len() * REBASE_RATIO > self.compressed.len() {
+                    bases.clear();
+                } else {
+                    self.compressed = delta;
+                }
+            }
         }
         Frame {
             sealed: key.seal(FRAME_AAD, &self.compressed),
             chunks,
             bases,
         }
+    }
+
+    fn compress_plain(&mut self, raw: &[u8]) {
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.compressor
+            .compress_to_buffer(raw, &mut self.compressed)
+            .expect("zstd compression into a buffer of compress_bound bytes does not fail");
+    }
+
+    fn compress_delta(&mut self, raw: &[u8], dictionary: &[u8]) {
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        // A prefix is referenced, not copied, and used for one frame only; the context borrows
+        // it, hence one context per delta frame.
+        let mut context = zstd::zstd_safe::CCtx::create();
+        let parameters = delta_parameters(dictionary, raw.len());
+        [zstd::zstd_safe::CParameter::CompressionLevel(self.level)]
+            .into_iter()
+            .chain(parameters)
+            .try_for_each(|p| context.set_parameter(p).map(drop))
+            .and_then(|()| context.ref_prefix(dictionary).map(drop))
+            .and_then(|()| context.compress2(&mut self.compressed, raw).map(drop))
+            .map_err(zstd_error)
+            .expect("zstd compresses against a prefix into compress_bound bytes");
     }
 }
 
@@ -201,15 +233,23 @@ mod tests {
             }]
         };
         let mut encoder = FrameEncoder::new(3);
-        let base = encoder.seal(&key, &day1, chunk(&day1), &[], Vec::new());
-        let plain = encoder.seal(&key, &day2, chunk(&day2), &[], Vec::new());
+        let base = encoder.seal(&key, &day1, chunk(&day1), &[], Vec::new(), 0);
+        let plain = encoder.seal(&key, &day2, chunk(&day2), &[], Vec::new(), 0);
         let mut dictionary = Vec::new();
         push_base(&mut dictionary, &day1);
         let base_ref = FrameRef {
             pack: Id([1; 32]),
             frame: 0,
         };
-        let delta = encoder.seal(&key, &day2, chunk(&day2), &dictionary, vec![base_ref]);
+        let estimate = plain.sealed.len();
+        let delta = encoder.seal(
+            &key,
+            &day2,
+            chunk(&day2),
+            &dictionary,
+            vec![base_ref],
+            estimate,
+        );
         assert_eq!(delta.bases, vec![base_ref]);
         assert!(
             delta.sealed.len() * 20 < plain.sealed.len(),
@@ -251,7 +291,7 @@ mod tests {
         let master = MasterKey::generate();
         let key = session_key(&master);
         let raw = rows(0, 100);
-        let mut frame = FrameEncoder::new(3).seal(&key, &raw, Vec::new(), &[], Vec::new());
+        let mut frame = FrameEncoder::new(3).seal(&key, &raw, Vec::new(), &[], Vec::new(), 0);
         frame.sealed[30] ^= 1;
         let mut out = Vec::new();
         let err = FrameDecoder::default()

@@ -195,10 +195,18 @@ mod tests {
             pack: Id([5; 32]),
             frame: 2,
         };
-        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new()));
+        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0));
         let mut dictionary = Vec::new();
         push_base(&mut dictionary, &raw);
-        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &dictionary, vec![base]));
+        let frame = encoder.seal(
+            &s.data_key,
+            &raw,
+            chunks.clone(),
+            &dictionary,
+            vec![base],
+            1 << 20,
+        );
+        writer.add(frame);
         let pack = writer.finish(&s.metadata_key);
         assert_eq!(pack.bytes.len() as u64, padded_len(pack.bytes.len() as u64));
         assert_eq!(pack.id, Id::of_object(&pack.bytes));

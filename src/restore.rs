@@ -27,9 +27,9 @@ use crate::snapshot::SnapshotEntry;
 use crate::tree::TreeWalker;
 
 /// Decoded frames kept for reuse by later runs.
-const CACHED_FRAMES: usize = 16;
-/// Decoded (or decoding) frames alive at once: the cache plus read-ahead. ~1 MiB each.
-const MAX_FRAMES_ALIVE: usize = 28;
+const CACHED_FRAMES: usize = 8;
+/// Decoded (or decoding) frames alive at once: the cache plus read-ahead. ~2 MiB each.
+const MAX_FRAMES_ALIVE: usize = 14;
 /// Runs queued for the writer; each is small (a frame handle and a few slices).
 const QUEUED_RUNS: usize = 4096;
 
