@@ -93,7 +93,6 @@ fn sweep(dir: &Path, day1: &Path, day2: &Path) {
         (16384, 2 << 20),
         (65536, 2 << 20),
         (16384, 256 << 10),
-        (16384, 2 << 20),
         (16384, 4 << 20),
     ];
     for (n, (avg, group)) in configs.into_iter().enumerate() {
