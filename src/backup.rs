@@ -317,6 +317,10 @@ fn compress_worker(
     }
 }
 
+/// Finished packs uploading while the next one fills: uploads overlap compression, and memory
+/// holds at most this many finished packs.
+const PACKS_UPLOADING: usize = 1;
+
 /// Fills packs with frames and stores each as it fills; returns what it stored.
 fn pack_writer(
     repo: &Repository,
@@ -325,17 +329,21 @@ fn pack_writer(
     pack_size: usize,
 ) -> Result<Vec<IndexedPack>> {
     let mut stored = Vec::new();
+    let mut uploads = VecDeque::new();
+    let store = repo.store();
     let mut writer = PackWriter::new(session, pack_size + (2 << 20));
-    let mut store = |writer: PackWriter| -> Result<()> {
+    let mut finish = |writer: PackWriter, uploads: &mut VecDeque<_>| -> Result<()> {
         let pack = writer.finish(&session.metadata_key);
-        let len = pack.bytes.len() as u64;
-        repo.store().put_new(&pack_name(&pack.id), pack.bytes)?;
         stored.push(IndexedPack {
             id: pack.id,
-            len,
+            len: pack.bytes.len() as u64,
             data_ephemeral: session.data_ephemeral,
             header: pack.header,
         });
+        uploads.push_back(store.put_new_soon(&pack_name(&pack.id), pack.bytes));
+        while uploads.len() > PACKS_UPLOADING {
+            store.wait(uploads.pop_front().expect("an upload"))?;
+        }
         Ok(())
     };
     for frame in frames {
@@ -343,11 +351,14 @@ fn pack_writer(
         if writer.len() >= pack_size {
             let full =
                 std::mem::replace(&mut writer, PackWriter::new(session, pack_size + (2 << 20)));
-            store(full)?;
+            finish(full, &mut uploads)?;
         }
     }
     if !writer.is_empty() {
-        store(writer)?;
+        finish(writer, &mut uploads)?;
+    }
+    for upload in uploads {
+        store.wait(upload)?;
     }
     Ok(stored)
 }

@@ -20,11 +20,12 @@ Exit codes:
   0    success
   1    failure (storage, input or output error, snapshot not found, ...)
   2    usage error (bad arguments)
-  3    no repository at the given location
+  3    no repository at the given location (or its bucket does not exist)
   4    wrong password, or no usable key
   5    damaged data: an object failed authentication or a restore failed verification
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
   7    the dump command failed (non-zero exit or killed); nothing was recorded
+  8    the storage refused the credentials (S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
 
@@ -44,7 +45,11 @@ const EXIT_DUMP_COMMAND_FAILED: u8 = 7;
 
 const ENVIRONMENT: &str = "\
 Environment:
-  BKP_REPOSITORY         repository location (instead of --repo)
+  BKP_REPOSITORY         repository location (instead of --repo): a directory, or s3://BUCKET/PREFIX
+                         (also gs://, az://: less tested)
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL
+                         S3 credentials, region and endpoint (an S3-compatible server's URL);
+                         AWS_ALLOW_HTTP=true allows a plain-http endpoint
   BKP_PASSWORD_FILE      file whose first line is the password
   BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
@@ -163,10 +168,11 @@ pub fn run() -> Result<ExitCode> {
 /// The exit code for an error, as documented in [`EXIT_CODES`].
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     let code = match err.downcast_ref::<Error>() {
-        Some(Error::RepositoryNotFound { .. }) => 3,
+        Some(Error::RepositoryNotFound { .. } | Error::BucketNotFound { .. }) => 3,
         Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => 5,
         Some(Error::DumpCommand(_)) => EXIT_DUMP_COMMAND_FAILED,
+        Some(Error::AccessDenied { .. }) => 8,
         _ => 1,
     };
     ExitCode::from(code)

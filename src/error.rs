@@ -14,6 +14,16 @@ pub enum Error {
     #[error("no bkp repository at {location} (create one with `bkp init`)")]
     RepositoryNotFound { location: String },
 
+    #[error(
+        "the bucket of {location} does not exist (create it first, or fix the bucket name in the URL)"
+    )]
+    BucketNotFound { location: String },
+
+    #[error(
+        "the storage at {location} refused access: check the credentials in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3) and that they may read and write the bucket"
+    )]
+    AccessDenied { location: String },
+
     #[error("a bkp repository already exists at {location}; refusing to overwrite it")]
     RepositoryExists { location: String },
 

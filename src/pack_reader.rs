@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use crate::crypto::CipherKey;
 use crate::error::{Error, Result};
 use crate::frame::FrameDecoder;
 use crate::index::{Index, MISSING_BASE};
 use crate::repo::{Repository, pack_name};
+use crate::store::Pending;
 
 pub const READ_ALIGNMENT: u64 = 64 * 1024;
 
@@ -31,28 +34,20 @@ impl<'a> FrameReader<'a> {
 
     /// Reads and decodes a frame into `raw` (a reused buffer), returning it. A delta frame
     /// needs `dictionary`, built with [`crate::frame::push_base`] from its bases' plaintexts.
-    pub fn read(
-        &mut self,
-        frame_number: u32,
-        dictionary: &[u8],
-        mut raw: Vec<u8>,
-    ) -> Result<Vec<u8>> {
-        let frame = *self.index.frame(frame_number);
+    pub fn read(&mut self, frame: u32, dictionary: &[u8], raw: Vec<u8>) -> Result<Vec<u8>> {
+        let fetch = fetch(self.repo, self.index, frame)?;
+        self.decode(fetch, dictionary, raw)
+    }
+
+    /// Opens a frame whose bytes [`fetch`] started reading.
+    pub fn decode(&mut self, fetch: Fetch, dictionary: &[u8], mut raw: Vec<u8>) -> Result<Vec<u8>> {
+        let frame = *self.index.frame(fetch.frame);
         let pack = self.index.pack(frame.pack);
         let name = pack_name(&pack.id);
-        let end = frame.offset + frame.sealed_len as u64;
-        if end > pack.len {
-            return Err(Error::corrupt(
-                format!("index entry for {name}"),
-                "frame lies outside the pack",
-            ));
-        }
-        let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
-        let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
-        let range = aligned_start..aligned_end.min(pack.len);
-        let bytes = self.repo.store().get_range(&name, range).map_err(|e| {
+        let store = self.repo.store();
+        let bytes = store.wait(fetch.bytes).map_err(|e| {
             // A failed ranged read of a pack that is shorter than indexed is damage, not I/O.
-            match self.repo.store().size(&name) {
+            match store.size(&name) {
                 Ok(Some(actual)) if actual != pack.len => Error::corrupt(
                     &name,
                     format!("it is {actual} bytes long, the index says {}", pack.len),
@@ -60,9 +55,8 @@ impl<'a> FrameReader<'a> {
                 _ => e,
             }
         })?;
-        let start = (frame.offset - aligned_start) as usize;
         let sealed = bytes
-            .get(start..start + frame.sealed_len as usize)
+            .get(fetch.start..fetch.start + frame.sealed_len as usize)
             .ok_or_else(|| Error::corrupt(&name, "shorter than the index says"))?;
         let key = match self.session_keys.get(&pack.data_ephemeral) {
             Some(key) => key,
@@ -88,6 +82,37 @@ impl<'a> FrameReader<'a> {
         )?;
         Ok(raw)
     }
+}
+
+/// A frame's bytes being read from the store.
+pub struct Fetch {
+    frame: u32,
+    bytes: Pending<Bytes>,
+    /// Where the frame starts in the aligned range read.
+    start: usize,
+}
+
+/// Starts reading a frame's pack range, so that reads overlap decoding (restore prefetches
+/// the frames it has planned; on S3 each read is a request with its own latency).
+pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetch> {
+    let frame = index.frame(frame_number);
+    let pack = index.pack(frame.pack);
+    let name = pack_name(&pack.id);
+    let end = frame.offset + frame.sealed_len as u64;
+    if end > pack.len {
+        return Err(Error::corrupt(
+            format!("index entry for {name}"),
+            "frame lies outside the pack",
+        ));
+    }
+    let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
+    let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
+    let range = aligned_start..aligned_end.min(pack.len);
+    Ok(Fetch {
+        frame: frame_number,
+        bytes: repo.store().get_range_soon(&name, range),
+        start: (frame.offset - aligned_start) as usize,
+    })
 }
 
 /// The base frames a delta frame needs, or an error naming the frame whose base is missing.

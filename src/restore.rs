@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::frame::push_base;
 use crate::id::Id;
 use crate::index::{ChunkLocation, Index};
-use crate::pack_reader::{FrameReader, bases_of};
+use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
 use crate::tree::TreeWalker;
@@ -49,6 +49,8 @@ pub struct RestoreSummary {
 /// one takes a unit of the [`MAX_FRAMES_ALIVE`] budget, returned on drop.
 struct FrameSlot {
     frame: u32,
+    /// The read of its bytes, started when the slot was planned.
+    fetch: Mutex<Option<Result<Fetch>>>,
     /// The slots of a delta frame's bases, queued before it; let go once it is decoded.
     bases: Mutex<Vec<Arc<FrameSlot>>>,
     decoded: Mutex<Option<Result<Vec<u8>>>>,
@@ -62,6 +64,8 @@ impl FrameSlot {
     /// Decodes this slot's frame, after its bases.
     fn decode(&self, reader: &mut FrameReader<'_>, dictionary: &mut Vec<u8>, buffer: Vec<u8>) {
         let bases = std::mem::take(&mut *self.bases.lock().expect("slot lock"));
+        let fetch = self.fetch.lock().expect("slot lock").take();
+        let fetch = fetch.unwrap_or_else(|| Err(Error::Internal("frame decoded twice".into())));
         dictionary.clear();
         let result = bases
             .iter()
@@ -71,7 +75,7 @@ impl FrameSlot {
                     Ok(())
                 })
             })
-            .and_then(|()| reader.read(self.frame, dictionary, buffer));
+            .and_then(|()| reader.decode(fetch?, dictionary, buffer));
         drop(bases);
         self.fill(result);
     }
@@ -152,6 +156,7 @@ struct Run {
 
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
 struct Planner<'a> {
+    repo: &'a Repository,
     index: &'a Index,
     jobs: Sender<Arc<FrameSlot>>,
     runs: Sender<Result<Run>>,
@@ -185,6 +190,7 @@ impl Planner<'_> {
         }
         let slot = Arc::new(FrameSlot {
             frame,
+            fetch: Mutex::new(Some(fetch(self.repo, self.index, frame))),
             bases: Mutex::new(bases),
             decoded: Mutex::new(None),
             ready: Condvar::new(),
@@ -307,6 +313,7 @@ pub fn restore(
         }
         drop(job_rx);
         let planner = Planner {
+            repo,
             index: &index,
             jobs: job_tx,
             runs: run_tx,

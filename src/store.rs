@@ -1,21 +1,42 @@
 //! The only user of `object_store`: where a repository's bytes live.
 //!
-//! Rules every backend obeys (docs/FORMAT.md §Storage): objects are written once, create-only,
-//! and never overwritten or appended to; names are content hashes, random, or fixed (`config`).
-//! The rest of bkp is synchronous; this module owns a small tokio runtime and blocks on it.
+//! A location is a local path (or `file://` URL), `s3://bucket/prefix`, or, less tested,
+//! `gs://bucket/prefix` and `az://container/prefix`. Credentials and endpoints come from the
+//! environment the way every tool of those clouds takes them (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+//! `AWS_ALLOW_HTTP`, ...), never from the command line. S3 requests are path-style, so
+//! S3-compatible servers work with an endpoint alone.
+//!
+//! Rules every backend obeys (docs/FORMAT.md §2): objects are written once, create-only
+//! (`If-None-Match: *` on S3), and never overwritten or appended to. Packs are at most ~10 MiB
+//! and go up in one PUT, so there are no multipart uploads to abort after a crash: an object
+//! either exists whole or not at all. Transient failures (timeouts, 5xx, dropped connections)
+//! are retried with exponential backoff by object_store, for up to [`RETRY_TIMEOUT`].
+//! The rest of bkp is synchronous; this module owns a small tokio runtime and blocks on it,
+//! or hands out [`Pending`] operations that run on it meanwhile (uploads, prefetching).
 
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::error::{Error, Result};
+
+/// How long one operation is retried on transient errors before it fails.
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
@@ -32,9 +53,16 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// An operation running on the store's runtime; [`Store::wait`] for its result.
+pub struct Pending<T>(tokio::task::JoinHandle<Result<T>>);
+
 impl Store {
-    /// Opens an existing location: a local directory path or `file://` URL.
+    /// Opens an existing location: a local directory path or `file://` URL, or a cloud URL
+    /// (`s3://`, `gs://`, `az://`).
     pub fn open(location: &str) -> Result<Store> {
+        if let Some(cloud) = cloud_store(location)? {
+            return Ok(Store::with(cloud, location));
+        }
         let dir = local_dir(location);
         if !std::path::Path::new(dir).is_dir() {
             return Err(Error::RepositoryNotFound {
@@ -52,6 +80,9 @@ impl Store {
 
     /// Like [`Store::open`], creating a local directory first if there is none.
     pub fn create(location: &str) -> Result<Store> {
+        if is_cloud(location) {
+            return Store::open(location);
+        }
         let dir = local_dir(location);
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::invalid("repository location", format!("cannot create {dir}: {e}"))
@@ -84,44 +115,49 @@ impl Store {
     }
 
     fn error(&self, name: &str, source: object_store::Error) -> Error {
-        if is_storage_full(&source) {
-            return Error::StorageFull {
-                location: format!("{}/{}", self.location, name),
-            };
-        }
-        match source {
-            object_store::Error::NotFound { .. } => Error::Missing {
-                object: name.to_string(),
-            },
-            cause => Error::Store {
-                location: format!("{}/{}", self.location, name),
-                cause,
-            },
-        }
+        store_error(&self.location, name, source)
     }
 
     /// Writes a new object. Returns `false`, writing nothing, if `name` already exists.
     /// The object is durable after the next [`Store::barrier`].
     pub fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool> {
+        let pending = self.put_new_soon(name, bytes);
+        self.wait(pending)
+    }
+
+    /// [`Store::put_new`], running meanwhile; the caller bounds how many are in flight.
+    pub fn put_new_soon(&self, name: &str, bytes: Vec<u8>) -> Pending<bool> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        let result = self.runtime.block_on(self.inner.put_opts(
-            &Path::from(name),
-            PutPayload::from(bytes),
-            options,
-        ));
-        match result {
-            Ok(_) => {
-                if let Some((root, syncer)) = &self.local {
-                    syncer.sync(root.join(name));
+        let (inner, location, name) = (self.inner.clone(), self.location.clone(), name.to_string());
+        let syncer = self
+            .local
+            .as_ref()
+            .map(|(root, syncer)| (root.join(&name), syncer.requests.clone()));
+        Pending(self.runtime.spawn(async move {
+            let result = inner
+                .put_opts(&Path::from(name.as_str()), PutPayload::from(bytes), options)
+                .await;
+            match result {
+                Ok(_) => {
+                    if let Some((path, requests)) = syncer {
+                        let _ = requests.send(SyncRequest::File(path));
+                    }
+                    Ok(true)
                 }
-                Ok(true)
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(store_error(&location, &name, e)),
             }
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(self.error(name, e)),
-        }
+        }))
+    }
+
+    /// The result of an operation started with a `_soon` method.
+    pub fn wait<T>(&self, pending: Pending<T>) -> Result<T> {
+        self.runtime
+            .block_on(pending.0)
+            .unwrap_or_else(|e| Err(Error::Internal(format!("a storage task failed: {e}"))))
     }
 
     /// A write barrier: when it returns, every object written so far survives a crash or power
@@ -153,9 +189,19 @@ impl Store {
     }
 
     pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
-        self.runtime
-            .block_on(self.inner.get_range(&Path::from(name), range))
-            .map_err(|e| self.error(name, e))
+        let pending = self.get_range_soon(name, range);
+        self.wait(pending)
+    }
+
+    /// [`Store::get_range`], running meanwhile (restore prefetches frames this way).
+    pub fn get_range_soon(&self, name: &str, range: Range<u64>) -> Pending<Bytes> {
+        let (inner, location, name) = (self.inner.clone(), self.location.clone(), name.to_string());
+        Pending(self.runtime.spawn(async move {
+            inner
+                .get_range(&Path::from(name.as_str()), range)
+                .await
+                .map_err(|e| store_error(&location, &name, e))
+        }))
     }
 
     pub fn exists(&self, name: &str) -> Result<bool> {
@@ -248,10 +294,6 @@ impl Syncer {
         Syncer { requests }
     }
 
-    fn sync(&self, path: PathBuf) {
-        let _ = self.requests.send(SyncRequest::File(path));
-    }
-
     fn barrier(&self) -> SyncResult {
         let (reply, answer) = crossbeam_channel::bounded(1);
         let lost = |what: &str| {
@@ -283,6 +325,98 @@ fn is_storage_full(error: &(dyn std::error::Error + 'static)) -> bool {
 
 fn local_dir(location: &str) -> &str {
     location.strip_prefix("file://").unwrap_or(location)
+}
+
+const CLOUD_SCHEMES: [&str; 7] = ["s3", "s3a", "gs", "az", "azure", "abfs", "abfss"];
+
+fn is_cloud(location: &str) -> bool {
+    location
+        .split_once("://")
+        .is_some_and(|(scheme, _)| CLOUD_SCHEMES.contains(&scheme))
+}
+
+/// The object store of a cloud URL, rooted at its path; `None` for a local location.
+fn cloud_store(location: &str) -> Result<Option<Arc<dyn ObjectStore>>> {
+    if !is_cloud(location) {
+        return Ok(None);
+    }
+    let invalid = |reason: String| Error::invalid("repository location", reason);
+    let url = url::Url::parse(location).map_err(|e| invalid(format!("{location}: {e}")))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!(
+            "{location} names no bucket; use {}://BUCKET/PREFIX",
+            url.scheme()
+        )));
+    }
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 10,
+        retry_timeout: RETRY_TIMEOUT,
+    };
+    let built = match url.scheme() {
+        "s3" | "s3a" => AmazonS3Builder::from_env()
+            .with_url(location)
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+        "gs" => GoogleCloudStorageBuilder::from_env()
+            .with_url(location)
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+        _ => MicrosoftAzureBuilder::from_env()
+            .with_url(location)
+            .with_retry(retry)
+            .build()
+            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+    };
+    let store = built.map_err(|e| invalid(format!("{location}: {e}")))?;
+    let prefix = url.path().trim_matches('/');
+    Ok(Some(if prefix.is_empty() {
+        store
+    } else {
+        Arc::new(PrefixStore::new(store, prefix))
+    }))
+}
+
+/// An object_store error as what the caller can do about it.
+fn store_error(location: &str, name: &str, source: object_store::Error) -> Error {
+    let full_name = || format!("{location}/{name}");
+    if is_storage_full(&source) {
+        return Error::StorageFull {
+            location: full_name(),
+        };
+    }
+    let detail = error_chain(&source);
+    match source {
+        object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
+            Error::BucketNotFound {
+                location: location.to_string(),
+            }
+        }
+        object_store::Error::NotFound { .. } => Error::Missing {
+            object: name.to_string(),
+        },
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => Error::AccessDenied {
+            location: location.to_string(),
+        },
+        cause => Error::Store {
+            location: full_name(),
+            cause,
+        },
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        current = e.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -320,9 +454,19 @@ mod tests {
             store: "LocalFileSystem",
             source: Box::new(std::io::Error::from(std::io::ErrorKind::StorageFull)),
         };
-        let err = store.error("packs/ab/cd", full);
+        let err = store_error("memory", "packs/ab/cd", full);
         assert!(matches!(err, Error::StorageFull { .. }));
         assert!(err.to_string().contains("free space"));
+    }
+
+    #[test]
+    fn cloud_locations_need_a_bucket_and_local_ones_are_not_cloud() {
+        assert!(is_cloud("s3://bucket/prefix"));
+        assert!(is_cloud("gs://bucket"));
+        assert!(!is_cloud("/srv/backups/s3://x"));
+        assert!(!is_cloud("file:///srv/backups"));
+        let err = Store::open("s3:///prefix").err().unwrap();
+        assert!(err.to_string().contains("names no bucket"), "{err}");
     }
 
     #[test]
