@@ -449,7 +449,6 @@ mod tests {
 
     #[test]
     fn a_full_disk_is_named_as_such() {
-        let store = Store::memory();
         let full = object_store::Error::Generic {
             store: "LocalFileSystem",
             source: Box::new(std::io::Error::from(std::io::ErrorKind::StorageFull)),
