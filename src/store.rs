@@ -60,8 +60,17 @@ impl Store {
     /// Opens an existing location: a local directory path or `file://` URL, or a cloud URL
     /// (`s3://`, `gs://`, `az://`).
     pub fn open(location: &str) -> Result<Store> {
-        if let Some(cloud) = cloud_store(location)? {
-            return Ok(Store::with(cloud, location));
+        Store::open_with_options(location, &[])
+    }
+
+    /// [`Store::open`] with options for a cloud store that override the environment:
+    /// object_store's configuration keys (`aws_access_key_id`, `aws_endpoint`,
+    /// `aws_allow_http`, ...) and `retry_timeout` (seconds, default [`RETRY_TIMEOUT`]).
+    pub fn open_with_options(location: &str, options: &[(&str, &str)]) -> Result<Store> {
+        if let Some(cloud) = cloud_store(location, options)? {
+            let store = Store::with(cloud, location);
+            store.check_bucket()?;
+            return Ok(store);
         }
         let dir = local_dir(location);
         if !std::path::Path::new(dir).is_dir() {
@@ -80,8 +89,13 @@ impl Store {
 
     /// Like [`Store::open`], creating a local directory first if there is none.
     pub fn create(location: &str) -> Result<Store> {
+        Store::create_with_options(location, &[])
+    }
+
+    /// [`Store::create`] with the options of [`Store::open_with_options`].
+    pub fn create_with_options(location: &str, options: &[(&str, &str)]) -> Result<Store> {
         if is_cloud(location) {
-            return Store::open(location);
+            return Store::open_with_options(location, options);
         }
         let dir = local_dir(location);
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -108,6 +122,16 @@ impl Store {
             local: None,
             runtime,
         }
+    }
+
+    /// One listing request, so that a missing bucket, refused credentials or an unreachable
+    /// endpoint are reported as such before anything else (some S3-compatible servers would
+    /// otherwise create a missing bucket on the first write).
+    fn check_bucket(&self) -> Result<()> {
+        self.runtime
+            .block_on(self.inner.list_with_delimiter(None))
+            .map(drop)
+            .map_err(|e| self.error("", e))
     }
 
     pub fn location(&self) -> &str {
@@ -336,11 +360,27 @@ fn is_cloud(location: &str) -> bool {
 }
 
 /// The object store of a cloud URL, rooted at its path; `None` for a local location.
-fn cloud_store(location: &str) -> Result<Option<Arc<dyn ObjectStore>>> {
+fn cloud_store(location: &str, options: &[(&str, &str)]) -> Result<Option<Arc<dyn ObjectStore>>> {
     if !is_cloud(location) {
         return Ok(None);
     }
     let invalid = |reason: String| Error::invalid("repository location", reason);
+    let bad_option = |key: &str| Error::invalid("storage option", format!("unknown option {key}"));
+    let mut retry_timeout = RETRY_TIMEOUT;
+    let mut config = Vec::new();
+    for &(key, value) in options {
+        if key == "retry_timeout" {
+            let seconds = value.parse::<u64>().map_err(|_| {
+                Error::invalid(
+                    "retry timeout",
+                    format!("{value:?} is not a number of seconds"),
+                )
+            })?;
+            retry_timeout = Duration::from_secs(seconds);
+        } else {
+            config.push((key, value));
+        }
+    }
     let url = url::Url::parse(location).map_err(|e| invalid(format!("{location}: {e}")))?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!(
@@ -351,24 +391,39 @@ fn cloud_store(location: &str) -> Result<Option<Arc<dyn ObjectStore>>> {
     let retry = RetryConfig {
         backoff: BackoffConfig::default(),
         max_retries: 10,
-        retry_timeout: RETRY_TIMEOUT,
+        retry_timeout,
     };
     let built = match url.scheme() {
-        "s3" | "s3a" => AmazonS3Builder::from_env()
-            .with_url(location)
-            .with_retry(retry)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-        "gs" => GoogleCloudStorageBuilder::from_env()
-            .with_url(location)
-            .with_retry(retry)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-        _ => MicrosoftAzureBuilder::from_env()
-            .with_url(location)
-            .with_retry(retry)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+        "s3" | "s3a" => {
+            let mut builder = AmazonS3Builder::from_env().with_url(location);
+            for (key, value) in config {
+                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
+            }
+            builder
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        }
+        "gs" => {
+            let mut builder = GoogleCloudStorageBuilder::from_env().with_url(location);
+            for (key, value) in config {
+                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
+            }
+            builder
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        }
+        _ => {
+            let mut builder = MicrosoftAzureBuilder::from_env().with_url(location);
+            for (key, value) in config {
+                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
+            }
+            builder
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        }
     };
     let store = built.map_err(|e| invalid(format!("{location}: {e}")))?;
     let prefix = url.path().trim_matches('/');
@@ -388,18 +443,28 @@ fn store_error(location: &str, name: &str, source: object_store::Error) -> Error
         };
     }
     let detail = error_chain(&source);
+    let denied = [
+        "403 Forbidden",
+        "401 Unauthorized",
+        "AccessDenied",
+        "SignatureDoesNotMatch",
+    ]
+    .iter()
+    .chain(&["InvalidAccessKeyId"])
+    .any(|code| detail.contains(code));
     match source {
-        object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
-            Error::BucketNotFound {
-                location: location.to_string(),
-            }
-        }
-        object_store::Error::NotFound { .. } => Error::Missing {
-            object: name.to_string(),
+        _ if detail.contains("NoSuchBucket") => Error::BucketNotFound {
+            location: location.to_string(),
         },
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => Error::AccessDenied {
             location: location.to_string(),
+        },
+        _ if denied => Error::AccessDenied {
+            location: location.to_string(),
+        },
+        object_store::Error::NotFound { .. } => Error::Missing {
+            object: name.to_string(),
         },
         cause => Error::Store {
             location: full_name(),

@@ -9,11 +9,27 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::db::{MariaDb, Postgres};
+use common::s3::S3Server;
 
 const BKP_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
+/// Where the scenarios' repository is: a location and the environment that reaches it.
+struct Repo {
+    location: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Repo {
+    fn local(dir: &Path) -> Repo {
+        Repo {
+            location: dir.join("repo").to_str().unwrap().to_string(),
+            env: Vec::new(),
+        }
+    }
+}
+
 /// Runs a shell script with `bkp` on PATH and the repository and password in the environment.
-fn shell(repo: &Path, script: &str) -> Output {
+fn shell(repo: &Repo, script: &str) -> Output {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_bkp")).parent().unwrap();
     let path = format!(
         "{}:{}",
@@ -24,7 +40,8 @@ fn shell(repo: &Path, script: &str) -> Output {
         .args(["-c", &format!("set -o pipefail; {script}")])
         .current_dir(BKP_DIR)
         .env("PATH", path)
-        .env("BKP_REPOSITORY", repo)
+        .env("BKP_REPOSITORY", &repo.location)
+        .envs(repo.env.iter().map(|(k, v)| (k, v)))
         .env("BKP_PASSWORD", common::PASSWORD)
         .output()
         .unwrap()
@@ -34,7 +51,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn ok(repo: &Path, script: &str) -> Output {
+fn ok(repo: &Repo, script: &str) -> Output {
     let out = shell(repo, script);
     assert!(
         out.status.success(),
@@ -44,13 +61,13 @@ fn ok(repo: &Path, script: &str) -> Output {
     out
 }
 
-fn backup_json(repo: &Path, script: &str) -> serde_json::Value {
+fn backup_json(repo: &Repo, script: &str) -> serde_json::Value {
     let out = ok(repo, script);
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("no JSON from `{script}`: {}", text(&out.stdout)))
 }
 
-fn snapshot_count(repo: &Path) -> usize {
+fn snapshot_count(repo: &Repo) -> usize {
     let out = ok(repo, "bkp snapshots --json");
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .unwrap()
@@ -67,7 +84,7 @@ fn quote(argv: &[String]) -> String {
 }
 
 /// A failing backup: the exit code, a message, and no new snapshot.
-fn assert_backup_fails(repo: &Path, script: &str, code: i32, message: &str) {
+fn assert_backup_fails(repo: &Repo, script: &str, code: i32, message: &str) {
     let before = snapshot_count(repo);
     let out = shell(repo, script);
     let stderr = text(&out.stderr);
@@ -181,7 +198,7 @@ impl Database for MariaDb {
 }
 
 /// A restore of the latest `shop` snapshot into a new database `into` equals database `shop`.
-fn assert_restores(repo: &Path, db: &dyn Database, into: &str) {
+fn assert_restores(repo: &Repo, db: &dyn Database, into: &str) {
     db.create_database(into);
     ok(
         repo,
@@ -199,7 +216,7 @@ fn assert_restores(repo: &Path, db: &dyn Database, into: &str) {
 
 /// The scenarios every database goes through, on database `shop`: backups both ways, restores,
 /// the daily cron run, and failures.
-fn shared_scenarios(repo: &Path, db: &dyn Database, unchanged_max: u64, missing_db_message: &str) {
+fn shared_scenarios(repo: &Repo, db: &dyn Database, unchanged_max: u64, missing_db_message: &str) {
     ok(repo, "BKP_INSECURE_FAST_KDF=1 bkp init");
     let dump = quote(&db.dump_argv("shop"));
     let name = db.name();
@@ -277,7 +294,7 @@ fn shared_scenarios(repo: &Path, db: &dyn Database, unchanged_max: u64, missing_
 }
 
 /// A dump from a server that has gone away fails and records nothing.
-fn assert_fails_without_server(repo: &Path, db: &mut dyn Database, message: &str) {
+fn assert_fails_without_server(repo: &Repo, db: &mut dyn Database, message: &str) {
     let dump = quote(&db.dump_argv("shop"));
     db.stop();
     assert_backup_fails(
@@ -291,7 +308,7 @@ fn assert_fails_without_server(repo: &Path, db: &mut dyn Database, message: &str
 #[test]
 fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
+    let repo = Repo::local(dir.path());
     let mut pg = Postgres::start();
     pg.sql("postgres", "CREATE DATABASE shop");
     pg.sql("shop", PG_SCHEMA);
@@ -329,7 +346,7 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
 #[test]
 fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
+    let repo = Repo::local(dir.path());
     let mut db = MariaDb::start();
     db.sql(MARIADB_SCHEMA);
     // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
@@ -346,4 +363,19 @@ fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     );
 
     assert_fails_without_server(&repo, &mut db, "Can't connect");
+}
+
+/// The same scenarios with the repository in S3 (a real S3 server on loopback).
+#[test]
+fn postgres_dumps_round_trip_through_an_s3_repository() {
+    let server = S3Server::start();
+    let repo = Repo {
+        location: server.url("postgres"),
+        env: server.env(),
+    };
+    let mut pg = Postgres::start();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", PG_SCHEMA);
+    shared_scenarios(&repo, &pg, 64 * 1024, "\"nosuchdb\" does not exist");
+    assert_fails_without_server(&repo, &mut pg, "connection");
 }

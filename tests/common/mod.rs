@@ -3,11 +3,12 @@
 
 pub mod db;
 pub mod dumpgen;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
-use bkp::{InitOptions, KdfParams, Repository, Store};
+use bkp::{InitOptions, KdfParams, ObjectInfo, Repository, Store};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -80,4 +81,60 @@ pub fn files_under(dir: &Path, sub: &str) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// What every store backend must do alike (docs/FORMAT.md §2): create-only puts with exactly one
+/// winner in a race, whole and ranged reads, sizes, sorted recursive listing, deletion.
+pub fn store_conformance(store: &Store) {
+    assert!(store.put_new("a/b", b"one".to_vec()).unwrap());
+    assert!(!store.put_new("a/b", b"two".to_vec()).unwrap());
+    assert_eq!(&store.get("a/b").unwrap()[..], b"one");
+    assert_eq!(&store.get_range("a/b", 1..3).unwrap()[..], b"ne");
+    assert!(matches!(store.get("nope"), Err(bkp::Error::Missing { .. })));
+    assert_eq!(store.size("a/b").unwrap(), Some(3));
+    assert_eq!(store.size("a/nope").unwrap(), None);
+
+    let big = random_bytes(9 << 20, 42);
+    assert!(store.put_new("a/c/big", big.clone()).unwrap());
+    assert!(store.get("a/c/big").unwrap() == big);
+    let range = (5 << 20) + 3..(6 << 20) + 77;
+    assert!(
+        store.get_range("a/c/big", range.clone()).unwrap()[..]
+            == big[range.start as usize..range.end as usize]
+    );
+    let entry = |name: &str, size: u64| ObjectInfo {
+        name: name.into(),
+        size,
+    };
+    assert_eq!(
+        store.list("a").unwrap(),
+        vec![entry("a/b", 3), entry("a/c/big", big.len() as u64)]
+    );
+    assert_eq!(
+        store.list("a/c").unwrap(),
+        vec![entry("a/c/big", big.len() as u64)]
+    );
+    assert!(store.list("empty").unwrap().is_empty());
+
+    // Eight writers race to create one object: exactly one wins, and its bytes are what stays.
+    let winners: Vec<(usize, bool)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| scope.spawn(move || (i, store.put_new("race", vec![i as u8; 1000]).unwrap())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won: Vec<usize> = winners
+        .iter()
+        .filter(|(_, w)| *w)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(won.len(), 1, "{winners:?}");
+    assert_eq!(
+        &store.get("race").unwrap()[..],
+        &vec![won[0] as u8; 1000][..]
+    );
+
+    store.delete("a/b").unwrap();
+    assert!(!store.exists("a/b").unwrap());
+    store.barrier().unwrap();
 }

@@ -1,0 +1,230 @@
+//! S3 repositories against a real S3 server (SeaweedFS on loopback, started and stopped here).
+//! One test runs every scenario in turn, because the server binds fixed internal ports.
+
+mod common;
+
+use std::io::{Cursor, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use assert_cmd::cargo::CommandCargoExt;
+use bkp::{BackupOptions, InitOptions, KdfParams, Repository};
+use common::s3::S3Server;
+use common::{PASSWORD, dumpgen, store_conformance};
+use predicates::prelude::*;
+
+/// `bkp` with the test password, a cheap KDF and the server's S3 settings, on `url`.
+fn bkp(server: &S3Server, url: &str) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
+    cmd.env_clear()
+        .env("BKP_REPOSITORY", url)
+        .env("BKP_PASSWORD", PASSWORD)
+        .env("BKP_INSECURE_FAST_KDF", "1")
+        .envs(server.env());
+    cmd
+}
+
+fn backup_json(server: &S3Server, url: &str, data: &[u8]) -> serde_json::Value {
+    let out = bkp(server, url)
+        .args(["backup", "--json", "--tag", "s3"])
+        .write_stdin(data.to_vec())
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice(&out).unwrap()
+}
+
+fn restore(server: &S3Server, url: &str, snapshot: &str) -> Vec<u8> {
+    bkp(server, url)
+        .args(["restore", snapshot])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone()
+}
+
+#[test]
+fn s3_repositories_work_against_a_real_server() {
+    let mut server = S3Server::start();
+
+    // The store layer behaves as local and in-memory stores do (tests/store.rs).
+    store_conformance(&server.store("conformance"));
+
+    library_round_trip_and_dedup(&server);
+    cli_round_trip_dedup_and_day_two(&server);
+    concurrent_inits_have_one_winner(&server);
+    wrong_credentials_and_missing_bucket_are_named(&server);
+    a_server_lost_mid_backup_leaves_the_repository_intact(&mut server);
+}
+
+fn library_round_trip_and_dedup(server: &S3Server) {
+    let options = InitOptions {
+        kdf: KdfParams::INSECURE_FAST,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(server.store("library"), PASSWORD.as_bytes(), &options).unwrap();
+    let dump = dumpgen::dump(12_000_000, 1);
+    let backup = |data: &[u8]| {
+        let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+        bkp::backup(&repo, source, &BackupOptions::default(), &mut |_| {}).unwrap()
+    };
+    let first = backup(&dump);
+    let again = backup(&dump);
+    assert_eq!(
+        again.bytes_stored, 4096,
+        "an unchanged dump adds one snapshot"
+    );
+    let reopened = Repository::open(server.store("library"), PASSWORD.as_bytes()).unwrap();
+    for summary in [&first, &again] {
+        let mut out = Vec::new();
+        bkp::restore(&reopened, &summary.snapshot, &mut out, &mut |_| {}).unwrap();
+        assert!(out == dump, "restore from S3 differs");
+    }
+}
+
+fn cli_round_trip_dedup_and_day_two(server: &S3Server) {
+    let url = server.url("cli");
+    bkp(server, &url).arg("init").assert().success();
+    let day1 = dumpgen::dump(8_000_000, 1);
+    let day2 = dumpgen::dump(8_000_000, 2);
+    let first = backup_json(server, &url, &day1);
+    let unchanged = backup_json(server, &url, &day1);
+    assert_eq!(unchanged["bytes_added"], 4096);
+    let second = backup_json(server, &url, &day2);
+    let (added1, added2) = (
+        first["bytes_added"].as_u64().unwrap(),
+        second["bytes_added"].as_u64().unwrap(),
+    );
+    assert!(added2 * 5 < added1, "day 1 added {added1}, day 2 {added2}");
+    let id = |v: &serde_json::Value| v["snapshot_id"].as_str().unwrap().to_string();
+    assert!(restore(server, &url, &id(&first)) == day1);
+    assert!(restore(server, &url, "latest") == day2);
+    let listed = bkp(server, &url)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+}
+
+fn concurrent_inits_have_one_winner(server: &S3Server) {
+    let url = server.url("race");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = Command::cargo_bin("bkp").unwrap();
+            cmd.env_clear()
+                .env("BKP_REPOSITORY", &url)
+                .env("BKP_PASSWORD", PASSWORD)
+                .env("BKP_INSECURE_FAST_KDF", "1")
+                .envs(server.env())
+                .arg("init")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outcomes: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let winners = outcomes.iter().filter(|o| o.status.success()).count();
+    assert_eq!(winners, 1, "{outcomes:?}");
+    for lost in outcomes.iter().filter(|o| !o.status.success()) {
+        assert!(String::from_utf8_lossy(&lost.stderr).contains("already exists"));
+    }
+    // The winner's key opens the repository.
+    backup_json(server, &url, b"after the race");
+}
+
+fn wrong_credentials_and_missing_bucket_are_named(server: &S3Server) {
+    let url = server.url("cli");
+    bkp(server, &url)
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .args(["snapshots"])
+        .assert()
+        .code(8)
+        .stderr(
+            predicate::str::contains("refused access")
+                .and(predicate::str::contains("AWS_SECRET_ACCESS_KEY"))
+                .and(predicate::str::contains("not-the-secret").not()),
+        );
+    bkp(server, "s3://no-such-bucket/repo")
+        .args(["snapshots"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("bucket").and(predicate::str::contains("does not exist")));
+    bkp(server, "s3://no-such-bucket/repo")
+        .arg("init")
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("does not exist"));
+    bkp(server, &server.url("nothing-here"))
+        .args(["snapshots"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("bkp init"));
+}
+
+fn a_server_lost_mid_backup_leaves_the_repository_intact(server: &mut S3Server) {
+    let url = server.url("lost");
+    bkp(server, &url).arg("init").assert().success();
+    let day1 = dumpgen::dump(4_000_000, 1);
+    let first = backup_json(server, &url, &day1);
+
+    // A backup whose input keeps coming, while the server goes away.
+    let mut cmd = Command::cargo_bin("bkp").unwrap();
+    let mut child = cmd
+        .env_clear()
+        .env("BKP_REPOSITORY", &url)
+        .env("BKP_PASSWORD", PASSWORD)
+        .env("BKP_INSECURE_FAST_KDF", "1")
+        .envs(server.env())
+        .args(["backup", "--tag", "lost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let block = common::random_bytes(1 << 20, 9);
+        for _ in 0..400 {
+            if stdin.write_all(&block).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    server.stop();
+    // BKP_RETRY_TIMEOUT=5 (server.env()) bounds how long bkp keeps retrying.
+    let output = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("storage error"), "{stderr}");
+
+    server.restart();
+    // No snapshot of the failed backup; the earlier one restores; a new backup succeeds.
+    let listed = bkp(server, &url)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let id = first["snapshot_id"].as_str().unwrap();
+    assert!(restore(server, &url, id) == day1);
+    let day2 = dumpgen::dump(4_000_000, 2);
+    backup_json(server, &url, &day2);
+    assert!(restore(server, &url, "latest") == day2);
+}
