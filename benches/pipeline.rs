@@ -7,6 +7,9 @@
 //! With BKP_BENCH_SWEEP=1 it also measures day-1 storage and day-2 additions for several chunk
 //! sizes through the library. BKP_BENCH_DAY1 and BKP_BENCH_DAY2 name an existing dump pair
 //! (e.g. a real one from benches/pg_dump_pair.sh) to use instead of generated dumps.
+//! BKP_BENCH_REPO names the repository to use instead of a local temporary directory, e.g. an
+//! `s3://bucket/prefix` with the AWS_* variables set (benches/s3.sh runs it against a loopback
+//! SeaweedFS); it must not exist yet.
 
 #[path = "../tests/common/dumpgen.rs"]
 mod dumpgen;
@@ -23,7 +26,7 @@ struct Run {
     stdout: String,
 }
 
-fn timed(bin: &str, args: &[&str], stdin: Option<&Path>, stdout_to_null: bool, repo: &Path) -> Run {
+fn timed(bin: &str, args: &[&str], stdin: Option<&Path>, stdout_to_null: bool, repo: &str) -> Run {
     let mut cmd = Command::new("/usr/bin/time");
     cmd.arg("-v").arg(bin).args(args);
     cmd.env("BKP_REPOSITORY", repo).env("BKP_PASSWORD", "bench");
@@ -180,14 +183,17 @@ fn main() {
     let len1 = std::fs::metadata(&day1).unwrap().len();
     let len2 = std::fs::metadata(&day2).unwrap().len();
     println!("dump pair: day 1 {len1} B, day 2 {len2} B");
-    let repo = work.path().join("repo");
+    let repo = std::env::var("BKP_BENCH_REPO")
+        .unwrap_or_else(|_| work.path().join("repo").to_str().unwrap().to_string());
+    println!("repository: {repo}");
 
-    Command::new(bin)
+    let init = Command::new(bin)
         .args(["init", "--quiet"])
         .env("BKP_REPOSITORY", &repo)
         .env("BKP_PASSWORD", "bench")
         .status()
         .unwrap();
+    assert!(init.success(), "bkp init {repo} failed");
     let steps = [
         ("backup day 1", &day1, len1),
         ("re-backup day 1", &day1, len1),
