@@ -393,37 +393,23 @@ fn cloud_store(location: &str, options: &[(&str, &str)]) -> Result<Option<Arc<dy
         max_retries: 10,
         retry_timeout,
     };
+    // The three builders share these methods but no trait.
+    macro_rules! build {
+        ($builder:expr) => {{
+            let mut builder = $builder.with_url(location);
+            for &(key, value) in &config {
+                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
+            }
+            builder
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        }};
+    }
     let built = match url.scheme() {
-        "s3" | "s3a" => {
-            let mut builder = AmazonS3Builder::from_env().with_url(location);
-            for (key, value) in config {
-                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
-            }
-            builder
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
-        }
-        "gs" => {
-            let mut builder = GoogleCloudStorageBuilder::from_env().with_url(location);
-            for (key, value) in config {
-                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
-            }
-            builder
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
-        }
-        _ => {
-            let mut builder = MicrosoftAzureBuilder::from_env().with_url(location);
-            for (key, value) in config {
-                builder = builder.with_config(key.parse().map_err(|_| bad_option(key))?, value);
-            }
-            builder
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
-        }
+        "s3" | "s3a" => build!(AmazonS3Builder::from_env()),
+        "gs" => build!(GoogleCloudStorageBuilder::from_env()),
+        _ => build!(MicrosoftAzureBuilder::from_env()),
     };
     let store = built.map_err(|e| invalid(format!("{location}: {e}")))?;
     let prefix = url.path().trim_matches('/');

@@ -7,21 +7,32 @@ use std::io::{Cursor, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use assert_cmd::cargo::CommandCargoExt;
 use bkp::{BackupOptions, InitOptions, KdfParams, Repository};
 use common::s3::S3Server;
 use common::{PASSWORD, dumpgen, store_conformance};
 use predicates::prelude::*;
 
 /// `bkp` with the test password, a cheap KDF and the server's S3 settings, on `url`.
-fn bkp(server: &S3Server, url: &str) -> assert_cmd::Command {
-    let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
-    cmd.env_clear()
-        .env("BKP_REPOSITORY", url)
-        .env("BKP_PASSWORD", PASSWORD)
-        .env("BKP_INSECURE_FAST_KDF", "1")
-        .envs(server.env());
+fn bkp_std(server: &S3Server, url: &str) -> Command {
+    let mut cmd = common::bkp_std(url);
+    cmd.envs(server.env());
     cmd
+}
+
+fn bkp(server: &S3Server, url: &str) -> assert_cmd::Command {
+    assert_cmd::Command::from_std(bkp_std(server, url))
+}
+
+fn snapshot_count(server: &S3Server, url: &str) -> usize {
+    let out = bkp(server, url)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let listed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    listed.as_array().unwrap().len()
 }
 
 fn backup_json(server: &S3Server, url: &str, data: &[u8]) -> serde_json::Value {
@@ -102,27 +113,14 @@ fn cli_round_trip_dedup_and_day_two(server: &S3Server) {
     let id = |v: &serde_json::Value| v["snapshot_id"].as_str().unwrap().to_string();
     assert!(restore(server, &url, &id(&first)) == day1);
     assert!(restore(server, &url, "latest") == day2);
-    let listed = bkp(server, &url)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 3);
+    assert_eq!(snapshot_count(server, &url), 3);
 }
 
 fn concurrent_inits_have_one_winner(server: &S3Server) {
     let url = server.url("race");
     let children: Vec<_> = (0..4)
         .map(|_| {
-            let mut cmd = Command::cargo_bin("bkp").unwrap();
-            cmd.env_clear()
-                .env("BKP_REPOSITORY", &url)
-                .env("BKP_PASSWORD", PASSWORD)
-                .env("BKP_INSECURE_FAST_KDF", "1")
-                .envs(server.env())
+            bkp_std(server, &url)
                 .arg("init")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -179,13 +177,7 @@ fn a_server_lost_mid_backup_leaves_the_repository_intact(server: &mut S3Server) 
     let first = backup_json(server, &url, &day1);
 
     // A backup whose input keeps coming, while the server goes away.
-    let mut cmd = Command::cargo_bin("bkp").unwrap();
-    let mut child = cmd
-        .env_clear()
-        .env("BKP_REPOSITORY", &url)
-        .env("BKP_PASSWORD", PASSWORD)
-        .env("BKP_INSECURE_FAST_KDF", "1")
-        .envs(server.env())
+    let mut child = bkp_std(server, &url)
         .args(["backup", "--tag", "lost"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -213,15 +205,7 @@ fn a_server_lost_mid_backup_leaves_the_repository_intact(server: &mut S3Server) 
 
     server.restart();
     // No snapshot of the failed backup; the earlier one restores; a new backup succeeds.
-    let listed = bkp(server, &url)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(snapshot_count(server, &url), 1);
     let id = first["snapshot_id"].as_str().unwrap();
     assert!(restore(server, &url, id) == day1);
     let day2 = dumpgen::dump(4_000_000, 2);

@@ -8,6 +8,7 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
+use assert_cmd::cargo::CommandCargoExt;
 use bkp::{InitOptions, KdfParams, ObjectInfo, Repository, Store};
 
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -31,9 +32,14 @@ pub fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
 
 /// `bkp` with the test password and a cheap KDF, pointed at `repo`.
 pub fn bkp(repo: &Path) -> Command {
-    let mut cmd = Command::cargo_bin("bkp").unwrap();
+    Command::from_std(bkp_std(repo.to_str().unwrap()))
+}
+
+/// [`bkp`] for any location, as a std Command (to spawn it).
+pub fn bkp_std(location: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::cargo_bin("bkp").unwrap();
     cmd.env_clear()
-        .env("BKP_REPOSITORY", repo)
+        .env("BKP_REPOSITORY", location)
         .env("BKP_PASSWORD", PASSWORD)
         .env("BKP_INSECURE_FAST_KDF", "1");
     cmd
