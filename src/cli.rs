@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bkp::{
-    BackupOptions, BackupSummary, Error, InitOptions, KdfParams, Repository, SnapshotEntry, Store,
+    BackupOptions, BackupSummary, Error, InitOptions, KdfParams, ReadData, Repository,
+    SnapshotEntry, Store,
 };
 use clap::{Args, Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
@@ -22,7 +23,8 @@ Exit codes:
   2    usage error (bad arguments)
   3    no repository at the given location (or its bucket does not exist)
   4    wrong password, or no usable key
-  5    damaged data: an object failed authentication or a restore failed verification
+  5    damaged data: an object failed authentication, a restore failed verification, or
+       `bkp check` found problems
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
   7    the dump command failed (non-zero exit or killed); nothing was recorded
   8    the storage refused the credentials (S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
@@ -40,6 +42,7 @@ A pg_dump or mysqldump stream whose completion trailer is missing is saved, flag
 and bkp exits with 6. Compressed input (gzip, zstd, pg_dump -Fc without -Z0) is backed up with
 a warning: it cannot be deduplicated.";
 
+const EXIT_DAMAGED: u8 = 5;
 const EXIT_DUMP_INCOMPLETE: u8 = 6;
 const EXIT_DUMP_COMMAND_FAILED: u8 = 7;
 
@@ -67,7 +70,7 @@ Environment:
     after_help = format!("{ENVIRONMENT}\n\n{EXIT_CODES}")
 )]
 struct Cli {
-    /// Repository location: a directory path (or file:// URL)
+    /// Repository location: a directory path (or file:// URL), or s3://BUCKET/PREFIX
     #[arg(
         short,
         long,
@@ -99,7 +102,21 @@ enum Commands {
     Restore(RestoreArgs),
     /// List snapshots, oldest first
     Snapshots(SnapshotsArgs),
+    /// Verify the repository: structure, and with --read-data the stored data itself
+    #[command(after_help = CHECK_HELP)]
+    Check(CheckArgs),
 }
+
+const CHECK_HELP: &str = "\
+Without --read-data, check reads metadata only: key files, index files, every pack's header (by
+range) and every snapshot's chunk tree, so it is cheap enough for every night. --read-data
+downloads, decrypts, decompresses and re-hashes every stored chunk; --read-data-subset 10% does
+that for a random tenth of the frames (a different tenth each run).
+Every problem found is listed with the snapshots it affects; bkp then exits with 5.
+
+Examples:
+  bkp check
+  bkp check --read-data-subset 5% --json";
 
 #[derive(Args)]
 struct BackupArgs {
@@ -136,6 +153,30 @@ struct RestoreArgs {
 }
 
 #[derive(Args)]
+struct CheckArgs {
+    /// Also read and verify every stored chunk
+    #[arg(long)]
+    read_data: bool,
+    /// Also read and verify a random sample of the stored data: a percentage like `10%`
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent, conflicts_with = "read_data")]
+    read_data_subset: Option<f64>,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+/// `10%` or `10` -> 0.1.
+fn parse_percent(text: &str) -> std::result::Result<f64, String> {
+    let number = text.trim().trim_end_matches('%');
+    match number.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p / 100.0),
+        _ => Err(format!(
+            "{text:?} is not a percentage between 0 and 100, e.g. 10%"
+        )),
+    }
+}
+
+#[derive(Args)]
 struct SnapshotsArgs {
     /// Only snapshots having all these tags
     #[arg(short, long = "tag", value_name = "TAG")]
@@ -163,6 +204,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Backup(args) => backup(&location, cli.quiet, args),
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
+        Commands::Check(args) => check(&location, cli.quiet, args),
     }
 }
 
@@ -171,7 +213,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     let code = match err.downcast_ref::<Error>() {
         Some(Error::RepositoryNotFound { .. } | Error::BucketNotFound { .. }) => 3,
         Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
-        Some(Error::Corrupt { .. } | Error::Missing { .. }) => 5,
+        Some(Error::Corrupt { .. } | Error::Missing { .. }) => EXIT_DAMAGED,
         Some(Error::DumpCommand(_)) => EXIT_DUMP_COMMAND_FAILED,
         Some(Error::AccessDenied { .. }) => 8,
         _ => 1,
@@ -527,6 +569,64 @@ fn dump_column(s: &bkp::Snapshot) -> String {
         Some(false) => format!("{kind} INCOMPLETE"),
         _ => kind.to_string(),
     }
+}
+
+fn check(location: &str, quiet: bool, args: CheckArgs) -> Result<ExitCode> {
+    let repo = open_repository(location)?;
+    let read_data = match (args.read_data, args.read_data_subset) {
+        (true, _) => ReadData::All,
+        (false, Some(fraction)) => ReadData::Fraction(fraction),
+        (false, None) => ReadData::None,
+    };
+    let show_progress = !quiet && !args.json && io::stderr().is_terminal();
+    let report = bkp::check(&repo, read_data, &mut |step| {
+        if show_progress {
+            eprintln!("checking {step}");
+        }
+    })?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        for problem in &report.problems {
+            write!(out, "problem: {}: {}", problem.object, problem.problem)?;
+            if !problem.snapshots.is_empty() {
+                let short: Vec<&str> = problem.snapshots.iter().map(|s| &s[..8]).collect();
+                write!(out, " (affects snapshot(s) {})", short.join(", "))?;
+            }
+            writeln!(out)?;
+        }
+        if !quiet || !report.is_ok() {
+            write!(
+                out,
+                "checked {} snapshot(s), {} index file(s), {} pack(s)",
+                report.snapshots, report.index_files, report.packs
+            )?;
+            if read_data != ReadData::None {
+                write!(out, ", read {} frame(s)", report.frames_read)?;
+            }
+            match report.problems.len() {
+                0 => write!(out, ": no problems")?,
+                n => write!(
+                    out,
+                    ": {n} PROBLEM(S); restore what you can, and back up anew"
+                )?,
+            }
+            if report.unreferenced_packs > 0 {
+                write!(
+                    out,
+                    "; {} unreferenced pack(s) from interrupted backups (harmless)",
+                    report.unreferenced_packs
+                )?;
+            }
+            writeln!(out)?;
+        }
+    }
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DAMAGED)
+    })
 }
 
 fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {

@@ -30,6 +30,7 @@
 //! ```
 
 mod backup;
+mod check;
 mod chunker;
 mod crypto;
 mod dump;
@@ -49,6 +50,7 @@ mod store;
 mod tree;
 
 pub use backup::{BackupEvent, BackupOptions, BackupProgress, BackupSummary, backup};
+pub use check::{CheckReport, Problem, ReadData, check};
 pub use chunker::ChunkerParams;
 pub use crypto::KdfParams;
 pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport};

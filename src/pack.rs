@@ -122,35 +122,50 @@ impl PackWriter {
     }
 }
 
-/// Reads a pack's header from the pack's bytes alone (for index rebuilds and `check`).
+/// Reads a pack's header from the pack's bytes alone (for index rebuilds).
 /// Returns the data ephemeral key (needed to open its frames) and the header.
 pub fn read_header(
     pack: &[u8],
     metadata: &OpeningKey,
     object: &str,
 ) -> Result<([u8; 32], PackHeader)> {
-    if pack.len() < PREFIX_LEN + TRAILER_LEN {
-        return Err(Error::corrupt(
-            object,
-            format!("truncated to {} bytes", pack.len()),
-        ));
+    let len = pack.len() as u64;
+    read_header_with(len, metadata, object, |range| {
+        pack.get(range.start as usize..range.end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::corrupt(object, "the header lies outside the pack"))
+    })
+}
+
+/// Reads a pack's header through `read(range)` of a pack `len` bytes long: three small reads
+/// (start, trailer, header) instead of the whole pack, which is what `check` needs.
+pub fn read_header_with(
+    len: u64,
+    metadata: &OpeningKey,
+    object: &str,
+    mut read: impl FnMut(std::ops::Range<u64>) -> Result<Vec<u8>>,
+) -> Result<([u8; 32], PackHeader)> {
+    if len < (PREFIX_LEN + TRAILER_LEN) as u64 {
+        return Err(Error::corrupt(object, format!("truncated to {len} bytes")));
     }
-    check_magic(PACK_MAGIC, &pack[..8], object)?;
-    let data_ephemeral: [u8; 32] = pack[8..40].try_into().expect("32 bytes");
-    let metadata_ephemeral: [u8; 32] = pack[40..PREFIX_LEN].try_into().expect("32 bytes");
+    let prefix = read(0..PREFIX_LEN as u64)?;
+    check_magic(PACK_MAGIC, &prefix[..8], object)?;
+    let data_ephemeral: [u8; 32] = prefix[8..40].try_into().expect("32 bytes");
+    let metadata_ephemeral: [u8; 32] = prefix[40..PREFIX_LEN].try_into().expect("32 bytes");
     let key = metadata
         .session(&metadata_ephemeral)
         .ok_or_else(|| Error::corrupt(object, "invalid session key"))?;
     let trailer = key
-        .open(TRAILER_AAD, &pack[pack.len() - TRAILER_LEN..])
+        .open(TRAILER_AAD, &read(len - TRAILER_LEN as u64..len)?)
         .ok_or_else(|| Error::corrupt(object, "the pack trailer fails authentication"))?;
-    let offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes")) as usize;
-    let len = u64::from_le_bytes(trailer[8..].try_into().expect("8 bytes")) as usize;
-    let sealed = pack
-        .get(offset..offset.saturating_add(len))
+    let offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+    let header_len = u64::from_le_bytes(trailer[8..].try_into().expect("8 bytes"));
+    let end = offset
+        .checked_add(header_len)
+        .filter(|&end| end <= len)
         .ok_or_else(|| Error::corrupt(object, "the header lies outside the pack"))?;
     let plain = key
-        .open(HEADER_AAD, sealed)
+        .open(HEADER_AAD, &read(offset..end)?)
         .ok_or_else(|| Error::corrupt(object, "the pack header fails authentication"))?;
     let (header, _padding): (PackHeader, _) = postcard::take_from_bytes(&plain)
         .map_err(|e| Error::corrupt(object, format!("the pack header does not decode: {e}")))?;

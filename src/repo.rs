@@ -246,6 +246,12 @@ impl Repository {
         Ok((id, len))
     }
 
+    /// Reads the snapshot object `snapshots/<id>`.
+    pub(crate) fn read_snapshot_named(&self, name: &str) -> Result<SnapshotEntry> {
+        let id = id_of(name).ok_or_else(|| Error::corrupt(name, "not named by a snapshot id"))?;
+        self.read_snapshot(id)
+    }
+
     fn read_snapshot(&self, id: Id) -> Result<SnapshotEntry> {
         let name = snapshot_name(&id);
         let snapshot = envelope::open(

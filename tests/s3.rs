@@ -114,6 +114,11 @@ fn cli_round_trip_dedup_and_day_two(server: &S3Server) {
     assert!(restore(server, &url, &id(&first)) == day1);
     assert!(restore(server, &url, "latest") == day2);
     assert_eq!(snapshot_count(server, &url), 3);
+    bkp(server, &url)
+        .args(["check", "--read-data"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("no problems"));
 }
 
 fn concurrent_inits_have_one_winner(server: &S3Server) {

@@ -1,0 +1,158 @@
+//! `bkp check` on intact and damaged repositories: every problem is found, named, and tied to
+//! the snapshots it affects; exit code 5 when there is any.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{backup_cli, bkp, dumpgen, files_under, local_repo};
+
+fn check_json(repo: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = bkp(repo)
+        .arg("check")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no JSON: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap(), report)
+}
+
+/// The problems' (object, problem, affected snapshots).
+fn problems(report: &serde_json::Value) -> Vec<(String, String, Vec<String>)> {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let snapshots = p["snapshots"].as_array().unwrap();
+            (
+                p["object"].as_str().unwrap().to_string(),
+                p["problem"].as_str().unwrap().to_string(),
+                snapshots
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// A repository with two snapshots of different data, and the pack and index file that only
+/// `crm`'s backup wrote. Both streams are small enough (under 64 chunks) to have no chunk-tree
+/// nodes, so their packs hold data frames only.
+fn two_snapshots() -> (tempfile::TempDir, PathBuf, String, String, PathBuf, PathBuf) {
+    let (dir, repo) = local_repo();
+    let crm = backup_cli(&repo, &common::random_bytes(600_000, 7), &["crm"]);
+    let crm_pack = files_under(&repo, "packs").pop().unwrap();
+    let crm_index = files_under(&repo, "index").pop().unwrap();
+    let shop = backup_cli(&repo, &dumpgen::dump(600_000, 1), &["shop"]);
+    (dir, repo, shop, crm, crm_pack, crm_index)
+}
+
+fn name_under(repo: &Path, file: &Path) -> String {
+    file.strip_prefix(repo)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn an_intact_repository_checks_clean_with_and_without_reading_data() {
+    let (_dir, repo, ..) = two_snapshots();
+    for args in [&[][..], &["--read-data"], &["--read-data-subset", "50%"]] {
+        let (code, report) = check_json(&repo, args);
+        assert_eq!(code, 0, "{args:?}: {report}");
+        assert!(problems(&report).is_empty());
+        assert_eq!(report["snapshots"], 2);
+    }
+    let (_, report) = check_json(&repo, &["--read-data"]);
+    assert!(report["frames_read"].as_u64().unwrap() >= 2);
+    bkp(&repo)
+        .arg("check")
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("no problems"));
+}
+
+#[test]
+fn a_flipped_byte_in_a_pack_is_found_by_reading_data_and_names_the_snapshot() {
+    let (_dir, repo, _shop, crm, pack, _) = two_snapshots();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[300] ^= 0x40; // inside the first frame, not the header
+    std::fs::write(&pack, bytes).unwrap();
+
+    let (code, report) = check_json(&repo, &[]);
+    assert_eq!(code, 0, "structure alone does not read frames: {report}");
+    let (code, report) = check_json(&repo, &["--read-data"]);
+    assert_eq!(code, 5);
+    let found = problems(&report);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (object, problem, snapshots) = &found[0];
+    assert_eq!(object, &name_under(&repo, &pack));
+    assert!(problem.contains("authentication"), "{problem}");
+    assert_eq!(snapshots, &vec![crm]);
+    bkp(&repo)
+        .args(["check", "--read-data"])
+        .assert()
+        .code(5)
+        .stdout(predicates::str::contains("PROBLEM"));
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let (_dir, repo, shop, crm, pack, _) = two_snapshots();
+    // A missing pack, a truncated snapshot, and an index file sealed by another repository.
+    std::fs::remove_file(&pack).unwrap();
+    let snapshot = files_under(&repo, "snapshots")
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_str().unwrap() == shop)
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&snapshot)
+        .unwrap();
+    file.set_len(1000).unwrap();
+    drop(file);
+    let (_other_dir, other) = local_repo();
+    backup_cli(&other, b"another repository's data", &[]);
+    let foreign = files_under(&other, "index").pop().unwrap();
+    let foreign_name = format!("index/{}", foreign.file_name().unwrap().to_str().unwrap());
+    std::fs::copy(&foreign, repo.join(&foreign_name)).unwrap();
+
+    let (code, report) = check_json(&repo, &[]);
+    assert_eq!(code, 5);
+    let found = problems(&report);
+    let about = |object: &str| {
+        found
+            .iter()
+            .find(|(o, _, _)| o == object)
+            .unwrap_or_else(|| panic!("nothing about {object} in {found:?}"))
+    };
+    let (_, problem, snapshots) = about(&name_under(&repo, &pack));
+    assert!(problem.contains("missing"), "{problem}");
+    assert_eq!(snapshots, &vec![crm]);
+    let (_, problem, _) = about(&name_under(&repo, &snapshot));
+    assert!(problem.contains("corrupt"), "{problem}");
+    let (_, problem, _) = about(&foreign_name);
+    assert!(problem.contains("authentication"), "{problem}");
+    assert_eq!(found.len(), 3, "{found:?}");
+}
+
+#[test]
+fn a_missing_index_file_leaves_snapshots_with_unindexed_chunks() {
+    let (_dir, repo, _shop, crm, _, crm_index) = two_snapshots();
+    std::fs::remove_file(crm_index).unwrap();
+
+    let (code, report) = check_json(&repo, &[]);
+    assert_eq!(code, 5);
+    let found = problems(&report);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (object, problem, snapshots) = &found[0];
+    assert_eq!(object, &format!("snapshots/{crm}"));
+    assert!(problem.contains("in no index"), "{problem}");
+    assert_eq!(snapshots, &vec![crm.clone()]);
+    assert_eq!(report["unreferenced_packs"], 1);
+}
