@@ -57,6 +57,8 @@ Environment:
   BKP_PASSWORD_FILE      file whose first line is the password
   BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
+  BKP_NEW_PASSWORD_FILE, BKP_NEW_PASSWORD_COMMAND, BKP_NEW_PASSWORD
+                         the new password for `bkp key add` and `bkp key passwd`
   Without any of these, bkp asks on the terminal.";
 
 #[derive(Parser)]
@@ -105,6 +107,34 @@ enum Commands {
     /// Verify the repository: structure, and with --read-data the stored data itself
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
+    /// Manage the passwords (key files) that open the repository
+    #[command(subcommand, after_help = KEY_HELP)]
+    Key(KeyCommand),
+}
+
+const KEY_HELP: &str = "\
+Each password is a key file wrapping the same master key: adding a key or changing a password
+re-encrypts nothing. New passwords come from BKP_NEW_PASSWORD_FILE, BKP_NEW_PASSWORD_COMMAND,
+BKP_NEW_PASSWORD or a prompt, like the current one from BKP_PASSWORD_*; never from arguments.
+The last key cannot be removed, nor the key in use (use `bkp key passwd` to replace it).";
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List the key files; * marks the one the password opened
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a key file for a new password
+    Add,
+    /// Remove a key file (by unique id prefix)
+    Remove {
+        /// Key id or unique prefix, from `bkp key list`
+        id: String,
+    },
+    /// Change the password in use (adds a key for the new one, then removes the old)
+    Passwd,
 }
 
 const CHECK_HELP: &str = "\
@@ -205,6 +235,9 @@ pub fn run() -> Result<ExitCode> {
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Check(args) => check(&location, cli.quiet, args),
+        Commands::Key(command) => {
+            key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -235,43 +268,129 @@ fn first_line(text: Zeroizing<String>) -> Zeroizing<String> {
 }
 
 fn read_password(confirm: bool) -> Result<Zeroizing<String>> {
-    if let Ok(path) = std::env::var("BKP_PASSWORD_FILE") {
+    read_secret("BKP_PASSWORD", "Repository password", confirm)
+}
+
+/// A secret from `{var}_FILE` (first line), `{var}_COMMAND` (first line it prints), `{var}`, or
+/// a prompt on the terminal; never from the command line.
+fn read_secret(var: &str, prompt: &str, confirm: bool) -> Result<Zeroizing<String>> {
+    if let Ok(path) = std::env::var(format!("{var}_FILE")) {
         let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read BKP_PASSWORD_FILE {path}"))?;
+            .with_context(|| format!("cannot read {var}_FILE {path}"))?;
         return Ok(first_line(Zeroizing::new(text)));
     }
-    if let Ok(command) = std::env::var("BKP_PASSWORD_COMMAND") {
+    if let Ok(command) = std::env::var(format!("{var}_COMMAND")) {
         let output = Command::new("sh")
             .args(["-c", &command])
             .stdin(std::process::Stdio::null())
             .output()
-            .context("cannot run BKP_PASSWORD_COMMAND")?;
+            .with_context(|| format!("cannot run {var}_COMMAND"))?;
         if !output.status.success() {
-            bail!(
-                "BKP_PASSWORD_COMMAND failed ({}); fix the command",
-                output.status
-            );
+            bail!("{var}_COMMAND failed ({}); fix the command", output.status);
         }
         let text = String::from_utf8(output.stdout)
-            .context("BKP_PASSWORD_COMMAND printed something that is not UTF-8")?;
+            .with_context(|| format!("{var}_COMMAND printed something that is not UTF-8"))?;
         return Ok(first_line(Zeroizing::new(text)));
     }
-    if let Ok(password) = std::env::var("BKP_PASSWORD") {
+    if let Ok(password) = std::env::var(var) {
         return Ok(Zeroizing::new(password));
     }
     if !io::stderr().is_terminal() || File::open("/dev/tty").is_err() {
         bail!(
-            "no password given: set BKP_PASSWORD_FILE, BKP_PASSWORD_COMMAND or BKP_PASSWORD (no terminal to ask on)"
+            "no {} given: set {var}_FILE, {var}_COMMAND or {var} (no terminal to ask on)",
+            prompt.to_lowercase()
         );
     }
-    let password = Zeroizing::new(rpassword::prompt_password("Repository password: ")?);
+    let password = Zeroizing::new(rpassword::prompt_password(format!("{prompt}: "))?);
     if confirm {
-        let again = Zeroizing::new(rpassword::prompt_password("Repeat password: ")?);
+        let again = Zeroizing::new(rpassword::prompt_password(format!(
+            "Repeat {}: ",
+            prompt.to_lowercase()
+        ))?);
         if *again != *password {
-            bail!("the passwords do not match; nothing was created");
+            bail!("the passwords do not match; nothing was changed");
         }
     }
     Ok(password)
+}
+
+fn kdf_params() -> KdfParams {
+    if std::env::var_os("BKP_INSECURE_FAST_KDF").is_some() {
+        KdfParams::INSECURE_FAST
+    } else {
+        KdfParams::DEFAULT
+    }
+}
+
+fn key_command(location: &str, quiet: bool, command: KeyCommand) -> Result<()> {
+    let repo = open_repository(location)?;
+    let mut out = io::stdout().lock();
+    match command {
+        KeyCommand::List { json } => {
+            let keys = bkp::list_keys(&repo)?;
+            if json {
+                let array: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        json!({
+                            "id": k.id.to_hex(),
+                            "created": humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + Duration::from_secs(k.created.max(0) as u64)
+                            ).to_string(),
+                            "kdf": { "algorithm": "argon2id", "memory_kib": k.kdf.memory_kib,
+                                     "iterations": k.kdf.iterations, "parallelism": k.kdf.parallelism },
+                            "current": k.current,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
+            } else {
+                writeln!(out, "{:<2}{:<10}{:<22}kdf", "", "id", "created")?;
+                for k in &keys {
+                    let created =
+                        std::time::UNIX_EPOCH + Duration::from_secs(k.created.max(0) as u64);
+                    writeln!(
+                        out,
+                        "{:<2}{:<10}{:<22}argon2id m={} MiB t={} p={}",
+                        if k.current { "*" } else { "" },
+                        k.id.short(),
+                        humantime::format_rfc3339_seconds(created).to_string(),
+                        k.kdf.memory_kib / 1024,
+                        k.kdf.iterations,
+                        k.kdf.parallelism
+                    )?;
+                }
+                writeln!(out, "{} key(s); * marks the one in use", keys.len())?;
+            }
+        }
+        KeyCommand::Add => {
+            let password = read_secret("BKP_NEW_PASSWORD", "New password", true)?;
+            let id = bkp::add_key(&repo, password.as_bytes(), kdf_params())?;
+            if !quiet {
+                writeln!(out, "added key {}", id.short())?;
+            }
+        }
+        KeyCommand::Remove { id } => {
+            let key = bkp::find_key(&repo, &id)?;
+            bkp::remove_key(&repo, &key.id, false)?;
+            if !quiet {
+                writeln!(out, "removed key {}", key.id.short())?;
+            }
+        }
+        KeyCommand::Passwd => {
+            let password = read_secret("BKP_NEW_PASSWORD", "New password", true)?;
+            let id = bkp::change_password(&repo, password.as_bytes(), kdf_params())?;
+            if !quiet {
+                writeln!(
+                    out,
+                    "password changed: key {} replaces {}",
+                    id.short(),
+                    repo.key_id().short()
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Storage options from the environment (cloud credentials are read by the store itself).
@@ -304,13 +423,8 @@ fn init(location: &str, quiet: bool) -> Result<()> {
             "refusing an empty password; choose one and keep it safe: without it no backup can be restored"
         );
     }
-    let kdf = if std::env::var_os("BKP_INSECURE_FAST_KDF").is_some() {
-        KdfParams::INSECURE_FAST
-    } else {
-        KdfParams::DEFAULT
-    };
     let options = InitOptions {
-        kdf,
+        kdf: kdf_params(),
         ..InitOptions::default()
     };
     let repo = Repository::init(open_store(location, true)?, password.as_bytes(), &options)?;

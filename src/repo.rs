@@ -55,6 +55,8 @@ impl Default for InitOptions {
 pub struct Repository {
     store: Store,
     key: MasterKey,
+    /// The key file that opened (or created) the repository.
+    key_id: Id,
     config: Config,
 }
 
@@ -71,12 +73,12 @@ pub fn snapshot_name(id: &Id) -> String {
     format!("snapshots/{id}")
 }
 
-fn key_name(id: &Id) -> String {
+pub(crate) fn key_name(id: &Id) -> String {
     format!("keys/{id}")
 }
 
 /// The last path component of an object name, parsed as an id.
-fn id_of(name: &str) -> Option<Id> {
+pub(crate) fn id_of(name: &str) -> Option<Id> {
     name.rsplit('/').next()?.parse().ok()
 }
 
@@ -84,7 +86,7 @@ pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
 }
 
-fn unix_seconds(time: SystemTime) -> i64 {
+pub(crate) fn unix_seconds(time: SystemTime) -> i64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
@@ -117,9 +119,15 @@ impl Repository {
             });
         }
         let key_bytes = key_file.encode();
-        store.put_new(&key_name(&Id::of_object(&key_bytes)), key_bytes)?;
+        let key_id = Id::of_object(&key_bytes);
+        store.put_new(&key_name(&key_id), key_bytes)?;
         store.barrier()?;
-        Ok(Repository { store, key, config })
+        Ok(Repository {
+            store,
+            key,
+            key_id,
+            config,
+        })
     }
 
     /// Opens a repository with a password, trying each key file in turn.
@@ -152,7 +160,10 @@ impl Repository {
                 envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME);
             match config {
                 Ok(config) if config.repository_id == key.repository_id => {
-                    opened = Some((key, config));
+                    let key_id = id_of(&object.name).ok_or_else(|| {
+                        Error::corrupt(&object.name, "not named by the hash of a key file")
+                    })?;
+                    opened = Some((key, key_id, config));
                     break;
                 }
                 Ok(_) => {
@@ -164,7 +175,7 @@ impl Repository {
                 Err(e) => unlocked_but_wrong = Some(e),
             }
         }
-        let (key, config) = match (opened, unlocked_but_wrong) {
+        let (key, key_id, config) = match (opened, unlocked_but_wrong) {
             (Some(opened), _) => opened,
             (None, Some(e)) => return Err(e),
             (None, None) => {
@@ -175,7 +186,12 @@ impl Repository {
             }
         };
         config.chunker.validate()?;
-        Ok(Repository { store, key, config })
+        Ok(Repository {
+            store,
+            key,
+            key_id,
+            config,
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -188,6 +204,11 @@ impl Repository {
 
     pub(crate) fn key(&self) -> &MasterKey {
         &self.key
+    }
+
+    /// The id of the key file that opened this repository.
+    pub fn key_id(&self) -> Id {
+        self.key_id
     }
 
     /// Reads every index file.

@@ -1,0 +1,111 @@
+//! Key management: several passwords open one repository, each through its own key file
+//! (docs/FORMAT.md §4) wrapping the same master key, with its own argon2id parameters. Adding a
+//! key or changing a password re-wraps the master key; no data is re-encrypted.
+
+use std::time::SystemTime;
+
+use crate::crypto::{KdfParams, KeyFile};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::repo::{Repository, id_of, key_name, unix_seconds};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: Id,
+    /// Unix seconds.
+    pub created: i64,
+    pub kdf: KdfParams,
+    /// Whether this key opened the repository in this session.
+    pub current: bool,
+}
+
+/// Every key file, oldest first.
+pub fn list_keys(repo: &Repository) -> Result<Vec<KeyInfo>> {
+    let store = repo.store();
+    let mut keys = Vec::new();
+    for object in store.list("keys")? {
+        let id = id_of(&object.name)
+            .ok_or_else(|| Error::corrupt(&object.name, "not named by the hash of a key file"))?;
+        let file = KeyFile::decode(&store.get(&object.name)?, &object.name)?;
+        keys.push(KeyInfo {
+            id,
+            created: file.created,
+            kdf: file.kdf,
+            current: id == repo.key_id(),
+        });
+    }
+    keys.sort_by_key(|k| (k.created, k.id));
+    Ok(keys)
+}
+
+/// Adds a key file for `password`; returns its id.
+pub fn add_key(repo: &Repository, password: &[u8], kdf: KdfParams) -> Result<Id> {
+    if password.is_empty() {
+        return Err(Error::invalid("new password", "it is empty"));
+    }
+    let created = unix_seconds(SystemTime::now());
+    let bytes = KeyFile::wrap(repo.key(), password, kdf, created)?.encode();
+    let id = Id::of_object(&bytes);
+    repo.store().put_new(&key_name(&id), bytes)?;
+    repo.store().barrier()?;
+    Ok(id)
+}
+
+/// The key whose id starts with `prefix`.
+pub fn find_key(repo: &Repository, prefix: &str) -> Result<KeyInfo> {
+    let prefix = prefix.to_ascii_lowercase();
+    let mut matches: Vec<KeyInfo> = list_keys(repo)?
+        .into_iter()
+        .filter(|k| !prefix.is_empty() && k.id.to_hex().starts_with(&prefix))
+        .collect();
+    match matches.len() {
+        1 => Ok(matches.pop().expect("one")),
+        0 => Err(Error::invalid(
+            "key",
+            format!("no key id starts with {prefix:?}; `bkp key list` shows them"),
+        )),
+        n => Err(Error::invalid(
+            "key",
+            format!("{n} key ids start with {prefix:?}; give more characters"),
+        )),
+    }
+}
+
+/// Removes a key file. Refuses the last key (nothing could open the repository any more) and
+/// the key in use, unless `allow_current` (what `passwd` does after adding the new key).
+pub fn remove_key(repo: &Repository, id: &Id, allow_current: bool) -> Result<()> {
+    let keys = list_keys(repo)?;
+    if !keys.iter().any(|k| k.id == *id) {
+        return Err(Error::invalid(
+            "key",
+            format!("there is no key {}", id.short()),
+        ));
+    }
+    if keys.len() == 1 {
+        return Err(Error::invalid(
+            "key",
+            format!(
+                "{} is the repository's only key; without it nothing can be restored (add another first)",
+                id.short()
+            ),
+        ));
+    }
+    if *id == repo.key_id() && !allow_current {
+        return Err(Error::invalid(
+            "key",
+            format!(
+                "{} is the key you opened the repository with; to replace its password use `bkp key passwd`, or open with another key to remove it",
+                id.short()
+            ),
+        ));
+    }
+    repo.store().delete(&key_name(id))
+}
+
+/// Changes the password of the key in use: adds a key for `new_password`, then removes the old
+/// one. Returns the new key's id.
+pub fn change_password(repo: &Repository, new_password: &[u8], kdf: KdfParams) -> Result<Id> {
+    let new = add_key(repo, new_password, kdf)?;
+    remove_key(repo, &repo.key_id(), true)?;
+    Ok(new)
+}
