@@ -110,6 +110,63 @@ enum Commands {
     /// Manage the passwords (key files) that open the repository
     #[command(subcommand, after_help = KEY_HELP)]
     Key(KeyCommand),
+    /// Remove snapshots by a retention policy (per host and tag set) or by id
+    #[command(after_help = FORGET_HELP)]
+    Forget(ForgetArgs),
+}
+
+const FORGET_HELP: &str = "\
+Snapshots are grouped by host and tag set (--group-by), and the policy applies to each group
+on its own, so `--tag shop` retention never touches another database's or host's snapshots.
+A snapshot is kept if any rule keeps it: --keep-last N newest; --keep-daily N keeps the newest
+snapshot of each of the N most recent days that have one (likewise hourly, weekly = ISO weeks,
+monthly, yearly; in the local time zone, TZ); --keep-within 30d keeps everything younger.
+Forgetting deletes only snapshot objects; the data they alone used stays until a prune.
+
+Examples:
+  bkp forget --tag shop --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --dry-run
+  bkp forget 1a2b3c4d";
+
+#[derive(Args)]
+struct ForgetArgs {
+    /// Snapshots to forget by id (unique prefixes), instead of a policy
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = [
+        "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+        "keep_within"])]
+    snapshots: Vec<String>,
+    /// Only snapshots having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: usize,
+    /// Keep the newest snapshot of each of the last N hours that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: usize,
+    /// Keep the newest snapshot of each of the last N days that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: usize,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: usize,
+    /// Keep the newest snapshot of each of the last N months that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: usize,
+    /// Keep the newest snapshot of each of the last N years that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_yearly: usize,
+    /// Keep every snapshot younger than this, e.g. 36h, 30d, 2w
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    keep_within: Option<Duration>,
+    /// What makes a series: host,tags (default), host, tags or none
+    #[arg(long, value_name = "KEYS", default_value = "host,tags")]
+    group_by: String,
+    /// Show what would be forgotten, change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the decisions as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 const KEY_HELP: &str = "\
@@ -235,6 +292,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Check(args) => check(&location, cli.quiet, args),
+        Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
@@ -683,6 +741,133 @@ fn dump_column(s: &bkp::Snapshot) -> String {
         Some(false) => format!("{kind} INCOMPLETE"),
         _ => kind.to_string(),
     }
+}
+
+fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let mut out = io::stdout().lock();
+    let time =
+        |entry: &SnapshotEntry| humantime::format_rfc3339_seconds(entry.snapshot.time).to_string();
+    if !args.snapshots.is_empty() {
+        let entries = args
+            .snapshots
+            .iter()
+            .map(|query| repo.find_snapshot(query, &args.tags))
+            .collect::<bkp::Result<Vec<_>>>()?;
+        if !args.dry_run {
+            bkp::forget::remove(&repo, &entries.iter().collect::<Vec<_>>())?;
+        }
+        if !quiet {
+            for entry in &entries {
+                writeln!(out, "forget  {}  {}", entry.id.short(), time(entry))?;
+            }
+            done_line(&mut out, entries.len(), args.dry_run)?;
+        }
+        return Ok(());
+    }
+    let policy = bkp::retention::Policy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        within: args.keep_within,
+    };
+    let group_by: bkp::forget::GroupBy = args.group_by.parse()?;
+    let tz = jiff::tz::TimeZone::system();
+    let groups = bkp::forget::plan(
+        &repo,
+        &args.tags,
+        &policy,
+        group_by,
+        std::time::SystemTime::now(),
+        &tz,
+    )?;
+    let forgotten: Vec<&SnapshotEntry> = groups
+        .iter()
+        .flat_map(|g| &g.snapshots)
+        .filter(|(_, decision)| !decision.keep)
+        .map(|(entry, _)| entry)
+        .collect();
+    if !args.dry_run {
+        bkp::forget::remove(&repo, &forgotten)?;
+    }
+    if args.json {
+        let groups: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let snapshots: Vec<_> = g
+                    .snapshots
+                    .iter()
+                    .map(|(e, d)| {
+                        json!({"id": e.id.to_hex(), "time": time(e), "keep": d.keep, "reasons": d.reasons})
+                    })
+                    .collect();
+                json!({"host": g.host, "tags": g.tags, "snapshots": snapshots})
+            })
+            .collect();
+        let report =
+            json!({"dry_run": args.dry_run, "forgotten": forgotten.len(), "groups": groups});
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    if quiet {
+        return Ok(());
+    }
+    for group in &groups {
+        let mut name = Vec::new();
+        if let Some(host) = &group.host {
+            name.push(format!("host {host}"));
+        }
+        if let Some(tags) = &group.tags {
+            name.push(format!(
+                "tags {}",
+                if tags.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    tags.join(",")
+                }
+            ));
+        }
+        let kept = group.snapshots.iter().filter(|(_, d)| d.keep).count();
+        writeln!(
+            out,
+            "{}: keep {kept} of {}",
+            if name.is_empty() {
+                "all snapshots".to_string()
+            } else {
+                name.join(", ")
+            },
+            group.snapshots.len()
+        )?;
+        for (entry, decision) in &group.snapshots {
+            writeln!(
+                out,
+                "  {:<7} {}  {}  {}",
+                if decision.keep { "keep" } else { "forget" },
+                entry.id.short(),
+                time(entry),
+                decision.reasons.join(", ")
+            )?;
+        }
+    }
+    done_line(&mut out, forgotten.len(), args.dry_run)
+}
+
+fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {
+    if dry_run {
+        writeln!(
+            out,
+            "would forget {count} snapshot(s) (dry run: nothing changed)"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "forgot {count} snapshot(s); the data only they used stays in the repository until a prune"
+        )?;
+    }
+    Ok(())
 }
 
 fn check(location: &str, quiet: bool, args: CheckArgs) -> Result<ExitCode> {

@@ -49,7 +49,9 @@ fn a_second_password_opens_the_same_repository_until_removed() {
         .args(["key", "add"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("added key").and(predicate::str::contains("second").not()));
+        .stdout(
+            predicate::str::contains("added key").and(predicate::str::contains("second").not()),
+        );
     assert!(opens(&repo, PASSWORD) && opens(&repo, "second password"));
     let restored = bkp(&repo)
         .env("BKP_PASSWORD", "second password")
