@@ -51,6 +51,9 @@ impl FromStr for GroupBy {
     }
 }
 
+/// (host, tags), each present when grouping by it.
+type SeriesKey = (Option<String>, Option<Vec<String>>);
+
 /// One series of snapshots and the policy's decision on each, oldest first.
 #[derive(Clone, Debug)]
 pub struct ForgetGroup {
@@ -74,8 +77,7 @@ pub fn plan(
             "no --keep-* rule given; refusing to forget every snapshot",
         ));
     }
-    let mut groups: BTreeMap<(Option<String>, Option<Vec<String>>), Vec<SnapshotEntry>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<SeriesKey, Vec<SnapshotEntry>> = BTreeMap::new();
     for entry in repo.snapshots(tags)? {
         let key = (
             group_by.host.then(|| entry.snapshot.hostname.clone()),
