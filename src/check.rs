@@ -20,7 +20,7 @@ use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
 use crate::pack;
 use crate::pack_reader::{FrameReader, bases_of};
 use crate::repo::{Repository, pack_name};
-use crate::tree::TreeWalker;
+use crate::walk::for_each_chunk;
 
 /// How much stored data `check` reads back.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -201,53 +201,27 @@ impl Checker<'_> {
                 }
             };
             let mut packs = BTreeSet::new();
-            let mut node_packs = BTreeSet::new();
-            let mut node_frame: Option<(u32, Vec<u8>)> = None;
             let mut missing = 0u64;
-            let mut walker = TreeWalker::new(&entry.snapshot.tree);
-            let mut fetch_node = |id: &Id| -> Result<Vec<u8>> {
-                let loc = index.chunk(id).ok_or_else(|| Error::Missing {
-                    object: format!("tree node {}", id.short()),
-                })?;
-                node_packs.insert(index.frame(loc.frame).pack);
-                // Nodes are stored together, a few frames per snapshot: keep the last one.
-                if node_frame.as_ref().is_none_or(|(f, _)| *f != loc.frame) {
-                    node_frame = Some((loc.frame, reader.read(loc.frame, &[], Vec::new())?));
-                }
-                let (_, raw) = node_frame.as_ref().expect("just read");
-                let node = raw
-                    .get(loc.offset as usize..(loc.offset + loc.len) as usize)
-                    .filter(|node| self.repo.key().chunk_id(node) == *id)
-                    .ok_or_else(|| {
-                        Error::corrupt(format!("tree node {}", id.short()), "wrong content")
-                    })?;
-                Ok(node.to_vec())
-            };
-            let mut walk_error = None;
-            loop {
-                match walker.next_id(&mut fetch_node) {
-                    Ok(Some(id)) => match index.chunk(&id) {
-                        Some(loc) => {
-                            packs.insert(index.frame(loc.frame).pack);
-                            match bases_of(index, loc.frame) {
-                                Ok(bases) => {
-                                    packs.extend(bases.iter().map(|&b| index.frame(b).pack))
-                                }
-                                Err(e) => {
-                                    walk_error.get_or_insert(e);
-                                }
+            let mut base_error = None;
+            let walked = for_each_chunk(
+                self.repo,
+                index,
+                &mut reader,
+                &entry.snapshot.tree,
+                &mut |id, _is_node| match index.chunk(&id) {
+                    Some(loc) => {
+                        packs.insert(index.frame(loc.frame).pack);
+                        match bases_of(index, loc.frame) {
+                            Ok(bases) => packs.extend(bases.iter().map(|&b| index.frame(b).pack)),
+                            Err(e) => {
+                                base_error.get_or_insert(e);
                             }
                         }
-                        None => missing += 1,
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        walk_error = Some(e);
-                        break;
                     }
-                }
-            }
-            packs.append(&mut node_packs);
+                    None => missing += 1,
+                },
+            );
+            let walk_error = walked.err().or(base_error);
             let snapshot = entry.id.to_hex();
             if missing > 0 {
                 let problem = format!("{missing} of its chunks are in no index (missing data)");

@@ -51,6 +51,7 @@ mod snapshot;
 pub mod source;
 mod store;
 mod tree;
+mod walk;
 
 pub use backup::{BackupEvent, BackupOptions, BackupProgress, BackupSummary, backup};
 pub use check::{CheckReport, Problem, ReadData, check};

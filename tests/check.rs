@@ -84,16 +84,22 @@ fn a_flipped_byte_in_a_pack_is_found_by_reading_data_and_names_the_snapshot() {
     bytes[300] ^= 0x40; // inside the first frame, not the header
     std::fs::write(&pack, bytes).unwrap();
 
-    let (code, report) = check_json(&repo, &[]);
-    assert_eq!(code, 0, "structure alone does not read frames: {report}");
+    // Reading the data finds it. (The structure check finds it only if the byte landed in a
+    // chunk-tree node, which a 600 KB stream has with a probability of ~13 %.)
     let (code, report) = check_json(&repo, &["--read-data"]);
     assert_eq!(code, 5);
     let found = problems(&report);
-    assert_eq!(found.len(), 1, "{found:?}");
-    let (object, problem, snapshots) = &found[0];
-    assert_eq!(object, &name_under(&repo, &pack));
+    assert!(
+        found
+            .iter()
+            .all(|(_, _, snapshots)| snapshots == &vec![crm.clone()]),
+        "{found:?}"
+    );
+    let (_, problem, _) = found
+        .iter()
+        .find(|(object, _, _)| object == &name_under(&repo, &pack))
+        .unwrap_or_else(|| panic!("the pack is not named: {found:?}"));
     assert!(problem.contains("authentication"), "{problem}");
-    assert_eq!(snapshots, &vec![crm]);
     bkp(&repo)
         .args(["check", "--read-data"])
         .assert()
@@ -138,7 +144,24 @@ fn every_problem_is_reported_not_just_the_first() {
     assert!(problem.contains("corrupt"), "{problem}");
     let (_, problem, _) = about(&foreign_name);
     assert!(problem.contains("authentication"), "{problem}");
-    assert_eq!(found.len(), 3, "{found:?}");
+    // If crm's stream has a chunk-tree node (in the missing pack), its tree is reported too.
+    let others: Vec<_> = found
+        .iter()
+        .filter(|(o, _, _)| {
+            ![
+                name_under(&repo, &pack),
+                name_under(&repo, &snapshot),
+                foreign_name.clone(),
+            ]
+            .contains(o)
+        })
+        .collect();
+    assert!(
+        others
+            .iter()
+            .all(|(o, _, s)| o == &format!("snapshots/{crm}") && s == &vec![crm.clone()]),
+        "{found:?}"
+    );
 }
 
 #[test]
