@@ -208,7 +208,7 @@ impl Checker<'_> {
                 index,
                 &mut reader,
                 &entry.snapshot.tree,
-                &mut |id, _is_node| match index.chunk(&id) {
+                &mut |id, is_node| match index.chunk(&id) {
                     Some(loc) => {
                         packs.insert(index.frame(loc.frame).pack);
                         match bases_of(index, loc.frame) {
@@ -218,7 +218,9 @@ impl Checker<'_> {
                             }
                         }
                     }
-                    None => missing += 1,
+                    // A missing node stops the walk and is reported as its error.
+                    None if !is_node => missing += 1,
+                    None => {}
                 },
             );
             let walk_error = walked.err().or(base_error);
