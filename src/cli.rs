@@ -113,6 +113,8 @@ enum Commands {
     /// Remove snapshots by a retention policy (per host and tag set) or by id
     #[command(after_help = FORGET_HELP)]
     Forget(ForgetArgs),
+    /// What the repository holds: sizes, dedup and compression, what each snapshot alone uses
+    Stats(SnapshotsArgs),
 }
 
 const FORGET_HELP: &str = "\
@@ -293,6 +295,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Check(args) => check(&location, cli.quiet, args),
         Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
+        Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
@@ -853,6 +856,45 @@ fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
         }
     }
     done_line(&mut out, forgotten.len(), args.dry_run)
+}
+
+fn stats(location: &str, args: SnapshotsArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let stats = bkp::stats(&repo, &args.tags)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+        return Ok(());
+    }
+    let bytes = |n: u64| HumanBytes(n).to_string();
+    writeln!(out, "snapshots           {}", stats.snapshots)?;
+    writeln!(out, "logical size        {}", bytes(stats.logical_bytes))?;
+    writeln!(
+        out,
+        "distinct data       {} (dedup {:.1}x)",
+        bytes(stats.unique_bytes),
+        stats.dedup_ratio
+    )?;
+    writeln!(
+        out,
+        "stored              {} in {} pack(s), {} index file(s) of {} (compression {:.1}x)",
+        bytes(stats.stored_bytes),
+        stats.packs,
+        stats.index_files,
+        bytes(stats.index_bytes),
+        stats.compression_ratio
+    )?;
+    writeln!(out, "\n{:<8}  {:>12}  {:>14}", "id", "size", "only it uses")?;
+    for s in &stats.per_snapshot {
+        writeln!(
+            out,
+            "{:<8}  {:>12}  {:>14}",
+            &s.id[..8],
+            bytes(s.size),
+            bytes(s.alone_bytes)
+        )?;
+    }
+    Ok(())
 }
 
 fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {

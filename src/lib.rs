@@ -49,6 +49,7 @@ mod restore;
 pub mod retention;
 mod snapshot;
 pub mod source;
+mod stats;
 mod store;
 mod tree;
 mod walk;
@@ -66,6 +67,7 @@ pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
+pub use stats::{SnapshotStats, Stats, stats};
 pub use store::{ObjectInfo, Store};
 
 /// The repository format this bkp reads and writes (docs/FORMAT.md).
