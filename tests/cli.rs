@@ -62,14 +62,7 @@ fn summary_is_one_line_and_quiet_prints_nothing() {
 fn snapshots_json_lists_id_time_hostname_tags_size() {
     let (_dir, repo) = local_repo();
     let id = backup_cli(&repo, b"some data", &["b", "a"]);
-    let out = bkp(&repo)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let list = common::run_json(bkp(&repo).args(["snapshots", "--json"]));
     let s = &list[0];
     assert_eq!(s["id"], id.as_str());
     assert_eq!(s["size"], 9);

@@ -5,49 +5,25 @@ mod common;
 
 use std::path::Path;
 
-use common::{bkp, local_repo};
+use common::{bkp, local_repo, run_json};
 use predicates::prelude::*;
 
 fn backup(repo: &Path, host: &str, tag: &str, data: &[u8]) -> String {
-    let out = bkp(repo)
-        .args(["backup", "--json", "--host", host, "--tag", tag])
-        .write_stdin(data.to_vec())
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    json["snapshot_id"].as_str().unwrap().to_string()
+    let mut cmd = bkp(repo);
+    cmd.args(["backup", "--json", "--host", host, "--tag", tag])
+        .write_stdin(data.to_vec());
+    run_json(&mut cmd)["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn snapshot_ids(repo: &Path) -> Vec<String> {
-    let out = bkp(repo)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect()
+    common::snapshot_ids(&mut bkp(repo))
 }
 
 fn forget_json(repo: &Path, args: &[&str]) -> serde_json::Value {
-    let out = bkp(repo)
-        .arg("forget")
-        .args(args)
-        .arg("--json")
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice(&out).unwrap()
+    run_json(bkp(repo).arg("forget").args(args).arg("--json"))
 }
 
 #[test]

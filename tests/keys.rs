@@ -5,23 +5,14 @@ mod common;
 
 use std::path::Path;
 
-use common::{PASSWORD, backup_cli, bkp, local_repo};
+use common::{PASSWORD, backup_cli, bkp, local_repo, run_json};
 use predicates::prelude::*;
 
 fn keys(repo: &Path, password: &str) -> Vec<serde_json::Value> {
-    let out = bkp(repo)
-        .env("BKP_PASSWORD", password)
-        .args(["key", "list", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    let mut cmd = bkp(repo);
+    cmd.env("BKP_PASSWORD", password)
+        .args(["key", "list", "--json"]);
+    run_json(&mut cmd).as_array().unwrap().clone()
 }
 
 fn opens(repo: &Path, password: &str) -> bool {

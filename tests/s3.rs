@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bkp::{BackupOptions, InitOptions, KdfParams, Repository};
 use common::s3::S3Server;
-use common::{PASSWORD, dumpgen, store_conformance};
+use common::{PASSWORD, dumpgen, run_json, store_conformance};
 use predicates::prelude::*;
 
 /// `bkp` with the test password, a cheap KDF and the server's S3 settings, on `url`.
@@ -24,27 +24,15 @@ fn bkp(server: &S3Server, url: &str) -> assert_cmd::Command {
 }
 
 fn snapshot_count(server: &S3Server, url: &str) -> usize {
-    let out = bkp(server, url)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let listed: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    listed.as_array().unwrap().len()
+    common::snapshot_ids(&mut bkp(server, url)).len()
 }
 
 fn backup_json(server: &S3Server, url: &str, data: &[u8]) -> serde_json::Value {
-    let out = bkp(server, url)
-        .args(["backup", "--json", "--tag", "s3"])
-        .write_stdin(data.to_vec())
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice(&out).unwrap()
+    run_json(
+        bkp(server, url)
+            .args(["backup", "--json", "--tag", "s3"])
+            .write_stdin(data.to_vec()),
+    )
 }
 
 fn restore(server: &S3Server, url: &str, snapshot: &str) -> Vec<u8> {

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{backup_cli, bkp, dumpgen, local_repo, random_bytes};
+use common::{backup_cli, bkp, dumpgen, local_repo, random_bytes, run_json};
 
 fn stats(repo: &Path, tags: &[&str]) -> serde_json::Value {
     let mut cmd = bkp(repo);
@@ -12,8 +12,7 @@ fn stats(repo: &Path, tags: &[&str]) -> serde_json::Value {
     for tag in tags {
         cmd.args(["--tag", tag]);
     }
-    let out = cmd.assert().success().get_output().stdout.clone();
-    serde_json::from_slice(&out).unwrap()
+    run_json(&mut cmd)
 }
 
 fn alone(report: &serde_json::Value, id: &str) -> u64 {

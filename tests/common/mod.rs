@@ -53,6 +53,13 @@ pub fn local_repo() -> (tempfile::TempDir, PathBuf) {
     (dir, repo)
 }
 
+/// Runs `cmd`, asserts that it succeeds, and parses what it printed as JSON.
+pub fn run_json(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.assert().success().get_output().stdout.clone();
+    serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out)))
+}
+
 /// Backs up `data` with the CLI and returns the new snapshot's full id.
 pub fn backup_cli(repo: &Path, data: &[u8], tags: &[&str]) -> String {
     let mut cmd = bkp(repo);
@@ -60,15 +67,18 @@ pub fn backup_cli(repo: &Path, data: &[u8], tags: &[&str]) -> String {
     for t in tags {
         cmd.args(["--tag", t]);
     }
-    let out = cmd
-        .write_stdin(data.to_vec())
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let json = run_json(cmd.write_stdin(data.to_vec()));
     json["snapshot_id"].as_str().unwrap().to_string()
+}
+
+/// The repository's snapshot ids, oldest first.
+pub fn snapshot_ids(cmd: &mut Command) -> Vec<String> {
+    run_json(cmd.args(["snapshots", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Every file under `dir/sub`.
