@@ -373,7 +373,7 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_backup()?;
     let (data_ephemeral, data_key) = key.data.sealing().new_session();
     let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
     let session = PackSession {

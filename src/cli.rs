@@ -115,6 +115,29 @@ enum Commands {
     Forget(ForgetArgs),
     /// What the repository holds: sizes, dedup and compression, what each snapshot alone uses
     Stats(SnapshotsArgs),
+    /// Reclaim the space of forgotten snapshots, safely while backups run (no lock)
+    #[command(after_help = PRUNE_HELP)]
+    Prune(PruneArgs),
+}
+
+const PRUNE_HELP: &str = "\
+Prune works in two steps a grace period apart, so that it never needs a lock and never deletes
+what a running backup is about to use: it marks the packs no snapshot needs (backups stop
+deduplicating against them), and a prune run after the grace period deletes those still
+unneeded. Run it daily (e.g. after `bkp forget`); space comes back one run later. The grace
+period must be longer than any backup takes. One prune at a time per repository.";
+
+#[derive(Args)]
+struct PruneArgs {
+    /// How long marked packs wait before deletion; longer than any backup runs
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Report what would be marked and deleted, change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    json: bool,
 }
 
 const FORGET_HELP: &str = "\
@@ -123,7 +146,8 @@ on its own, so `--tag shop` retention never touches another database's or host's
 A snapshot is kept if any rule keeps it: --keep-last N newest; --keep-daily N keeps the newest
 snapshot of each of the N most recent days that have one (likewise hourly, weekly = ISO weeks,
 monthly, yearly; in the local time zone, TZ); --keep-within 30d keeps everything younger.
-Forgetting deletes only snapshot objects; the data they alone used stays until a prune.
+Forgetting deletes only snapshot objects; the data they alone used goes with `bkp prune`
+(or --prune here).
 
 Examples:
   bkp forget --tag shop --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --dry-run
@@ -166,6 +190,9 @@ struct ForgetArgs {
     /// Show what would be forgotten, change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Then prune (with the default 24h grace period; see `bkp prune --help`)
+    #[arg(long)]
+    prune: bool,
     /// Print the decisions as JSON
     #[arg(long)]
     json: bool,
@@ -296,6 +323,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Check(args) => check(&location, cli.quiet, args),
         Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
+        Commands::Prune(args) => prune(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
@@ -747,6 +775,20 @@ fn dump_column(s: &bkp::Snapshot) -> String {
 }
 
 fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
+    let (prune_after, dry_run) = (args.prune, args.dry_run);
+    forget_snapshots(location, quiet, args)?;
+    if prune_after && !dry_run {
+        let prune_args = PruneArgs {
+            grace: bkp::prune::DEFAULT_GRACE,
+            dry_run: false,
+            json: false,
+        };
+        prune(location, quiet, prune_args)?;
+    }
+    Ok(())
+}
+
+fn forget_snapshots(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
     let repo = open_repository(location)?;
     let mut out = io::stdout().lock();
     let time =
@@ -858,6 +900,42 @@ fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
     done_line(&mut out, forgotten.len(), args.dry_run)
 }
 
+fn prune(location: &str, quiet: bool, args: PruneArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let report = bkp::prune::prune(
+        &repo,
+        args.grace,
+        std::time::SystemTime::now(),
+        args.dry_run,
+    )?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else if !quiet {
+        let verb = if args.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        writeln!(
+            out,
+            "{} snapshot(s) need {} of {} pack(s); {verb} {} pack(s) ({}), {} left by interrupted backups; \
+             marked {} for deletion after {}; {} still in their grace period; {} needed again",
+            report.snapshots,
+            report.needed_packs,
+            report.packs,
+            report.deleted_packs,
+            HumanBytes(report.deleted_bytes),
+            report.deleted_unindexed,
+            report.newly_marked,
+            humantime::format_duration(args.grace),
+            report.pending,
+            report.needed_again
+        )?;
+    }
+    Ok(())
+}
+
 fn stats(location: &str, args: SnapshotsArgs) -> Result<()> {
     let repo = open_repository(location)?;
     let stats = bkp::stats(&repo, &args.tags)?;
@@ -906,7 +984,7 @@ fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {
     } else {
         writeln!(
             out,
-            "forgot {count} snapshot(s); the data only they used stays in the repository until a prune"
+            "forgot {count} snapshot(s); `bkp prune` reclaims the data only they used"
         )?;
     }
     Ok(())

@@ -192,6 +192,10 @@ impl Index {
         &self.packs[pack as usize]
     }
 
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
+    }
+
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
     }

@@ -44,6 +44,7 @@ mod keys;
 mod pack;
 mod pack_reader;
 mod padding;
+pub mod prune;
 mod repo;
 mod restore;
 pub mod retention;

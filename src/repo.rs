@@ -12,6 +12,7 @@
 //! after the previous one's objects are stored, so a crash leaves at worst unreferenced packs or
 //! an unreferenced index file, never a snapshot that points at nothing.
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,15 @@ use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
 use crate::store::Store;
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
+pub const OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS01";
+
+/// Packs a prune found unneeded at `time`: backups no longer deduplicate against them, and a
+/// prune at least a grace period later deletes those still unneeded (docs/FORMAT.md §10).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObsoleteList {
+    pub time: SystemTime,
+    pub packs: Vec<Id>,
+}
 const CONFIG_NAME: &str = "config";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,19 +224,61 @@ impl Repository {
     /// Reads every index file.
     pub fn load_index(&self) -> Result<Index> {
         let mut index = Index::default();
-        for object in self.store.list("index")? {
-            let file: IndexFile = envelope::open(
-                INDEX_MAGIC,
-                &self.key.metadata,
-                &self.store.get(&object.name)?,
-                &object.name,
-            )?;
+        for (_, file) in self.index_files()? {
             for pack in &file.packs {
                 index.add(pack);
             }
         }
         index.finish();
         Ok(index)
+    }
+
+    /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
+    /// so that a backup never comes to depend on a pack a later prune deletes (docs/FORMAT.md
+    /// §10). Their chunks, if needed again, are stored again.
+    pub(crate) fn load_index_for_backup(&self) -> Result<Index> {
+        let obsolete: HashSet<Id> = self
+            .obsolete_lists()?
+            .into_iter()
+            .flat_map(|(_, list)| list.packs)
+            .collect();
+        let mut index = Index::default();
+        for (_, file) in self.index_files()? {
+            for pack in file.packs.iter().filter(|p| !obsolete.contains(&p.id)) {
+                index.add(pack);
+            }
+        }
+        index.finish();
+        Ok(index)
+    }
+
+    /// Every index file, with its name.
+    pub(crate) fn index_files(&self) -> Result<Vec<(String, IndexFile)>> {
+        let mut files = Vec::new();
+        for object in self.store.list("index")? {
+            let bytes = self.store.get(&object.name)?;
+            let file = envelope::open(INDEX_MAGIC, &self.key.metadata, &bytes, &object.name)?;
+            files.push((object.name, file));
+        }
+        Ok(files)
+    }
+
+    /// Every obsolete list (prune's marks), with its name.
+    pub(crate) fn obsolete_lists(&self) -> Result<Vec<(String, ObsoleteList)>> {
+        let mut lists = Vec::new();
+        for object in self.store.list("obsolete")? {
+            let bytes = self.store.get(&object.name)?;
+            let list = envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)?;
+            lists.push((object.name, list));
+        }
+        Ok(lists)
+    }
+
+    pub(crate) fn write_obsolete_list(&self, list: &ObsoleteList) -> Result<()> {
+        let sealed = envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list);
+        let name = format!("obsolete/{}", Id::of_object(&sealed).to_hex());
+        self.store.put_new(&name, sealed)?;
+        self.store.barrier()
     }
 
     /// Reads a pack and rebuilds its index entry from the pack alone, checking that the pack

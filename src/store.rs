@@ -18,7 +18,7 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -51,6 +51,8 @@ pub struct ObjectInfo {
     /// The object's name relative to the repository root, e.g. `snapshots/1a2b...`.
     pub name: String,
     pub size: u64,
+    /// When it was written (prune leaves packs younger than its grace period alone).
+    pub modified: SystemTime,
 }
 
 /// An operation running on the store's runtime; [`Store::wait`] for its result.
@@ -252,6 +254,7 @@ impl Store {
             .map(|meta| ObjectInfo {
                 name: meta.location.to_string(),
                 size: meta.size,
+                modified: SystemTime::from(meta.last_modified),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -488,13 +491,8 @@ mod tests {
             assert!(store.exists("a/b").unwrap());
             assert!(!store.exists("a/c").unwrap());
             let listed = store.list("a").unwrap();
-            assert_eq!(
-                listed,
-                vec![ObjectInfo {
-                    name: "a/b".into(),
-                    size: 3
-                }]
-            );
+            assert_eq!(listed.len(), 1);
+            assert_eq!((listed[0].name.as_str(), listed[0].size), ("a/b", 3));
         }
     }
 

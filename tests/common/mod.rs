@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use assert_cmd::cargo::CommandCargoExt;
-use bkp::{InitOptions, KdfParams, ObjectInfo, Repository, Store};
+use bkp::{InitOptions, KdfParams, Repository, Store};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -118,18 +118,21 @@ pub fn store_conformance(store: &Store) {
         store.get_range("a/c/big", range.clone()).unwrap()[..]
             == big[range.start as usize..range.end as usize]
     );
-    let entry = |name: &str, size: u64| ObjectInfo {
-        name: name.into(),
-        size,
+    let listed = |dir: &str| -> Vec<(String, u64)> {
+        let now = std::time::SystemTime::now();
+        let objects = store.list(dir).unwrap();
+        for o in &objects {
+            let age = now.duration_since(o.modified).unwrap_or_default();
+            assert!(age.as_secs() < 3600, "{} written {age:?} ago?", o.name);
+        }
+        objects.into_iter().map(|o| (o.name, o.size)).collect()
     };
+    let big_len = big.len() as u64;
     assert_eq!(
-        store.list("a").unwrap(),
-        vec![entry("a/b", 3), entry("a/c/big", big.len() as u64)]
+        listed("a"),
+        [("a/b".to_string(), 3), ("a/c/big".to_string(), big_len)]
     );
-    assert_eq!(
-        store.list("a/c").unwrap(),
-        vec![entry("a/c/big", big.len() as u64)]
-    );
+    assert_eq!(listed("a/c"), [("a/c/big".to_string(), big_len)]);
     assert!(store.list("empty").unwrap().is_empty());
 
     // Eight writers race to create one object: exactly one wins, and its bytes are what stays.

@@ -1,0 +1,214 @@
+//! Prune: reclaim the packs no snapshot needs, safely while other hosts run backups, with no
+//! lock (docs/FORMAT.md §10).
+//!
+//! Two phases, a grace period apart. A prune marks the packs no snapshot needs in an obsolete
+//! list; from then on backups do not deduplicate against them. A later prune, once the grace
+//! period has passed, deletes the marked packs that are still unneeded: a backup that started
+//! before the mark and used one of them has written its snapshot by then (backups are assumed
+//! shorter than the grace period), which makes that pack needed again. Packs that no index
+//! names (left by interrupted backups) are deleted once older than the grace period, since a
+//! running backup indexes its packs only at its end. Write order makes every crash harmless:
+//! new index file, then old index files deleted, then packs, then the lists.
+//!
+//! Needed means: holds a chunk of a snapshot's stream or chunk tree, or a base frame of a delta
+//! frame that does. A pack is deleted whole; repacking mostly-unused packs is not done yet.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile, IndexedPack, MISSING_BASE};
+use crate::pack_reader::FrameReader;
+use crate::repo::{ObsoleteList, Repository, pack_name};
+use crate::walk::for_each_chunk;
+
+/// The default grace period: longer than any backup runs.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub snapshots: usize,
+    /// Indexed packs, and those some snapshot needs.
+    pub packs: usize,
+    pub needed_packs: usize,
+    /// Unneeded packs marked now; deleted by a prune after the grace period.
+    pub newly_marked: usize,
+    /// Marked packs still within their grace period.
+    pub pending: usize,
+    /// Marked packs that a snapshot needs again (a backup that started before the mark).
+    pub needed_again: usize,
+    pub deleted_packs: usize,
+    pub deleted_bytes: u64,
+    /// Packs no index named, older than the grace period.
+    pub deleted_unindexed: usize,
+    pub dry_run: bool,
+}
+
+/// Prunes `repo` as of `now` (tests pass a later time to skip the grace period).
+pub fn prune(
+    repo: &Repository,
+    grace: Duration,
+    now: SystemTime,
+    dry_run: bool,
+) -> Result<PruneReport> {
+    let store = repo.store();
+    let index_files = repo.index_files()?;
+    let lists = repo.obsolete_lists()?;
+    let snapshots = repo.snapshots(&[])?;
+
+    // Packs by id, once each even if two index files name one (a crash between writing a new
+    // index file and deleting the old ones).
+    let mut packs: Vec<&IndexedPack> = Vec::new();
+    let mut seen = HashSet::new();
+    for (_, file) in &index_files {
+        packs.extend(file.packs.iter().filter(|p| seen.insert(p.id)));
+    }
+    let mut index = Index::default();
+    packs.iter().for_each(|p| index.add(p));
+    index.finish();
+
+    let needed = needed_packs(repo, &index, &snapshots)?;
+    let due = |list: &ObsoleteList| now.duration_since(list.time).is_ok_and(|age| age >= grace);
+    let mut report = PruneReport {
+        snapshots: snapshots.len(),
+        packs: packs.len(),
+        needed_packs: needed.len(),
+        dry_run,
+        ..PruneReport::default()
+    };
+    let mut marked = HashSet::new();
+    let mut deletable: BTreeSet<Id> = BTreeSet::new();
+    for (_, list) in &lists {
+        for pack in &list.packs {
+            marked.insert(*pack);
+            if !due(list) {
+                report.pending += 1;
+            } else if needed.contains(pack) {
+                report.needed_again += 1;
+            } else {
+                deletable.insert(*pack);
+            }
+        }
+    }
+    let newly_marked: Vec<Id> = packs
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| !needed.contains(id) && !marked.contains(id))
+        .collect();
+    report.newly_marked = newly_marked.len();
+    let indexed: HashSet<Id> = packs.iter().map(|p| p.id).collect();
+    let unindexed: Vec<(String, u64)> = store
+        .list("packs")?
+        .into_iter()
+        .filter(|o| {
+            let id = o
+                .name
+                .rsplit('/')
+                .next()
+                .and_then(|hex| hex.parse::<Id>().ok());
+            let old = now.duration_since(o.modified).is_ok_and(|age| age >= grace);
+            old && id.is_some_and(|id| !indexed.contains(&id))
+        })
+        .map(|o| (o.name, o.size))
+        .collect();
+    report.deleted_unindexed = unindexed.len();
+    let sizes: HashMap<Id, u64> = packs.iter().map(|p| (p.id, p.len)).collect();
+    report.deleted_packs = deletable.len();
+    report.deleted_bytes = deletable.iter().filter_map(|id| sizes.get(id)).sum::<u64>()
+        + unindexed.iter().map(|(_, size)| size).sum::<u64>();
+    if dry_run {
+        return Ok(report);
+    }
+
+    if !deletable.is_empty() {
+        // The packs that stay, in one new index file, before anything is deleted.
+        let kept: Vec<IndexedPack> = packs
+            .iter()
+            .filter(|p| !deletable.contains(&p.id))
+            .map(|p| (*p).clone())
+            .collect();
+        if !kept.is_empty() {
+            repo.write_index(&IndexFile { packs: kept })?;
+        }
+        store.barrier()?;
+        for (name, _) in &index_files {
+            delete_if_there(repo, name)?;
+        }
+        for id in &deletable {
+            delete_if_there(repo, &pack_name(id))?;
+        }
+    }
+    for (name, _) in &unindexed {
+        delete_if_there(repo, name)?;
+    }
+    for (name, list) in &lists {
+        if due(list) {
+            delete_if_there(repo, name)?;
+        }
+    }
+    if !newly_marked.is_empty() {
+        repo.write_obsolete_list(&ObsoleteList {
+            time: now,
+            packs: newly_marked,
+        })?;
+    }
+    Ok(report)
+}
+
+fn delete_if_there(repo: &Repository, name: &str) -> Result<()> {
+    match repo.store().delete(name) {
+        Err(Error::Missing { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+/// The packs some snapshot needs. Refuses (an error) if a snapshot needs anything that is not
+/// indexed: deleting could then destroy what a repair would still find.
+fn needed_packs(
+    repo: &Repository,
+    index: &Index,
+    snapshots: &[crate::snapshot::SnapshotEntry],
+) -> Result<HashSet<Id>> {
+    let mut frames = vec![false; index.frame_count()];
+    let mut reader = FrameReader::new(repo, index);
+    for entry in snapshots {
+        let mut missing = None;
+        for_each_chunk(
+            repo,
+            index,
+            &mut reader,
+            &entry.snapshot.tree,
+            &mut |id, _| match index.chunk(&id) {
+                Some(location) => {
+                    frames[location.frame as usize] = true;
+                    for &base in index.bases(location.frame) {
+                        if base == MISSING_BASE {
+                            missing.get_or_insert(id);
+                        } else {
+                            frames[base as usize] = true;
+                        }
+                    }
+                }
+                None => {
+                    missing.get_or_insert(id);
+                }
+            },
+        )?;
+        if let Some(id) = missing {
+            return Err(Error::Missing {
+                object: format!(
+                    "chunk {} of snapshot {} (prune deletes nothing while data is missing; run `bkp check`)",
+                    id.short(),
+                    entry.id.short()
+                ),
+            });
+        }
+    }
+    Ok((0..frames.len())
+        .filter(|&f| frames[f])
+        .map(|f| index.pack(index.frame(f as u32).pack).id)
+        .collect())
+}

@@ -1,0 +1,176 @@
+//! Prune: space comes back one grace period after a forget, and backups running across a prune
+//! still restore byte for byte.
+
+mod common;
+
+use std::io::{Cursor, Read};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use bkp::prune::prune;
+use bkp::{BackupOptions, Repository};
+use common::{dumpgen, memory_repo, random_bytes};
+
+const GRACE: Duration = Duration::from_secs(3600);
+
+fn later() -> SystemTime {
+    SystemTime::now() + GRACE + Duration::from_secs(60)
+}
+
+fn backup(repo: &Repository, data: &[u8]) -> bkp::BackupSummary {
+    let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+    bkp::backup(repo, source, &BackupOptions::default(), &mut |_| {}).unwrap()
+}
+
+fn restore(repo: &Repository, entry: &bkp::SnapshotEntry) -> Vec<u8> {
+    let mut out = Vec::new();
+    bkp::restore(repo, entry, &mut out, &mut |_| {}).unwrap();
+    out
+}
+
+fn forget(repo: &Repository, entry: &bkp::SnapshotEntry) {
+    bkp::forget::remove(repo, &[entry]).unwrap();
+}
+
+fn pack_count(repo: &Repository) -> usize {
+    repo.store().list("packs").unwrap().len()
+}
+
+#[test]
+fn forgotten_data_is_marked_then_deleted_after_the_grace_period() {
+    let repo = memory_repo();
+    let keep = backup(&repo, &random_bytes(3_000_000, 1));
+    let drop = backup(&repo, &random_bytes(3_000_000, 2));
+    let before = pack_count(&repo);
+    forget(&repo, &drop.snapshot);
+
+    let first = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    assert_eq!(first.newly_marked, 1, "{first:?}");
+    assert_eq!(first.deleted_packs, 0);
+    assert_eq!(
+        pack_count(&repo),
+        before,
+        "nothing is deleted within the grace period"
+    );
+    let again = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    assert_eq!(
+        (again.pending, again.newly_marked, again.deleted_packs),
+        (1, 0, 0)
+    );
+
+    let dry = prune(&repo, GRACE, later(), true).unwrap();
+    assert_eq!(dry.deleted_packs, 1);
+    assert_eq!(pack_count(&repo), before, "a dry run deletes nothing");
+    let done = prune(&repo, GRACE, later(), false).unwrap();
+    assert_eq!(done.deleted_packs, 1, "{done:?}");
+    assert!(done.deleted_bytes > 3_000_000);
+    assert_eq!(pack_count(&repo), before - 1);
+    assert!(repo.store().list("obsolete").unwrap().is_empty());
+    assert_eq!(repo.store().list("index").unwrap().len(), 1);
+
+    assert!(restore(&repo, &keep.snapshot) == random_bytes(3_000_000, 1));
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let settled = prune(&repo, GRACE, later(), false).unwrap();
+    assert_eq!((settled.newly_marked, settled.deleted_packs), (0, 0));
+}
+
+/// A reader that hands out the first `gate` bytes, then waits for a signal before the rest.
+struct Gated {
+    data: Cursor<Vec<u8>>,
+    gate: u64,
+    open: Option<mpsc::Receiver<()>>,
+}
+
+impl Read for Gated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.data.position() >= self.gate
+            && let Some(open) = self.open.take()
+        {
+            open.recv().unwrap();
+        }
+        let len = buf.len();
+        let room = if self.open.is_some() {
+            ((self.gate - self.data.position()) as usize).min(len)
+        } else {
+            len
+        };
+        self.data.read(&mut buf[..room])
+    }
+}
+
+#[test]
+fn a_backup_running_across_a_prune_restores_byte_identically() {
+    let repo = memory_repo();
+    let day1 = dumpgen::dump(6_000_000, 1);
+    let day2 = dumpgen::dump(6_000_000, 2);
+    let first = backup(&repo, &day1);
+
+    // Day 2's backup starts (and loads the index) while day 1 is still a snapshot...
+    let (open, gate) = mpsc::channel();
+    let source = bkp::Source::spawn(Gated {
+        data: Cursor::new(day2.clone()),
+        gate: 1 << 20,
+        open: Some(gate),
+    });
+    let (started, has_started) = mpsc::channel();
+    let summary = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            // Events come once chunks flow, so after the backup has loaded its index.
+            let mut started = Some(started);
+            bkp::backup(&repo, source, &BackupOptions::default(), &mut |_| {
+                if let Some(started) = started.take() {
+                    started.send(()).unwrap();
+                }
+            })
+            .unwrap()
+        });
+        has_started.recv().unwrap();
+        // ...then day 1 is forgotten and pruned: its packs are unneeded, so marked.
+        forget(&repo, &first.snapshot);
+        let marking = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+        assert!(marking.newly_marked > 0, "{marking:?}");
+        open.send(()).unwrap();
+        running.join().unwrap()
+    });
+    // Day 2 used day 1's packs (deduplicated, and as delta bases); the next prune after the
+    // grace period finds them needed again and deletes nothing.
+    let after = prune(&repo, GRACE, later(), false).unwrap();
+    assert!(after.needed_again > 0, "{after:?}");
+    assert_eq!(after.deleted_packs, 0, "{after:?}");
+    assert!(restore(&repo, &summary.snapshot) == day2);
+
+    // A backup that starts after a mark does not lean on marked packs: it stores again what
+    // it needs from them, so deleting them later leaves it whole.
+    let third = backup(&repo, &day1);
+    forget(&repo, &summary.snapshot);
+    prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    let fourth = backup(&repo, &day2);
+    assert!(
+        fourth.bytes_stored * 2 > summary.bytes_stored,
+        "day 2's own chunks were stored again: {} then {}",
+        summary.bytes_stored,
+        fourth.bytes_stored
+    );
+    forget(&repo, &third.snapshot);
+    prune(&repo, GRACE, later(), false).unwrap();
+    prune(&repo, GRACE, later() + GRACE + GRACE, false).unwrap();
+    assert!(restore(&repo, &fourth.snapshot) == day2);
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn packs_no_index_names_are_deleted_only_after_the_grace_period() {
+    let repo = memory_repo();
+    backup(&repo, &random_bytes(500_000, 3));
+    // A pack an interrupted backup left behind (it never wrote its index file).
+    let orphan = format!("packs/ab/{}", "ab".repeat(32));
+    repo.store().put_new(&orphan, vec![0; 5000]).unwrap();
+    let now = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    assert_eq!(now.deleted_unindexed, 0);
+    assert!(repo.store().exists(&orphan).unwrap());
+    let later = prune(&repo, GRACE, later(), false).unwrap();
+    assert_eq!(later.deleted_unindexed, 1);
+    assert!(!repo.store().exists(&orphan).unwrap());
+}
