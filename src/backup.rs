@@ -97,15 +97,32 @@ struct Group {
     chunks: Vec<ChunkEntry>,
     /// Base frames to compress against (frame numbers in the index); empty for a base frame.
     bases: Vec<u32>,
+    /// While the group waits for the next known chunk: the bases from before it, last resort.
+    before: Vec<u32>,
 }
 
-/// Picks a data group's base frames: the frames holding the known chunks just before and
-/// among its new chunks, where the previous version of the group's content most likely is.
+impl Group {
+    /// Ready to compress: the bases in frame order, the fallbacks used.
+    fn with_final_bases(mut self) -> Group {
+        let before = std::mem::take(&mut self.before);
+        add_bases(&mut self.bases, &before);
+        self.bases.sort_unstable();
+        self
+    }
+}
+
+/// Picks a data group's base frames, where the previous version of the group's content most
+/// likely is, in this order of preference: the frames holding the unchanged chunks among the
+/// group's new ones (most first), the frame of the first unchanged chunk after the group, and
+/// the frame of the last one before it. Measured on day 2 of an 8 MB dump: letting the frame
+/// before the group take a place first made 1 backup in 12 store 4x more.
 #[derive(Default)]
 struct BaseChooser {
     /// The base frames of the last known data chunk.
     last: Vec<u32>,
-    /// Base frames seen since the open group started, with how many known chunks they held.
+    /// The base frames of the last known chunk before the open group started.
+    before: Vec<u32>,
+    /// Base frames of known chunks since the open group started, with how many they held.
     seen: Vec<(u32, u32)>,
 }
 
@@ -130,17 +147,26 @@ impl BaseChooser {
 
     fn group_started(&mut self) {
         self.seen.clear();
-        self.seen.extend(self.last.iter().map(|&f| (f, 1)));
+        self.before.clone_from(&self.last);
     }
 
-    /// The most used bases of the group just closed, in frame order.
-    fn group_closed(&mut self) -> Vec<u32> {
+    /// The bases found inside the group just closed, most used first; [`add_bases`] completes
+    /// them.
+    fn group_closed(&mut self) -> (Vec<u32>, Vec<u32>) {
         self.seen
             .sort_by_key(|&(frame, hits)| (std::cmp::Reverse(hits), frame));
-        let mut bases: Vec<u32> = self.seen.iter().take(MAX_BASES).map(|&(f, _)| f).collect();
-        bases.sort_unstable();
+        let inside = self.seen.iter().map(|&(f, _)| f).collect();
         self.seen.clear();
-        bases
+        (inside, std::mem::take(&mut self.before))
+    }
+}
+
+/// Appends `more` to `bases` while there is room, without repeats.
+fn add_bases(bases: &mut Vec<u32>, more: &[u32]) {
+    for &base in more {
+        if bases.len() < MAX_BASES && !bases.contains(&base) {
+            bases.push(base);
+        }
     }
 }
 
@@ -215,6 +241,8 @@ struct Deduper<'a> {
     index: &'a Index,
     stored_this_session: HashSet<Id>,
     data: Group,
+    /// A full data group waiting for the next known chunk to complete its bases.
+    waiting: Option<Group>,
     tree_nodes: Group,
     bases: BaseChooser,
     group_size: usize,
@@ -230,6 +258,11 @@ impl Deduper<'_> {
         if let Some(location) = self.index.chunk(&id) {
             if !is_tree_node {
                 self.bases.known(self.index, location.frame);
+                if let Some(mut waiting) = self.waiting.take() {
+                    // Where the group's old content ends: often a frame it had not met yet.
+                    add_bases(&mut waiting.bases, &self.bases.last);
+                    self.send(waiting.with_final_bases())?;
+                }
             }
             return Ok(());
         }
@@ -256,16 +289,25 @@ impl Deduper<'_> {
         if group.raw.len() >= self.group_size {
             let mut raw = self.spare.try_recv().unwrap_or_default();
             raw.clear();
-            let full = Group {
+            let mut full = Group {
                 raw: std::mem::replace(&mut group.raw, raw),
                 chunks: std::mem::take(&mut group.chunks),
-                bases: if is_tree_node {
-                    Vec::new()
-                } else {
-                    self.bases.group_closed()
-                },
+                ..Group::default()
             };
-            self.send(full)?;
+            if is_tree_node {
+                self.send(full)?;
+            } else {
+                // A full data group waits for the next known chunk (see BaseChooser), unless
+                // there is nothing to know (a first backup).
+                let (inside, before) = self.bases.group_closed();
+                add_bases(&mut full.bases, &inside);
+                full.before = before;
+                if self.index.chunk_count() == 0 {
+                    self.send(full)?;
+                } else if let Some(previous) = self.waiting.replace(full) {
+                    self.send(previous.with_final_bases())?;
+                }
+            }
         }
         Ok(())
     }
@@ -284,9 +326,14 @@ impl Deduper<'_> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.data.bases = self.bases.group_closed();
+        let (inside, before) = self.bases.group_closed();
+        add_bases(&mut self.data.bases, &inside);
+        self.data.before = before;
+        if let Some(waiting) = self.waiting.take() {
+            self.send(waiting.with_final_bases())?;
+        }
         for group in [
-            std::mem::take(&mut self.data),
+            std::mem::take(&mut self.data).with_final_bases(),
             std::mem::take(&mut self.tree_nodes),
         ] {
             if !group.chunks.is_empty() {
@@ -415,6 +462,7 @@ pub fn backup(
             index: &index,
             stored_this_session: HashSet::new(),
             data: Group::default(),
+            waiting: None,
             tree_nodes: Group::default(),
             bases: BaseChooser::default(),
             group_size: options.group_size,

@@ -134,21 +134,19 @@ pub fn prune(
             repo.write_index(&IndexFile { packs: kept })?;
         }
         store.barrier()?;
-        for (name, _) in &index_files {
-            delete_if_there(repo, name)?;
-        }
-        for id in &deletable {
-            delete_if_there(repo, &pack_name(id))?;
-        }
+        let read: Vec<String> = index_files.iter().map(|(name, _)| name.clone()).collect();
+        store.delete_many(&read)?;
+        let packs: Vec<String> = deletable.iter().map(pack_name).collect();
+        store.delete_many(&packs)?;
     }
-    for (name, _) in &unindexed {
-        delete_if_there(repo, name)?;
-    }
-    for (name, list) in &lists {
-        if due(list) {
-            delete_if_there(repo, name)?;
-        }
-    }
+    let unindexed_names: Vec<String> = unindexed.iter().map(|(name, _)| name.clone()).collect();
+    store.delete_many(&unindexed_names)?;
+    let due_lists: Vec<String> = lists
+        .iter()
+        .filter(|(_, list)| due(list))
+        .map(|(name, _)| name.clone())
+        .collect();
+    store.delete_many(&due_lists)?;
     if !newly_marked.is_empty() {
         repo.write_obsolete_list(&ObsoleteList {
             time: now,
@@ -156,13 +154,6 @@ pub fn prune(
         })?;
     }
     Ok(report)
-}
-
-fn delete_if_there(repo: &Repository, name: &str) -> Result<()> {
-    match repo.store().delete(name) {
-        Err(Error::Missing { .. }) => Ok(()),
-        other => other,
-    }
 }
 
 /// The packs some snapshot needs. Refuses (an error) if a snapshot needs anything that is not

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
@@ -261,7 +261,26 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes an object (tests that simulate damage; later, prune).
+    /// Removes objects, in batches where the store has them (S3: up to 1,000 a request).
+    /// Objects already gone are not an error.
+    pub fn delete_many(&self, names: &[String]) -> Result<()> {
+        let paths: Vec<object_store::Result<Path>> =
+            names.iter().map(|n| Ok(Path::from(n.as_str()))).collect();
+        let results: Vec<object_store::Result<Path>> = self.runtime.block_on(
+            self.inner
+                .delete_stream(futures::stream::iter(paths).boxed())
+                .collect(),
+        );
+        for (name, result) in names.iter().zip(results) {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(name, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an object (tests that simulate damage; prune uses [`Store::delete_many`]).
     pub fn delete(&self, name: &str) -> Result<()> {
         self.runtime
             .block_on(self.inner.delete(&Path::from(name)))

@@ -102,6 +102,20 @@ fn cli_round_trip_dedup_and_day_two(server: &S3Server) {
     assert!(restore(server, &url, &id(&first)) == day1);
     assert!(restore(server, &url, "latest") == day2);
     assert_eq!(snapshot_count(server, &url), 3);
+    // Forget and prune a snapshot of its own data: marked, then deleted (in a batch) one grace
+    // period later; the rest still restores and checks clean.
+    let extra = backup_json(server, &url, &common::random_bytes(2_000_000, 5));
+    let extra_id = extra["snapshot_id"].as_str().unwrap();
+    bkp(server, &url)
+        .args(["forget", extra_id])
+        .assert()
+        .success();
+    let prune =
+        |grace: &str| run_json(bkp(server, &url).args(["prune", "--json", "--grace", grace]));
+    assert_eq!(prune("0s")["newly_marked"], 1);
+    let deleted = prune("0s");
+    assert_eq!(deleted["deleted_packs"], 1, "{deleted}");
+    assert!(restore(server, &url, "latest") == day2);
     bkp(server, &url)
         .args(["check", "--read-data"])
         .assert()
