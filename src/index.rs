@@ -188,6 +188,11 @@ impl Index {
         }
     }
 
+    /// Every pack, in the order added (a pack named by two index files appears twice).
+    pub fn packs(&self) -> &[PackLocation] {
+        &self.packs
+    }
+
     pub fn pack(&self, pack: u32) -> &PackLocation {
         &self.packs[pack as usize]
     }

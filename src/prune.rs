@@ -8,7 +8,7 @@
 //! shorter than the grace period), which makes that pack needed again. Packs that no index
 //! names (left by interrupted backups) are deleted once older than the grace period, since a
 //! running backup indexes its packs only at its end. Write order makes every crash harmless:
-//! new index file, then old index files deleted, then packs, then the lists.
+//! rewritten index files, then the old ones deleted, then packs, then the lists.
 //!
 //! Needed means: holds a chunk of a snapshot's stream or chunk tree, or a base frame of a delta
 //! frame that does. A pack is deleted whole; repacking mostly-unused packs is not done yet.
@@ -55,26 +55,25 @@ pub fn prune(
     dry_run: bool,
 ) -> Result<PruneReport> {
     let store = repo.store();
-    let index_files = repo.index_files()?;
+    // Memory: the compact index (as a backup holds it) and a bit per frame; index files are
+    // read and rewritten one at a time.
+    let index_names: Vec<String> = store.list("index")?.into_iter().map(|o| o.name).collect();
+    let index = repo.load_index()?;
     let lists = repo.obsolete_lists()?;
     let snapshots = repo.snapshots(&[])?;
 
-    // Packs by id, once each even if two index files name one (a crash between writing a new
-    // index file and deleting the old ones).
-    let mut packs: Vec<&IndexedPack> = Vec::new();
-    let mut seen = HashSet::new();
-    for (_, file) in &index_files {
-        packs.extend(file.packs.iter().filter(|p| seen.insert(p.id)));
+    // Packs by id, once each even if two index files name one (a crash between writing a
+    // rewritten index file and deleting the old one).
+    let mut sizes: HashMap<Id, u64> = HashMap::new();
+    for pack in index.packs() {
+        sizes.insert(pack.id, pack.len);
     }
-    let mut index = Index::default();
-    packs.iter().for_each(|p| index.add(p));
-    index.finish();
 
     let needed = needed_packs(repo, &index, &snapshots)?;
     let due = |list: &ObsoleteList| now.duration_since(list.time).is_ok_and(|age| age >= grace);
     let mut report = PruneReport {
         snapshots: snapshots.len(),
-        packs: packs.len(),
+        packs: sizes.len(),
         needed_packs: needed.len(),
         dry_run,
         ..PruneReport::default()
@@ -93,13 +92,13 @@ pub fn prune(
             }
         }
     }
-    let newly_marked: Vec<Id> = packs
-        .iter()
-        .map(|p| p.id)
+    let mut newly_marked: Vec<Id> = sizes
+        .keys()
+        .copied()
         .filter(|id| !needed.contains(id) && !marked.contains(id))
         .collect();
+    newly_marked.sort_unstable();
     report.newly_marked = newly_marked.len();
-    let indexed: HashSet<Id> = packs.iter().map(|p| p.id).collect();
     let unindexed: Vec<(String, u64)> = store
         .list("packs")?
         .into_iter()
@@ -110,12 +109,11 @@ pub fn prune(
                 .next()
                 .and_then(|hex| hex.parse::<Id>().ok());
             let old = now.duration_since(o.modified).is_ok_and(|age| age >= grace);
-            old && id.is_some_and(|id| !indexed.contains(&id))
+            old && id.is_some_and(|id| !sizes.contains_key(&id))
         })
         .map(|o| (o.name, o.size))
         .collect();
     report.deleted_unindexed = unindexed.len();
-    let sizes: HashMap<Id, u64> = packs.iter().map(|p| (p.id, p.len)).collect();
     report.deleted_packs = deletable.len();
     report.deleted_bytes = deletable.iter().filter_map(|id| sizes.get(id)).sum::<u64>()
         + unindexed.iter().map(|(_, size)| size).sum::<u64>();
@@ -124,18 +122,24 @@ pub fn prune(
     }
 
     if !deletable.is_empty() {
-        // The packs that stay, in one new index file, before anything is deleted.
-        let kept: Vec<IndexedPack> = packs
-            .iter()
-            .filter(|p| !deletable.contains(&p.id))
-            .map(|p| (*p).clone())
-            .collect();
-        if !kept.is_empty() {
-            repo.write_index(&IndexFile { packs: kept })?;
+        // Every index file naming a deleted pack is rewritten without it (the new file durable
+        // before the old one goes), then the packs are deleted.
+        for name in &index_names {
+            let file = repo.read_index_file(name)?;
+            if !file.packs.iter().any(|p| deletable.contains(&p.id)) {
+                continue;
+            }
+            let packs: Vec<IndexedPack> = file
+                .packs
+                .into_iter()
+                .filter(|p| !deletable.contains(&p.id))
+                .collect();
+            if !packs.is_empty() {
+                repo.write_index(&IndexFile { packs })?;
+                store.barrier()?;
+            }
+            store.delete_many(std::slice::from_ref(name))?;
         }
-        store.barrier()?;
-        let read: Vec<String> = index_files.iter().map(|(name, _)| name.clone()).collect();
-        store.delete_many(&read)?;
         let packs: Vec<String> = deletable.iter().map(pack_name).collect();
         store.delete_many(&packs)?;
     }

@@ -223,14 +223,7 @@ impl Repository {
 
     /// Reads every index file.
     pub fn load_index(&self) -> Result<Index> {
-        let mut index = Index::default();
-        for (_, file) in self.index_files()? {
-            for pack in &file.packs {
-                index.add(pack);
-            }
-        }
-        index.finish();
-        Ok(index)
+        self.load_index_without(&HashSet::new())
     }
 
     /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
@@ -242,9 +235,15 @@ impl Repository {
             .into_iter()
             .flat_map(|(_, list)| list.packs)
             .collect();
+        self.load_index_without(&obsolete)
+    }
+
+    /// One index file at a time: only the compact in-memory index grows with the repository.
+    fn load_index_without(&self, skip: &HashSet<Id>) -> Result<Index> {
         let mut index = Index::default();
-        for (_, file) in self.index_files()? {
-            for pack in file.packs.iter().filter(|p| !obsolete.contains(&p.id)) {
+        for object in self.store.list("index")? {
+            let file = self.read_index_file(&object.name)?;
+            for pack in file.packs.iter().filter(|p| !skip.contains(&p.id)) {
                 index.add(pack);
             }
         }
@@ -252,15 +251,9 @@ impl Repository {
         Ok(index)
     }
 
-    /// Every index file, with its name.
-    pub(crate) fn index_files(&self) -> Result<Vec<(String, IndexFile)>> {
-        let mut files = Vec::new();
-        for object in self.store.list("index")? {
-            let bytes = self.store.get(&object.name)?;
-            let file = envelope::open(INDEX_MAGIC, &self.key.metadata, &bytes, &object.name)?;
-            files.push((object.name, file));
-        }
-        Ok(files)
+    pub(crate) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
+        let bytes = self.store.get(name)?;
+        envelope::open(INDEX_MAGIC, &self.key.metadata, &bytes, name)
     }
 
     /// Every obsolete list (prune's marks), with its name.
