@@ -365,8 +365,9 @@ fn compress_worker(
     }
 }
 
-/// Finished packs uploading while the next one fills: uploads overlap compression, and memory
-/// holds at most this many finished packs.
+/// Finished packs uploading to a remote store while the next one fills: uploads overlap
+/// compression, and memory holds at most this many finished packs. A local put is a file write
+/// the page cache absorbs; overlapping it gains nothing and costs a pack of memory.
 const PACKS_UPLOADING: usize = 1;
 
 /// Fills packs with frames and stores each as it fills; returns what it stored.
@@ -389,7 +390,8 @@ fn pack_writer(
             header: pack.header,
         });
         uploads.push_back(store.put_new_soon(&pack_name(&pack.id), pack.bytes));
-        while uploads.len() > PACKS_UPLOADING {
+        let in_flight = if store.is_local() { 0 } else { PACKS_UPLOADING };
+        while uploads.len() > in_flight {
             store.wait(uploads.pop_front().expect("an upload"))?;
         }
         Ok(())

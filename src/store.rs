@@ -136,6 +136,11 @@ impl Store {
             .map_err(|e| self.error("", e))
     }
 
+    /// Whether writes are to a local directory (where a put is a file write, not a request).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
     pub fn location(&self) -> &str {
         &self.location
     }
