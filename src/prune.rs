@@ -58,8 +58,12 @@ pub fn prune(
     // Memory: the compact index (as a backup holds it) and a bit per frame; index files are
     // read and rewritten one at a time.
     let index_names: Vec<String> = store.list("index")?.into_iter().map(|o| o.name).collect();
-    let index = repo.load_index()?;
     let lists = repo.obsolete_lists()?;
+    let listed: HashSet<Id> = lists
+        .iter()
+        .flat_map(|(_, l)| l.packs.iter().copied())
+        .collect();
+    let index = repo.load_index_with_last(&listed)?;
     let snapshots = repo.snapshots(&[])?;
 
     // Packs by id, once each even if two index files name one (a crash between writing a
@@ -78,11 +82,10 @@ pub fn prune(
         dry_run,
         ..PruneReport::default()
     };
-    let mut marked = HashSet::new();
+    let marked = &listed;
     let mut deletable: BTreeSet<Id> = BTreeSet::new();
     for (_, list) in &lists {
         for pack in &list.packs {
-            marked.insert(*pack);
             if !due(list) {
                 report.pending += 1;
             } else if needed.contains(pack) {

@@ -251,6 +251,26 @@ impl Repository {
         Ok(index)
     }
 
+    /// The whole index, with the packs in `last` added after all others: where a chunk is in
+    /// both (a backup stored again what a marked pack holds), the other copy is the one used,
+    /// so prune can let the marked pack go.
+    pub(crate) fn load_index_with_last(&self, last: &HashSet<Id>) -> Result<Index> {
+        let mut index = Index::default();
+        let mut deferred = Vec::new();
+        for object in self.store.list("index")? {
+            for pack in self.read_index_file(&object.name)?.packs {
+                if last.contains(&pack.id) {
+                    deferred.push(pack);
+                } else {
+                    index.add(&pack);
+                }
+            }
+        }
+        deferred.iter().for_each(|pack| index.add(pack));
+        index.finish();
+        Ok(index)
+    }
+
     pub(crate) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
         let bytes = self.store.get(name)?;
         envelope::open(INDEX_MAGIC, &self.key.metadata, &bytes, name)
