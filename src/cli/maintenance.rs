@@ -1,0 +1,348 @@
+//! The repository-maintenance commands: check, forget, prune, stats and key.
+
+use super::*;
+
+pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> Result<()> {
+    let repo = open_repository(location)?;
+    let mut out = io::stdout().lock();
+    match command {
+        KeyCommand::List { json } => {
+            let keys = bkp::list_keys(&repo)?;
+            if json {
+                let array: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        json!({
+                            "id": k.id.to_hex(),
+                            "created": humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + Duration::from_secs(k.created.max(0) as u64)
+                            ).to_string(),
+                            "kdf": { "algorithm": "argon2id", "memory_kib": k.kdf.memory_kib,
+                                     "iterations": k.kdf.iterations, "parallelism": k.kdf.parallelism },
+                            "current": k.current,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
+            } else {
+                writeln!(out, "{:<2}{:<10}{:<22}kdf", "", "id", "created")?;
+                for k in &keys {
+                    let created =
+                        std::time::UNIX_EPOCH + Duration::from_secs(k.created.max(0) as u64);
+                    writeln!(
+                        out,
+                        "{:<2}{:<10}{:<22}argon2id m={} MiB t={} p={}",
+                        if k.current { "*" } else { "" },
+                        k.id.short(),
+                        humantime::format_rfc3339_seconds(created).to_string(),
+                        k.kdf.memory_kib / 1024,
+                        k.kdf.iterations,
+                        k.kdf.parallelism
+                    )?;
+                }
+                writeln!(out, "{} key(s); * marks the one in use", keys.len())?;
+            }
+        }
+        KeyCommand::Add => {
+            let password = read_secret("BKP_NEW_PASSWORD", "New password", true)?;
+            let id = bkp::add_key(&repo, password.as_bytes(), kdf_params())?;
+            if !quiet {
+                writeln!(out, "added key {}", id.short())?;
+            }
+        }
+        KeyCommand::Remove { id } => {
+            let key = bkp::find_key(&repo, &id)?;
+            bkp::remove_key(&repo, &key.id, false)?;
+            if !quiet {
+                writeln!(out, "removed key {}", key.id.short())?;
+            }
+        }
+        KeyCommand::Passwd => {
+            let password = read_secret("BKP_NEW_PASSWORD", "New password", true)?;
+            let id = bkp::change_password(&repo, password.as_bytes(), kdf_params())?;
+            if !quiet {
+                writeln!(
+                    out,
+                    "password changed: key {} replaces {}",
+                    id.short(),
+                    repo.key_id().short()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
+    let (prune_after, dry_run) = (args.prune, args.dry_run);
+    forget_snapshots(location, quiet, args)?;
+    if prune_after && !dry_run {
+        let prune_args = PruneArgs {
+            grace: bkp::prune::DEFAULT_GRACE,
+            dry_run: false,
+            json: false,
+        };
+        prune(location, quiet, prune_args)?;
+    }
+    Ok(())
+}
+
+fn forget_snapshots(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let mut out = io::stdout().lock();
+    let time =
+        |entry: &SnapshotEntry| humantime::format_rfc3339_seconds(entry.snapshot.time).to_string();
+    if !args.snapshots.is_empty() {
+        let entries = args
+            .snapshots
+            .iter()
+            .map(|query| repo.find_snapshot(query, &args.tags))
+            .collect::<bkp::Result<Vec<_>>>()?;
+        if !args.dry_run {
+            bkp::forget::remove(&repo, &entries.iter().collect::<Vec<_>>())?;
+        }
+        if !quiet {
+            for entry in &entries {
+                writeln!(out, "forget  {}  {}", entry.id.short(), time(entry))?;
+            }
+            done_line(&mut out, entries.len(), args.dry_run)?;
+        }
+        return Ok(());
+    }
+    let policy = bkp::retention::Policy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        within: args.keep_within,
+    };
+    let group_by: bkp::forget::GroupBy = args.group_by.parse()?;
+    let tz = jiff::tz::TimeZone::system();
+    let groups = bkp::forget::plan(
+        &repo,
+        &args.tags,
+        &policy,
+        group_by,
+        std::time::SystemTime::now(),
+        &tz,
+    )?;
+    let forgotten: Vec<&SnapshotEntry> = groups
+        .iter()
+        .flat_map(|g| &g.snapshots)
+        .filter(|(_, decision)| !decision.keep)
+        .map(|(entry, _)| entry)
+        .collect();
+    if !args.dry_run {
+        bkp::forget::remove(&repo, &forgotten)?;
+    }
+    if args.json {
+        let groups: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let snapshots: Vec<_> = g
+                    .snapshots
+                    .iter()
+                    .map(|(e, d)| {
+                        json!({"id": e.id.to_hex(), "time": time(e), "keep": d.keep, "reasons": d.reasons})
+                    })
+                    .collect();
+                json!({"host": g.host, "tags": g.tags, "snapshots": snapshots})
+            })
+            .collect();
+        let report =
+            json!({"dry_run": args.dry_run, "forgotten": forgotten.len(), "groups": groups});
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    if quiet {
+        return Ok(());
+    }
+    for group in &groups {
+        let mut name = Vec::new();
+        if let Some(host) = &group.host {
+            name.push(format!("host {host}"));
+        }
+        if let Some(tags) = &group.tags {
+            name.push(format!(
+                "tags {}",
+                if tags.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    tags.join(",")
+                }
+            ));
+        }
+        let kept = group.snapshots.iter().filter(|(_, d)| d.keep).count();
+        writeln!(
+            out,
+            "{}: keep {kept} of {}",
+            if name.is_empty() {
+                "all snapshots".to_string()
+            } else {
+                name.join(", ")
+            },
+            group.snapshots.len()
+        )?;
+        for (entry, decision) in &group.snapshots {
+            writeln!(
+                out,
+                "  {:<7} {}  {}  {}",
+                if decision.keep { "keep" } else { "forget" },
+                entry.id.short(),
+                time(entry),
+                decision.reasons.join(", ")
+            )?;
+        }
+    }
+    done_line(&mut out, forgotten.len(), args.dry_run)
+}
+
+pub(super) fn prune(location: &str, quiet: bool, args: PruneArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let report = bkp::prune::prune(
+        &repo,
+        args.grace,
+        std::time::SystemTime::now(),
+        args.dry_run,
+    )?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else if !quiet {
+        let verb = if args.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        writeln!(
+            out,
+            "{} snapshot(s) need {} of {} pack(s); {verb} {} pack(s) ({}), {} left by interrupted backups; \
+             marked {} for deletion after {}; {} still in their grace period; {} needed again",
+            report.snapshots,
+            report.needed_packs,
+            report.packs,
+            report.deleted_packs,
+            HumanBytes(report.deleted_bytes),
+            report.deleted_unindexed,
+            report.newly_marked,
+            humantime::format_duration(args.grace),
+            report.pending,
+            report.needed_again
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn stats(location: &str, args: SnapshotsArgs) -> Result<()> {
+    let repo = open_repository(location)?;
+    let stats = bkp::stats(&repo, &args.tags)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+        return Ok(());
+    }
+    let bytes = |n: u64| HumanBytes(n).to_string();
+    writeln!(out, "snapshots           {}", stats.snapshots)?;
+    writeln!(out, "logical size        {}", bytes(stats.logical_bytes))?;
+    writeln!(
+        out,
+        "distinct data       {} (dedup {:.1}x)",
+        bytes(stats.unique_bytes),
+        stats.dedup_ratio
+    )?;
+    writeln!(
+        out,
+        "stored              {} in {} pack(s), {} index file(s) of {} (compression {:.1}x)",
+        bytes(stats.stored_bytes),
+        stats.packs,
+        stats.index_files,
+        bytes(stats.index_bytes),
+        stats.compression_ratio
+    )?;
+    writeln!(out, "\n{:<8}  {:>12}  {:>14}", "id", "size", "only it uses")?;
+    for s in &stats.per_snapshot {
+        writeln!(
+            out,
+            "{:<8}  {:>12}  {:>14}",
+            &s.id[..8],
+            bytes(s.size),
+            bytes(s.alone_bytes)
+        )?;
+    }
+    Ok(())
+}
+
+fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {
+    if dry_run {
+        writeln!(
+            out,
+            "would forget {count} snapshot(s) (dry run: nothing changed)"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "forgot {count} snapshot(s); `bkp prune` reclaims the data only they used"
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn check(location: &str, quiet: bool, args: CheckArgs) -> Result<ExitCode> {
+    let repo = open_repository(location)?;
+    let read_data = match (args.read_data, args.read_data_subset) {
+        (true, _) => ReadData::All,
+        (false, Some(fraction)) => ReadData::Fraction(fraction),
+        (false, None) => ReadData::None,
+    };
+    let show_progress = !quiet && !args.json && io::stderr().is_terminal();
+    let report = bkp::check(&repo, read_data, &mut |step| {
+        if show_progress {
+            eprintln!("checking {step}");
+        }
+    })?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        for problem in &report.problems {
+            write!(out, "problem: {}: {}", problem.object, problem.problem)?;
+            if !problem.snapshots.is_empty() {
+                let short: Vec<&str> = problem.snapshots.iter().map(|s| &s[..8]).collect();
+                write!(out, " (affects snapshot(s) {})", short.join(", "))?;
+            }
+            writeln!(out)?;
+        }
+        if !quiet || !report.is_ok() {
+            write!(
+                out,
+                "checked {} snapshot(s), {} index file(s), {} pack(s)",
+                report.snapshots, report.index_files, report.packs
+            )?;
+            if read_data != ReadData::None {
+                write!(out, ", read {} frame(s)", report.frames_read)?;
+            }
+            match report.problems.len() {
+                0 => write!(out, ": no problems")?,
+                n => write!(
+                    out,
+                    ": {n} PROBLEM(S); restore what you can, and back up anew"
+                )?,
+            }
+            if report.unreferenced_packs > 0 {
+                write!(
+                    out,
+                    "; {} unreferenced pack(s) from interrupted backups (harmless)",
+                    report.unreferenced_packs
+                )?;
+            }
+            writeln!(out)?;
+        }
+    }
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DAMAGED)
+    })
+}
