@@ -30,3 +30,10 @@ echo "== restore latest --tag shop"
 $bkp restore latest --tag shop > "$work/restored.sql"
 cmp "$work/day2.sql" "$work/restored.sql"
 echo "== restored dump is byte-identical to day 2"
+echo "== check: every stored chunk read back and verified"
+$bkp check --read-data
+echo "== stats"
+$bkp stats
+echo "== forget day 1's snapshots but the newest, then prune (marks now, deletes a grace period later)"
+$bkp forget --tag shop --keep-last 1
+$bkp prune
