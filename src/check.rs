@@ -14,11 +14,10 @@ use serde::Serialize;
 use crate::crypto::KeyFile;
 use crate::envelope;
 use crate::error::{Error, Result};
-use crate::frame::push_base;
 use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
 use crate::pack;
-use crate::pack_reader::{FrameReader, bases_of};
+use crate::pack_reader::{BaseCache, FrameReader, bases_of};
 use crate::repo::{Repository, pack_name};
 use crate::walk::for_each_chunk;
 
@@ -264,7 +263,7 @@ impl Checker<'_> {
             }
         };
         let mut reader = FrameReader::new(self.repo, index);
-        let mut bases_cache: Vec<(u32, Vec<u8>)> = Vec::new();
+        let bases_cache = BaseCache::new(4);
         let mut dictionary = Vec::new();
         let mut raw = Vec::new();
         let mut frame_number = 0u32;
@@ -276,23 +275,9 @@ impl Checker<'_> {
                     continue;
                 }
                 self.report.frames_read += 1;
-                let decoded = (|| -> Result<Vec<u8>> {
-                    dictionary.clear();
-                    for &base in bases_of(index, frame)? {
-                        if !bases_cache.iter().any(|(f, _)| *f == base) {
-                            if bases_cache.len() == 4 {
-                                bases_cache.remove(0);
-                            }
-                            bases_cache.push((base, reader.read(base, &[], Vec::new())?));
-                        }
-                        let (_, base_raw) = bases_cache
-                            .iter()
-                            .find(|(f, _)| *f == base)
-                            .expect("cached");
-                        push_base(&mut dictionary, base_raw);
-                    }
-                    reader.read(frame, &dictionary, std::mem::take(&mut raw))
-                })();
+                let decoded = bases_of(index, frame)
+                    .and_then(|bases| bases_cache.dictionary(&mut reader, bases, &mut dictionary))
+                    .and_then(|()| reader.read(frame, &dictionary, std::mem::take(&mut raw)));
                 let decoded = match decoded {
                     Ok(decoded) => decoded,
                     Err(e) => {

@@ -5,9 +5,9 @@
 //! Compressing a group rather than each chunk is what lets small chunks dedup well without
 //! losing compression. A *delta frame* is compressed against the plaintext of up to
 //! [`MAX_BASES`] earlier *base frames* (frames that are not deltas themselves), given to zstd as
-//! a prefix (a raw-content dictionary): a dump that changed a little changes many small chunks a little, and
-//! each changed chunk then costs the bytes of its change instead of a compressed copy
-//! (docs/PERFORMANCE.md). One level only, so decoding a frame never needs more than its bases.
+//! a prefix (a raw-content dictionary): a dump that changed a little changes many small chunks
+//! a little, and each changed chunk then costs the bytes of its change instead of a compressed
+//! copy (docs/PERFORMANCE.md). One level only, so decoding a frame never needs more than its bases.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,11 +39,6 @@ pub struct Frame {
     pub sealed: Vec<u8>,
     pub chunks: Vec<ChunkEntry>,
     pub bases: Vec<FrameRef>,
-}
-
-/// Appends a base frame's plaintext to a delta frame's dictionary.
-pub fn push_base(dictionary: &mut Vec<u8>, base: &[u8]) {
-    dictionary.extend_from_slice(base);
 }
 
 /// zstd parameters of a delta frame: a window that keeps all of its dictionary reachable, and
@@ -236,7 +231,7 @@ mod tests {
         let base = encoder.seal(&key, &day1, chunk(&day1), &[], Vec::new(), 0);
         let plain = encoder.seal(&key, &day2, chunk(&day2), &[], Vec::new(), 0);
         let mut dictionary = Vec::new();
-        push_base(&mut dictionary, &day1);
+        dictionary.extend_from_slice(&day1);
         let base_ref = FrameRef {
             pack: Id([1; 32]),
             frame: 0,
@@ -277,7 +272,7 @@ mod tests {
                 || out != day2
         );
         let mut wrong = Vec::new();
-        push_base(&mut wrong, &rows(1, 20_001));
+        wrong.extend_from_slice(&rows(1, 20_001));
         assert!(
             decoder
                 .open(&key, &delta.sealed, &wrong, day2.len(), &mut out, "p")

@@ -176,7 +176,7 @@ pub fn read_header_with(
 mod tests {
     use super::*;
     use crate::crypto::MasterKey;
-    use crate::frame::{FrameDecoder, FrameEncoder, push_base};
+    use crate::frame::{FrameDecoder, FrameEncoder};
 
     fn session(master: &MasterKey) -> PackSession {
         let (data_ephemeral, data_key) = master.data.sealing().new_session();
@@ -212,7 +212,7 @@ mod tests {
         };
         writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0));
         let mut dictionary = Vec::new();
-        push_base(&mut dictionary, &raw);
+        dictionary.extend_from_slice(&raw);
         let frame = encoder.seal(
             &s.data_key,
             &raw,

@@ -1,7 +1,8 @@
 //! Reading frames back out of packs, for restore and for the bases of delta frames in backup.
 //! Reads are aligned to [`READ_ALIGNMENT`] so the store does not learn exact frame boundaries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -33,7 +34,7 @@ impl<'a> FrameReader<'a> {
     }
 
     /// Reads and decodes a frame into `raw` (a reused buffer), returning it. A delta frame
-    /// needs `dictionary`, built with [`crate::frame::push_base`] from its bases' plaintexts.
+    /// needs `dictionary`: its bases' plaintexts, concatenated ([`BaseCache::dictionary`]).
     pub fn read(&mut self, frame: u32, dictionary: &[u8], raw: Vec<u8>) -> Result<Vec<u8>> {
         let fetch = fetch(self.repo, self.index, frame)?;
         self.decode(fetch, dictionary, raw)
@@ -115,16 +116,67 @@ pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetc
     })
 }
 
+/// Recently decoded base frames, shared by threads: consecutive delta frames mostly share their
+/// bases (backup, which compresses against them, and check, which decodes delta frames).
+pub struct BaseCache {
+    decoded: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+    kept: usize,
+}
+
+impl BaseCache {
+    pub fn new(kept: usize) -> BaseCache {
+        BaseCache {
+            decoded: Mutex::new(VecDeque::new()),
+            kept,
+        }
+    }
+
+    /// Fills `dictionary` with the plaintexts of `bases` (base frames), in order.
+    pub fn dictionary(
+        &self,
+        reader: &mut FrameReader<'_>,
+        bases: &[u32],
+        dictionary: &mut Vec<u8>,
+    ) -> Result<()> {
+        dictionary.clear();
+        for &base in bases {
+            dictionary.extend_from_slice(&self.get(reader, base)?);
+        }
+        Ok(())
+    }
+
+    fn get(&self, reader: &mut FrameReader<'_>, frame: u32) -> Result<Arc<Vec<u8>>> {
+        let cached = |decoded: &VecDeque<(u32, Arc<Vec<u8>>)>| {
+            decoded
+                .iter()
+                .find(|(f, _)| *f == frame)
+                .map(|(_, raw)| raw.clone())
+        };
+        if let Some(raw) = cached(&self.decoded.lock().expect("base cache lock")) {
+            return Ok(raw);
+        }
+        let raw = Arc::new(reader.read(frame, &[], Vec::new())?);
+        let mut decoded = self.decoded.lock().expect("base cache lock");
+        if cached(&decoded).is_none() {
+            if decoded.len() == self.kept {
+                decoded.pop_front();
+            }
+            decoded.push_back((frame, raw.clone()));
+        }
+        Ok(raw)
+    }
+}
+
 /// The base frames a delta frame needs, or an error naming the frame whose base is missing.
-pub fn bases_of(repo_index: &Index, frame: u32) -> Result<&[u32]> {
-    let bases = repo_index.bases(frame);
+pub fn bases_of(index: &Index, frame: u32) -> Result<&[u32]> {
+    let bases = index.bases(frame);
     if bases.contains(&MISSING_BASE) {
-        let pack = repo_index.pack(repo_index.frame(frame).pack);
+        let location = index.frame(frame);
         return Err(Error::Missing {
             object: format!(
                 "a base frame of frame {} in {}",
-                repo_index.frame(frame).number_in_pack,
-                pack_name(&pack.id)
+                location.number_in_pack,
+                pack_name(&index.pack(location.pack).id)
             ),
         });
     }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::{Error, Result};
-use crate::frame::push_base;
 use crate::id::Id;
 use crate::index::{ChunkLocation, Index};
 use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch};
@@ -71,7 +70,7 @@ impl FrameSlot {
             .iter()
             .try_for_each(|base| {
                 base.with_base_raw(|raw| {
-                    push_base(dictionary, raw);
+                    dictionary.extend_from_slice(raw);
                     Ok(())
                 })
             })
