@@ -10,13 +10,7 @@ use common::{backup_cli, bkp, dumpgen, files_under, local_repo, random_bytes};
 use predicates::prelude::*;
 
 fn restore_bytes(repo: &std::path::Path, snapshot: &str) -> Vec<u8> {
-    bkp(repo)
-        .args(["restore", snapshot])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone()
+    common::stdout_of(bkp(repo).args(["restore", snapshot]))
 }
 
 #[test]
@@ -280,14 +274,7 @@ fn a_backup_killed_mid_stream_leaves_earlier_snapshots_restorable() {
     drop(writer);
     assert!(files_under(&repo, "packs").len() > packs_before);
 
-    let out = bkp(&repo)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let list = common::run_json(bkp(&repo).args(["snapshots", "--json"]));
     assert_eq!(
         list.as_array().unwrap().len(),
         1,
@@ -345,15 +332,6 @@ fn sigterm_during_a_command_backup_stops_the_dump_and_records_nothing() {
             stat.split_whitespace().nth(2) == Some("Z")
         }
     );
-    let listed = bkp(&repo)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&listed).unwrap(),
-        serde_json::json!([])
-    );
+    let listed = common::run_json(bkp(&repo).args(["snapshots", "--json"]));
+    assert_eq!(listed, serde_json::json!([]));
 }

@@ -85,13 +85,7 @@ fn retention_applies_per_host_and_tag_set_and_dry_runs_change_nothing() {
     assert_eq!(snapshot_ids(&repo).len(), 3);
 
     // What is kept still restores.
-    let restored = bkp(&repo)
-        .args(["restore", "latest", "--tag", "crm"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
+    let restored = common::stdout_of(bkp(&repo).args(["restore", "latest", "--tag", "crm"]));
     assert_eq!(restored, b"crm day 1");
 }
 

@@ -468,14 +468,11 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
 #[test]
 fn format_v1_fixture_restores_with_bkp() {
     let restore = |snapshot: &str| {
-        bkp(&fixture())
-            .env("BKP_PASSWORD", PASSWORD)
-            .args(["restore", snapshot])
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone()
+        common::stdout_of(
+            bkp(&fixture())
+                .env("BKP_PASSWORD", PASSWORD)
+                .args(["restore", snapshot]),
+        )
     };
     let ids = ["dad90779", "4ee9b061"];
     for (id, (len, blake3_hex)) in ids.into_iter().zip(STREAMS) {

@@ -44,14 +44,11 @@ fn a_second_password_opens_the_same_repository_until_removed() {
             predicate::str::contains("added key").and(predicate::str::contains("second").not()),
         );
     assert!(opens(&repo, PASSWORD) && opens(&repo, "second password"));
-    let restored = bkp(&repo)
-        .env("BKP_PASSWORD", "second password")
-        .args(["restore", &snapshot])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
+    let restored = common::stdout_of(
+        bkp(&repo)
+            .env("BKP_PASSWORD", "second password")
+            .args(["restore", &snapshot]),
+    );
     assert_eq!(restored, b"data before the new key");
 
     // Opened with the second password, that key is the current one and cannot be removed.

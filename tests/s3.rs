@@ -36,13 +36,7 @@ fn backup_json(server: &S3Server, url: &str, data: &[u8]) -> serde_json::Value {
 }
 
 fn restore(server: &S3Server, url: &str, snapshot: &str) -> Vec<u8> {
-    bkp(server, url)
-        .args(["restore", snapshot])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone()
+    common::stdout_of(bkp(server, url).args(["restore", snapshot]))
 }
 
 #[test]

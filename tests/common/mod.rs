@@ -53,9 +53,14 @@ pub fn local_repo() -> (tempfile::TempDir, PathBuf) {
     (dir, repo)
 }
 
+/// Runs `cmd`, asserts that it succeeds, and returns what it printed.
+pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
+    cmd.assert().success().get_output().stdout.clone()
+}
+
 /// Runs `cmd`, asserts that it succeeds, and parses what it printed as JSON.
 pub fn run_json(cmd: &mut Command) -> serde_json::Value {
-    let out = cmd.assert().success().get_output().stdout.clone();
+    let out = stdout_of(cmd);
     serde_json::from_slice(&out)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out)))
 }
