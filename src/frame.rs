@@ -56,6 +56,15 @@ fn delta_parameters(dictionary: &[u8], raw_len: usize) -> [zstd::zstd_safe::CPar
     ]
 }
 
+/// zstd's minimum match length for `level`. At levels 1-9 zstd defaults to 5 or 7; 6 suits SQL
+/// text better: on the real pg_dump pair at level 3 it stored 8 % less on day 1 (97.7 against
+/// 106.4 MB), added 3 % less on day 2 and ran 10 % faster; a mysqldump-style file compressed
+/// 10 % smaller at the same speed; the generated dump was unchanged on day 1 and 3 % larger on
+/// day 2 (docs/PERFORMANCE.md). At level 19 it stored 1 % more, so higher levels keep zstd's.
+fn min_match(level: i32) -> Option<zstd::zstd_safe::CParameter> {
+    (level <= 9).then_some(zstd::zstd_safe::CParameter::MinMatch(6))
+}
+
 fn zstd_error(code: usize) -> String {
     zstd::zstd_safe::get_error_name(code).to_string()
 }
@@ -70,8 +79,14 @@ pub struct FrameEncoder {
 
 impl FrameEncoder {
     pub fn new(level: i32) -> FrameEncoder {
+        let mut compressor = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+        if let Some(parameter) = min_match(level) {
+            compressor
+                .set_parameter(parameter)
+                .expect("a valid zstd parameter");
+        }
         FrameEncoder {
-            compressor: zstd::bulk::Compressor::new(level).expect("valid zstd level"),
+            compressor,
             compressed: Vec::new(),
             level,
         }
@@ -136,6 +151,7 @@ impl FrameEncoder {
         let parameters = delta_parameters(dictionary, raw.len());
         [zstd::zstd_safe::CParameter::CompressionLevel(self.level)]
             .into_iter()
+            .chain(min_match(self.level))
             .chain(parameters)
             .try_for_each(|p| context.set_parameter(p).map(drop))
             .and_then(|()| context.ref_prefix(dictionary).map(drop))
