@@ -57,7 +57,7 @@ impl Default for BackupOptions {
             name: "stdin".to_string(),
             compression_level: 3,
             group_size: 2 << 20,
-            pack_size: 8 << 20,
+            pack_size: crate::pack::PACK_SIZE,
             threads: 0,
             annotations: BTreeMap::new(),
         }
@@ -352,14 +352,9 @@ fn pack_writer(
     let store = repo.store();
     let mut writer = PackWriter::new(session, pack_size + (2 << 20));
     let mut finish = |writer: PackWriter, uploads: &mut VecDeque<_>| -> Result<()> {
-        let pack = writer.finish(&session.metadata_key);
-        stored.push(IndexedPack {
-            id: pack.id,
-            len: pack.bytes.len() as u64,
-            data_ephemeral: session.data_ephemeral,
-            header: pack.header,
-        });
-        uploads.push_back(store.put_new_soon(&pack_name(&pack.id), pack.bytes));
+        let (pack, bytes) = writer.finish(session);
+        uploads.push_back(store.put_new_soon(&pack_name(&pack.id), bytes));
+        stored.push(pack);
         let in_flight = if store.is_local() { 0 } else { PACKS_UPLOADING };
         while uploads.len() > in_flight {
             store.wait(uploads.pop_front().expect("an upload"))?;
@@ -367,7 +362,7 @@ fn pack_writer(
         Ok(())
     };
     for frame in frames {
-        writer.add(frame);
+        writer.add(frame, &[]);
         if writer.len() >= pack_size {
             let full =
                 std::mem::replace(&mut writer, PackWriter::new(session, pack_size + (2 << 20)));
@@ -393,14 +388,7 @@ pub fn backup(
     let started = Instant::now();
     let key = repo.key();
     let index = repo.load_index_for_backup()?;
-    let (data_ephemeral, data_key) = key.data.sealing().new_session();
-    let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
-    let session = PackSession {
-        data_ephemeral,
-        data_key,
-        metadata_ephemeral,
-        metadata_key,
-    };
+    let session = PackSession::new(key);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,

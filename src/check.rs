@@ -12,10 +12,9 @@ use std::collections::{BTreeSet, HashMap};
 use serde::Serialize;
 
 use crate::crypto::KeyFile;
-use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
+use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack;
 use crate::pack_reader::{BaseCache, FrameReader, bases_of};
 use crate::repo::{Repository, pack_name};
@@ -135,9 +134,9 @@ impl Checker<'_> {
         let mut indexed = Vec::new();
         for object in store.list("index")? {
             self.report.index_files += 1;
-            let file: Result<IndexFile> = store.get(&object.name).and_then(|bytes| {
-                envelope::open(INDEX_MAGIC, &self.repo.key().metadata, &bytes, &object.name)
-            });
+            let file: Result<IndexFile> = store
+                .get(&object.name)
+                .and_then(|bytes| IndexFile::open(&self.repo.key().metadata, &bytes, &object.name));
             match file {
                 Ok(file) => {
                     for pack in file.packs {

@@ -36,7 +36,7 @@ pub enum Error {
     NoKeys { location: String },
 
     #[error(
-        "{object} uses repository format {found}, this bkp reads format {supported}; upgrade bkp"
+        "{object} uses repository format {found}, this bkp reads formats up to {supported}; upgrade bkp"
     )]
     UnsupportedFormat {
         object: String,

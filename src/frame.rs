@@ -161,6 +161,15 @@ impl FrameEncoder {
     }
 }
 
+/// Seals a frame again under `to` without decompressing it (repack moves frames between packs,
+/// whose session keys differ).
+pub fn reseal(from: &CipherKey, to: &CipherKey, sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+    let compressed = from
+        .open(FRAME_AAD, sealed)
+        .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
+    Ok(to.seal(FRAME_AAD, &compressed))
+}
+
 /// Opens and decompresses frames, reusing its zstd context.
 pub struct FrameDecoder {
     decompressor: zstd::bulk::Decompressor<'static>,

@@ -15,10 +15,14 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::OpeningKey;
+use crate::envelope;
+use crate::error::Result;
 use crate::id::Id;
-use crate::pack::{FrameRef, PackHeader};
+use crate::pack::{self, FrameRef, PackHeader};
 
-pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX01";
+pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX02";
+const INDEX_MAGIC_V1: &[u8; 8] = b"BKPIDX01";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexedPack {
@@ -31,6 +35,51 @@ pub struct IndexedPack {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexFile {
     pub packs: Vec<IndexedPack>,
+}
+
+impl IndexFile {
+    /// Opens a sealed index file of either format version.
+    pub fn open(metadata: &OpeningKey, bytes: &[u8], object: &str) -> Result<IndexFile> {
+        if bytes.starts_with(INDEX_MAGIC_V1) {
+            let file: v1::IndexFile = envelope::open(INDEX_MAGIC_V1, metadata, bytes, object)?;
+            return Ok(file.into());
+        }
+        envelope::open(INDEX_MAGIC, metadata, bytes, object)
+    }
+}
+
+/// Format version 1: the same with version 1 pack headers.
+mod v1 {
+    use serde::Deserialize;
+
+    use crate::id::Id;
+
+    #[derive(Deserialize)]
+    pub struct IndexedPack {
+        id: Id,
+        len: u64,
+        data_ephemeral: [u8; 32],
+        header: crate::pack::v1::PackHeader,
+    }
+
+    #[derive(Deserialize)]
+    pub struct IndexFile {
+        packs: Vec<IndexedPack>,
+    }
+
+    impl From<IndexFile> for super::IndexFile {
+        fn from(file: IndexFile) -> Self {
+            let packs = file.packs.into_iter().map(|p| super::IndexedPack {
+                id: p.id,
+                len: p.len,
+                data_ephemeral: p.data_ephemeral,
+                header: p.header.into(),
+            });
+            super::IndexFile {
+                packs: packs.collect(),
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,12 +127,21 @@ pub struct Index {
     /// from `unresolved_bases`: a base may be in a pack that is added later.
     bases: Vec<u32>,
     unresolved_bases: Vec<FrameRef>,
+    /// Old names of frames that a repack moved (`pack::MovedFrame`), with their frame numbers.
+    moved: Vec<(FrameRef, u32)>,
     sorted: bool,
 }
 
 impl Index {
     pub fn add(&mut self, pack: &IndexedPack) {
         let pack_number = self.packs.len() as u32;
+        let first_frame = self.frames.len() as u32;
+        self.moved.extend(
+            pack.header
+                .moved
+                .iter()
+                .map(|m: &pack::MovedFrame| (m.from, first_frame + m.frame)),
+        );
         self.packs.push(PackLocation {
             id: pack.id,
             len: pack.len,
@@ -133,7 +191,23 @@ impl Index {
                     .or_insert(number as u32);
             }
         }
+        let is_base = |number: u32| {
+            self.frames
+                .get(number as usize)
+                .is_some_and(|f| f.bases_len == 0)
+        };
+        // A moved frame's new place wins over its old one, which a prune deletes once no
+        // other snapshot needs it.
+        let moved: HashMap<FrameRef, u32> = self
+            .moved
+            .iter()
+            .filter(|&&(_, number)| is_base(number))
+            .copied()
+            .collect();
         let resolve = |base: &FrameRef| -> u32 {
+            if let Some(&number) = moved.get(base) {
+                return number;
+            }
             let Some(&first) = first_frame.get(&base.pack) else {
                 return MISSING_BASE;
             };
@@ -150,6 +224,8 @@ impl Index {
             }
         };
         self.bases = self.unresolved_bases.iter().map(resolve).collect();
+        self.unresolved_bases = Vec::new();
+        self.moved = Vec::new();
     }
 
     pub fn contains(&self, id: &Id) -> bool {
@@ -241,6 +317,7 @@ mod tests {
                         bases: vec![],
                     },
                 ],
+                moved: vec![],
             },
         });
         index.finish();
@@ -280,7 +357,10 @@ mod tests {
             id: id(pack_id),
             len: 1000,
             data_ephemeral: [0; 32],
-            header: PackHeader { frames },
+            header: PackHeader {
+                frames,
+                moved: vec![],
+            },
         };
         let mut index = Index::default();
         // The delta frames' pack comes first: bases resolve whatever the order.
@@ -303,6 +383,62 @@ mod tests {
     }
 
     #[test]
+    fn bases_follow_frames_that_a_repack_moved_once_or_twice() {
+        let id = |b| Id([b; 32]);
+        let frame_ref = |pack: u8, frame: u32| FrameRef {
+            pack: id(pack),
+            frame,
+        };
+        let frame = |chunk: u8, bases: Vec<FrameRef>| FrameEntry {
+            offset: 72,
+            sealed_len: 10,
+            chunks: vec![ChunkEntry {
+                id: id(chunk),
+                len: 4,
+            }],
+            bases,
+        };
+        let pack = |pack_id: u8, frames, moved| IndexedPack {
+            id: id(pack_id),
+            len: 1000,
+            data_ephemeral: [0; 32],
+            header: PackHeader { frames, moved },
+        };
+        let mut index = Index::default();
+        // Deltas written before the moves name their bases in packs 10 and 11, both gone.
+        index.add(&pack(
+            20,
+            vec![
+                frame(1, vec![frame_ref(10, 3)]),
+                frame(2, vec![frame_ref(11, 0), frame_ref(12, 1)]),
+            ],
+            vec![],
+        ));
+        // Pack 12 holds (10, 3) after one move; pack 13 holds (11, 0) after two, and a delta
+        // frame that a moved-frame record cannot turn into a base.
+        let moved = |frame, from| pack::MovedFrame { frame, from };
+        index.add(&pack(
+            12,
+            vec![frame(4, vec![]), frame(5, vec![])],
+            vec![moved(0, frame_ref(10, 3))],
+        ));
+        index.add(&pack(
+            13,
+            vec![frame(6, vec![frame_ref(12, 1)]), frame(7, vec![])],
+            vec![
+                moved(1, frame_ref(14, 2)),
+                moved(1, frame_ref(11, 0)),
+                moved(0, frame_ref(12, 1)),
+            ],
+        ));
+        index.finish();
+        let number = |chunk| index.chunk(&id(chunk)).unwrap().frame;
+        assert_eq!(index.bases(number(1)), &[number(4)]);
+        assert_eq!(index.bases(number(2)), &[number(7), number(5)]);
+        assert_eq!(index.bases(number(6)), &[number(5)]);
+    }
+
+    #[test]
     fn a_chunk_stored_twice_is_found_at_its_first_location() {
         let id = Id([7; 32]);
         let pack = |pack_id: u8, offset: u64| IndexedPack {
@@ -316,6 +452,7 @@ mod tests {
                     chunks: vec![ChunkEntry { id, len: 4 }],
                     bases: vec![],
                 }],
+                moved: vec![],
             },
         };
         let mut index = Index::default();

@@ -45,6 +45,7 @@ mod pack;
 mod pack_reader;
 mod padding;
 pub mod prune;
+mod repack;
 mod repo;
 mod restore;
 pub mod retention;
@@ -71,5 +72,5 @@ pub use source::Source;
 pub use stats::{SnapshotStats, Stats, stats};
 pub use store::{ObjectInfo, Store};
 
-/// The repository format this bkp reads and writes (docs/FORMAT.md).
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format this bkp writes (docs/FORMAT.md); it reads every earlier version.
+pub const FORMAT_VERSION: u32 = 2;

@@ -2,7 +2,7 @@
 //!
 //! A *pack* is one stored object:
 //! ```text
-//! magic "BKPPCK01" | data_ephemeral[32] | metadata_ephemeral[32]
+//! magic "BKPPCK02" | data_ephemeral[32] | metadata_ephemeral[32]
 //! frame | frame | ...                                  (data session key, AAD "bkp v1 frame")
 //! header: nonce | seal(postcard(PackHeader) || zero padding) | tag   (metadata session key)
 //! trailer: nonce | seal(header_offset u64le || header_len u64le) | tag   (56 bytes, fixed)
@@ -10,18 +10,23 @@
 //! The header lists every frame, the chunk ids in it and the base frames of a delta frame, so an
 //! index can be rebuilt from packs alone. The header's padding makes the whole pack a padded
 //! length (Padmé, at least 4 KiB), so neither frame nor chunk sizes nor counts are visible from
-//! outside; the trailer has a fixed size.
+//! outside; the trailer has a fixed size. Version 1 packs (`BKPPCK01`) differ only in a header
+//! without `moved`, and are still read.
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{CipherKey, OpeningKey, SEAL_OVERHEAD};
+use crate::crypto::{CipherKey, MasterKey, OpeningKey, SEAL_OVERHEAD};
 use crate::envelope::check_magic;
 use crate::error::{Error, Result};
 pub use crate::frame::{ChunkEntry, Frame, FrameRef};
 use crate::id::Id;
+use crate::index::IndexedPack;
 use crate::padding::padded_len;
 
-pub const PACK_MAGIC: &[u8; 8] = b"BKPPCK01";
+pub const PACK_MAGIC: &[u8; 8] = b"BKPPCK02";
+/// A pack is stored once it reaches this many bytes: one PUT each, a few per GiB of new data.
+pub const PACK_SIZE: usize = 8 << 20;
+const PACK_MAGIC_V1: &[u8; 8] = b"BKPPCK01";
 pub const PREFIX_LEN: usize = 8 + 32 + 32;
 pub const TRAILER_LEN: usize = SEAL_OVERHEAD + 16;
 const HEADER_AAD: &[u8] = b"bkp v1 pack header";
@@ -48,6 +53,35 @@ impl FrameEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackHeader {
     pub frames: Vec<FrameEntry>,
+    /// Base frames that a repack copied here from other packs, with the names they had there:
+    /// delta frames stored before the move still name their bases that way.
+    pub moved: Vec<MovedFrame>,
+}
+
+/// `frame` of this pack was `from` (a repacked frame moved again keeps all its old names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedFrame {
+    pub frame: u32,
+    pub from: FrameRef,
+}
+
+/// Format version 1, read but no longer written.
+pub(crate) mod v1 {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct PackHeader {
+        pub frames: Vec<super::FrameEntry>,
+    }
+
+    impl From<PackHeader> for super::PackHeader {
+        fn from(header: PackHeader) -> Self {
+            super::PackHeader {
+                frames: header.frames,
+                moved: Vec::new(),
+            }
+        }
+    }
 }
 
 /// The keys of one backup session's packs.
@@ -58,17 +92,24 @@ pub struct PackSession {
     pub metadata_key: CipherKey,
 }
 
+impl PackSession {
+    /// Fresh session keys: a writer needs only the public halves of the repository's keys.
+    pub fn new(key: &MasterKey) -> PackSession {
+        let (data_ephemeral, data_key) = key.data.sealing().new_session();
+        let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
+        PackSession {
+            data_ephemeral,
+            data_key,
+            metadata_ephemeral,
+            metadata_key,
+        }
+    }
+}
+
 /// Builds one pack in memory.
 pub struct PackWriter {
     buf: Vec<u8>,
     header: PackHeader,
-}
-
-/// A complete pack, ready to store under `packs/` as `id`.
-pub struct FinishedPack {
-    pub id: Id,
-    pub bytes: Vec<u8>,
-    pub header: PackHeader,
 }
 
 impl PackWriter {
@@ -91,7 +132,16 @@ impl PackWriter {
         self.header.frames.is_empty()
     }
 
-    pub fn add(&mut self, frame: Frame) {
+    /// Adds `frame`, which was known as `moved_from` in the packs it was copied from (empty for
+    /// a new frame).
+    pub fn add(&mut self, frame: Frame, moved_from: &[FrameRef]) {
+        let number = self.header.frames.len() as u32;
+        self.header
+            .moved
+            .extend(moved_from.iter().map(|&from| MovedFrame {
+                frame: number,
+                from,
+            }));
         self.header.frames.push(FrameEntry {
             offset: self.buf.len() as u64,
             sealed_len: frame.sealed.len() as u32,
@@ -101,7 +151,9 @@ impl PackWriter {
         self.buf.extend_from_slice(&frame.sealed);
     }
 
-    pub fn finish(mut self, metadata_key: &CipherKey) -> FinishedPack {
+    /// The pack's index entry and the bytes to store under `packs/` as its id.
+    pub fn finish(mut self, session: &PackSession) -> (IndexedPack, Vec<u8>) {
+        let metadata_key = &session.metadata_key;
         let mut header_plain = postcard::to_allocvec(&self.header).expect("header serializes");
         let unpadded = (self.buf.len() + header_plain.len() + SEAL_OVERHEAD + TRAILER_LEN) as u64;
         let padding = (padded_len(unpadded) - unpadded) as usize;
@@ -114,11 +166,13 @@ impl PackWriter {
         trailer[8..].copy_from_slice(&(sealed_header.len() as u64).to_le_bytes());
         self.buf.extend(metadata_key.seal(TRAILER_AAD, &trailer));
         debug_assert_eq!(self.buf.len() as u64, padded_len(unpadded));
-        FinishedPack {
+        let pack = IndexedPack {
             id: Id::of_object(&self.buf),
-            bytes: self.buf,
+            len: self.buf.len() as u64,
+            data_ephemeral: session.data_ephemeral,
             header: self.header,
-        }
+        };
+        (pack, self.buf)
     }
 }
 
@@ -149,7 +203,10 @@ pub fn read_header_with(
         return Err(Error::corrupt(object, format!("truncated to {len} bytes")));
     }
     let prefix = read(0..PREFIX_LEN as u64)?;
-    check_magic(PACK_MAGIC, &prefix[..8], object)?;
+    let version_1 = &prefix[..8] == PACK_MAGIC_V1;
+    if !version_1 {
+        check_magic(PACK_MAGIC, &prefix[..8], object)?;
+    }
     let data_ephemeral: [u8; 32] = prefix[8..40].try_into().expect("32 bytes");
     let metadata_ephemeral: [u8; 32] = prefix[40..PREFIX_LEN].try_into().expect("32 bytes");
     let key = metadata
@@ -167,7 +224,12 @@ pub fn read_header_with(
     let plain = key
         .open(HEADER_AAD, &read(offset..end)?)
         .ok_or_else(|| Error::corrupt(object, "the pack header fails authentication"))?;
-    let (header, _padding): (PackHeader, _) = postcard::take_from_bytes(&plain)
+    let decoded = if version_1 {
+        postcard::take_from_bytes::<v1::PackHeader>(&plain).map(|(h, _padding)| h.into())
+    } else {
+        postcard::take_from_bytes::<PackHeader>(&plain).map(|(h, _padding)| h)
+    };
+    let header = decoded
         .map_err(|e| Error::corrupt(object, format!("the pack header does not decode: {e}")))?;
     Ok((data_ephemeral, header))
 }
@@ -175,24 +237,12 @@ pub fn read_header_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::MasterKey;
     use crate::frame::{FrameDecoder, FrameEncoder};
-
-    fn session(master: &MasterKey) -> PackSession {
-        let (data_ephemeral, data_key) = master.data.sealing().new_session();
-        let (metadata_ephemeral, metadata_key) = master.metadata.sealing().new_session();
-        PackSession {
-            data_ephemeral,
-            data_key,
-            metadata_ephemeral,
-            metadata_key,
-        }
-    }
 
     #[test]
     fn pack_round_trip_through_header_and_frames() {
         let master = MasterKey::generate();
-        let s = session(&master);
+        let s = PackSession::new(&master);
         let mut encoder = FrameEncoder::new(3);
         let mut writer = PackWriter::new(&s, 1 << 20);
         let raw = b"INSERT INTO t VALUES (1);\nINSERT INTO t VALUES (2);\n".repeat(100);
@@ -210,7 +260,10 @@ mod tests {
             pack: Id([5; 32]),
             frame: 2,
         };
-        writer.add(encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0));
+        writer.add(
+            encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0),
+            &[base],
+        );
         let mut dictionary = Vec::new();
         dictionary.extend_from_slice(&raw);
         let frame = encoder.seal(
@@ -221,18 +274,27 @@ mod tests {
             vec![base],
             1 << 20,
         );
-        writer.add(frame);
-        let pack = writer.finish(&s.metadata_key);
-        assert_eq!(pack.bytes.len() as u64, padded_len(pack.bytes.len() as u64));
-        assert_eq!(pack.id, Id::of_object(&pack.bytes));
+        writer.add(frame, &[]);
+        let (pack, bytes) = writer.finish(&s);
+        assert_eq!(bytes.len() as u64, padded_len(bytes.len() as u64));
+        assert_eq!(pack.id, Id::of_object(&bytes));
+        assert_eq!(pack.len, bytes.len() as u64);
 
-        let (data_eph, header) = read_header(&pack.bytes, &master.metadata, "p").unwrap();
+        let (data_eph, header) = read_header(&bytes, &master.metadata, "p").unwrap();
+        assert_eq!(data_eph, s.data_ephemeral);
         assert_eq!(header, pack.header);
         assert_eq!(header.frames[0].chunks, chunks);
         assert!(header.frames[0].bases.is_empty());
         assert_eq!(header.frames[1].bases, vec![base]);
+        assert_eq!(
+            header.moved,
+            vec![MovedFrame {
+                frame: 0,
+                from: base
+            }]
+        );
         let f = &header.frames[0];
-        let sealed = &pack.bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
+        let sealed = &bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
         let key = master.data.session(&data_eph).unwrap();
         let mut decoder = FrameDecoder::default();
         let mut out = Vec::new();
@@ -241,13 +303,13 @@ mod tests {
             .unwrap();
         assert_eq!(out, raw);
         let f = &header.frames[1];
-        let sealed = &pack.bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
+        let sealed = &bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
         decoder
             .open(&key, sealed, &dictionary, f.raw_len(), &mut out, "p")
             .unwrap();
         assert_eq!(out, raw);
 
-        let mut flipped = pack.bytes.clone();
+        let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert!(read_header(&flipped, &master.metadata, "p").is_err());

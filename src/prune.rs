@@ -11,7 +11,9 @@
 //! rewritten index files, then the old ones deleted, then packs, then the lists.
 //!
 //! Needed means: holds a chunk of a snapshot's stream or chunk tree, or a base frame of a delta
-//! frame that does. A pack is deleted whole; repacking mostly-unused packs is not done yet.
+//! frame that does. A pack is deleted whole; one that is needed but mostly holds frames nothing
+//! needs is repacked ([`crate::repack`]): its needed frames are copied into new packs, indexed,
+//! and then it is marked like an unneeded pack.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -22,11 +24,36 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack, MISSING_BASE};
 use crate::pack_reader::FrameReader;
+use crate::repack;
 use crate::repo::{ObsoleteList, Repository, pack_name};
 use crate::walk::for_each_chunk;
 
 /// The default grace period: longer than any backup runs.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Repack a needed pack once this share of its bytes is in frames no snapshot needs.
+pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.5;
+
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    pub grace: Duration,
+    /// The time the grace period is measured against (tests pass a later time to skip it).
+    pub now: SystemTime,
+    pub dry_run: bool,
+    /// Share (0 to 1) of a needed pack's bytes that no snapshot needs at which it is repacked;
+    /// above 1: never.
+    pub repack_threshold: f64,
+}
+
+impl PruneOptions {
+    pub fn new(grace: Duration, now: SystemTime) -> PruneOptions {
+        PruneOptions {
+            grace,
+            now,
+            dry_run: false,
+            repack_threshold: DEFAULT_REPACK_THRESHOLD,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PruneReport {
@@ -44,16 +71,21 @@ pub struct PruneReport {
     pub deleted_bytes: u64,
     /// Packs no index named, older than the grace period.
     pub deleted_unindexed: usize,
+    /// Needed packs whose needed frames were copied into new packs (they are marked, too).
+    pub repacked_packs: usize,
+    pub repacked_frames: usize,
+    /// The new packs and their index file (in a dry run: the frame bytes that would be copied).
+    pub repack_bytes_written: u64,
     pub dry_run: bool,
 }
 
-/// Prunes `repo` as of `now` (tests pass a later time to skip the grace period).
-pub fn prune(
-    repo: &Repository,
-    grace: Duration,
-    now: SystemTime,
-    dry_run: bool,
-) -> Result<PruneReport> {
+pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
+    let PruneOptions {
+        grace,
+        now,
+        dry_run,
+        repack_threshold,
+    } = *options;
     let store = repo.store();
     // Memory: the compact index (as a backup holds it) and a bit per frame; index files are
     // read and rewritten one at a time.
@@ -73,7 +105,11 @@ pub fn prune(
         sizes.insert(pack.id, pack.len);
     }
 
-    let needed = needed_packs(repo, &index, &snapshots)?;
+    let needed_frames = needed_frames(repo, &index, &snapshots)?;
+    let needed: HashSet<Id> = (0..needed_frames.len())
+        .filter(|&f| needed_frames[f])
+        .map(|f| index.pack(index.frame(f as u32).pack).id)
+        .collect();
     let due = |list: &ObsoleteList| now.duration_since(list.time).is_ok_and(|age| age >= grace);
     let mut report = PruneReport {
         snapshots: snapshots.len(),
@@ -120,9 +156,15 @@ pub fn prune(
     report.deleted_packs = deletable.len();
     report.deleted_bytes = deletable.iter().filter_map(|id| sizes.get(id)).sum::<u64>()
         + unindexed.iter().map(|(_, size)| size).sum::<u64>();
+    let is_marked = |pack: u32| marked.contains(&index.pack(pack).id);
+    let to_repack = repack::plan(&index, &needed_frames, &is_marked, repack_threshold);
+    report.repacked_packs = to_repack.len();
     if dry_run {
+        report.repacked_frames = to_repack.iter().map(|p| p.keep.len()).sum();
+        report.repack_bytes_written = to_repack.iter().map(|p| p.keep_bytes).sum();
         return Ok(report);
     }
+    drop(needed_frames);
 
     if !deletable.is_empty() {
         // Every index file naming a deleted pack is rewritten without it (the new file durable
@@ -154,6 +196,15 @@ pub fn prune(
         .map(|(name, _)| name.clone())
         .collect();
     store.delete_many(&due_lists)?;
+    if !to_repack.is_empty() {
+        // The copies are indexed before their originals are marked: from then on the index
+        // prefers them, and the originals go the way of any unneeded pack.
+        let repacked = repack::repack(repo, &index, &to_repack)?;
+        report.repacked_frames = repacked.frames;
+        report.repack_bytes_written = repacked.bytes_written;
+        newly_marked.extend(to_repack.iter().map(|p| index.pack(p.pack).id));
+        newly_marked.sort_unstable();
+    }
     if !newly_marked.is_empty() {
         repo.write_obsolete_list(&ObsoleteList {
             time: now,
@@ -163,13 +214,14 @@ pub fn prune(
     Ok(report)
 }
 
-/// The packs some snapshot needs. Refuses (an error) if a snapshot needs anything that is not
-/// indexed: deleting could then destroy what a repair would still find.
-fn needed_packs(
+/// For each frame of the index, whether some snapshot needs it. Refuses (an error) if a snapshot
+/// needs anything that is not indexed: deleting could then destroy what a repair would still
+/// find.
+fn needed_frames(
     repo: &Repository,
     index: &Index,
     snapshots: &[crate::snapshot::SnapshotEntry],
-) -> Result<HashSet<Id>> {
+) -> Result<Vec<bool>> {
     let mut frames = vec![false; index.frame_count()];
     let mut reader = FrameReader::new(repo, index);
     for entry in snapshots {
@@ -205,8 +257,5 @@ fn needed_packs(
             });
         }
     }
-    Ok((0..frames.len())
-        .filter(|&f| frames[f])
-        .map(|f| index.pack(index.frame(f as u32).pack).id)
-        .collect())
+    Ok(frames)
 }

@@ -195,6 +195,13 @@ impl Repository {
                 });
             }
         };
+        if config.format_version > crate::FORMAT_VERSION {
+            return Err(Error::UnsupportedFormat {
+                object: CONFIG_NAME.to_string(),
+                found: config.format_version,
+                supported: crate::FORMAT_VERSION,
+            });
+        }
         config.chunker.validate()?;
         Ok(Repository {
             store,
@@ -273,7 +280,7 @@ impl Repository {
 
     pub(crate) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
         let bytes = self.store.get(name)?;
-        envelope::open(INDEX_MAGIC, &self.key.metadata, &bytes, name)
+        IndexFile::open(&self.key.metadata, &bytes, name)
     }
 
     /// Every obsolete list (prune's marks), with its name.

@@ -7,7 +7,7 @@ use std::io::{Cursor, Read};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use bkp::prune::prune;
+use bkp::prune::{PruneOptions, prune};
 use bkp::{BackupOptions, Repository};
 use common::{dumpgen, memory_repo, random_bytes};
 
@@ -44,7 +44,7 @@ fn forgotten_data_is_marked_then_deleted_after_the_grace_period() {
     let before = pack_count(&repo);
     forget(&repo, &drop.snapshot);
 
-    let first = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    let first = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
     assert_eq!(first.newly_marked, 1, "{first:?}");
     assert_eq!(first.deleted_packs, 0);
     assert_eq!(
@@ -52,16 +52,23 @@ fn forgotten_data_is_marked_then_deleted_after_the_grace_period() {
         before,
         "nothing is deleted within the grace period"
     );
-    let again = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    let again = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
     assert_eq!(
         (again.pending, again.newly_marked, again.deleted_packs),
         (1, 0, 0)
     );
 
-    let dry = prune(&repo, GRACE, later(), true).unwrap();
+    let dry = prune(
+        &repo,
+        &PruneOptions {
+            dry_run: true,
+            ..PruneOptions::new(GRACE, later())
+        },
+    )
+    .unwrap();
     assert_eq!(dry.deleted_packs, 1);
     assert_eq!(pack_count(&repo), before, "a dry run deletes nothing");
-    let done = prune(&repo, GRACE, later(), false).unwrap();
+    let done = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert_eq!(done.deleted_packs, 1, "{done:?}");
     assert!(done.deleted_bytes > 3_000_000);
     assert_eq!(pack_count(&repo), before - 1);
@@ -71,7 +78,7 @@ fn forgotten_data_is_marked_then_deleted_after_the_grace_period() {
     assert!(restore(&repo, &keep.snapshot) == random_bytes(3_000_000, 1));
     let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
-    let settled = prune(&repo, GRACE, later(), false).unwrap();
+    let settled = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert_eq!((settled.newly_marked, settled.deleted_packs), (0, 0));
 }
 
@@ -128,14 +135,14 @@ fn a_backup_running_across_a_prune_restores_byte_identically() {
         has_started.recv().unwrap();
         // ...then day 1 is forgotten and pruned: its packs are unneeded, so marked.
         forget(&repo, &first.snapshot);
-        let marking = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+        let marking = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
         assert!(marking.newly_marked > 0, "{marking:?}");
         open.send(()).unwrap();
         running.join().unwrap()
     });
     // Day 2 used day 1's packs (deduplicated, and as delta bases); the next prune after the
     // grace period finds them needed again and deletes nothing.
-    let after = prune(&repo, GRACE, later(), false).unwrap();
+    let after = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert!(after.needed_again > 0, "{after:?}");
     assert_eq!(after.deleted_packs, 0, "{after:?}");
     assert!(restore(&repo, &summary.snapshot) == day2);
@@ -144,7 +151,7 @@ fn a_backup_running_across_a_prune_restores_byte_identically() {
     // it needs from them, so deleting them later leaves it whole.
     let third = backup(&repo, &day1);
     forget(&repo, &summary.snapshot);
-    prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
     let fourth = backup(&repo, &day2);
     assert!(
         fourth.bytes_stored * 2 > summary.bytes_stored,
@@ -154,9 +161,9 @@ fn a_backup_running_across_a_prune_restores_byte_identically() {
     );
     forget(&repo, &third.snapshot);
     // The marked copies go: the index prefers the copies stored again.
-    let deleting = prune(&repo, GRACE, later(), false).unwrap();
+    let deleting = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert!(deleting.deleted_packs > 0, "{deleting:?}");
-    prune(&repo, GRACE, later() + GRACE + GRACE, false).unwrap();
+    prune(&repo, &PruneOptions::new(GRACE, later() + GRACE + GRACE)).unwrap();
     assert!(restore(&repo, &fourth.snapshot) == day2);
     let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
@@ -169,10 +176,84 @@ fn packs_no_index_names_are_deleted_only_after_the_grace_period() {
     // A pack an interrupted backup left behind (it never wrote its index file).
     let orphan = format!("packs/ab/{}", "ab".repeat(32));
     repo.store().put_new(&orphan, vec![0; 5000]).unwrap();
-    let now = prune(&repo, GRACE, SystemTime::now(), false).unwrap();
+    let now = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
     assert_eq!(now.deleted_unindexed, 0);
     assert!(repo.store().exists(&orphan).unwrap());
-    let later = prune(&repo, GRACE, later(), false).unwrap();
+    let later = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert_eq!(later.deleted_unindexed, 1);
     assert!(!repo.store().exists(&orphan).unwrap());
+}
+
+#[test]
+fn a_mostly_unneeded_pack_is_repacked_and_deltas_still_reach_their_moved_bases() {
+    let repo = memory_repo();
+    let day1 = dumpgen::dump(6_000_000, 1);
+    let first = backup(&repo, &day1);
+    // Day 2 keeps only the first third of the dump, changed a little: delta frames against the
+    // first of day 1's three frames, which all sit in one pack.
+    let day2 = dumpgen::dump(6_000_000, 2)[..2_000_000].to_vec();
+    let second = backup(&repo, &day2);
+    assert!(
+        second.bytes_stored * 6 < first.bytes_stored,
+        "day 2 is stored as deltas: {} then {}",
+        first.bytes_stored,
+        second.bytes_stored
+    );
+    forget(&repo, &first.snapshot);
+
+    let dry = prune(
+        &repo,
+        &PruneOptions {
+            dry_run: true,
+            ..PruneOptions::new(GRACE, SystemTime::now())
+        },
+    )
+    .unwrap();
+    assert_eq!(dry.repacked_packs, 1, "{dry:?}");
+    let never = PruneOptions {
+        dry_run: true,
+        repack_threshold: 1.0,
+        ..PruneOptions::new(GRACE, SystemTime::now())
+    };
+    assert_eq!(prune(&repo, &never).unwrap().repacked_packs, 0);
+
+    let packs_before = pack_count(&repo);
+    let marking = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
+    assert_eq!(
+        (marking.repacked_packs, marking.deleted_packs),
+        (1, 0),
+        "{marking:?}"
+    );
+    assert!(marking.repacked_frames >= 1);
+    assert!(restore(&repo, &second.snapshot) == day2);
+    let deleting = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
+    assert_eq!(deleting.deleted_packs, 1, "{deleting:?}");
+    assert_eq!(
+        pack_count(&repo),
+        packs_before,
+        "one pack copied, one deleted"
+    );
+    assert!(
+        deleting.deleted_bytes > marking.repack_bytes_written,
+        "the repack freed more than it wrote: {deleting:?} {marking:?}"
+    );
+
+    // Day 2's delta frames name their bases in the deleted pack: they now resolve through the
+    // new pack's record of where those frames came from.
+    assert!(restore(&repo, &second.snapshot) == day2);
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    // And a later backup deduplicates against the moved frames and deltas against them.
+    let third = backup(&repo, &day2);
+    assert!(third.bytes_stored <= 8192, "{}", third.bytes_stored);
+    let settled = prune(&repo, &PruneOptions::new(GRACE, later() + GRACE)).unwrap();
+    assert_eq!(
+        (
+            settled.repacked_packs,
+            settled.newly_marked,
+            settled.deleted_packs
+        ),
+        (0, 0, 0),
+        "{settled:?}"
+    );
 }

@@ -79,6 +79,7 @@ pub(super) fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()
     if prune_after && !dry_run {
         let prune_args = PruneArgs {
             grace: bkp::prune::DEFAULT_GRACE,
+            repack_threshold: bkp::prune::DEFAULT_REPACK_THRESHOLD,
             dry_run: false,
             json: false,
         };
@@ -201,31 +202,33 @@ fn forget_snapshots(location: &str, quiet: bool, args: ForgetArgs) -> Result<()>
 
 pub(super) fn prune(location: &str, quiet: bool, args: PruneArgs) -> Result<()> {
     let repo = open_repository(location)?;
-    let report = bkp::prune::prune(
-        &repo,
-        args.grace,
-        std::time::SystemTime::now(),
-        args.dry_run,
-    )?;
+    let options = bkp::prune::PruneOptions {
+        dry_run: args.dry_run,
+        repack_threshold: args.repack_threshold,
+        ..bkp::prune::PruneOptions::new(args.grace, std::time::SystemTime::now())
+    };
+    let report = bkp::prune::prune(&repo, &options)?;
     let mut out = io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if !quiet {
-        let verb = if args.dry_run {
-            "would delete"
+        let (delete, repack) = if args.dry_run {
+            ("would delete", "would repack")
         } else {
-            "deleted"
+            ("deleted", "repacked")
         };
         writeln!(
             out,
-            "{} snapshot(s) need {} of {} pack(s); {verb} {} pack(s) ({}), {} left by interrupted backups; \
-             marked {} for deletion after {}; {} still in their grace period; {} needed again",
+            "{} snapshot(s) need {} of {} pack(s); {delete} {} pack(s) ({}), {} left by interrupted backups; \
+             {repack} {} pack(s) ({} copied); marked {} for deletion after {}; {} still in their grace period; {} needed again",
             report.snapshots,
             report.needed_packs,
             report.packs,
             report.deleted_packs,
             HumanBytes(report.deleted_bytes),
             report.deleted_unindexed,
+            report.repacked_packs,
+            HumanBytes(report.repack_bytes_written),
             report.newly_marked,
             humantime::format_duration(args.grace),
             report.pending,

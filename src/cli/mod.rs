@@ -128,14 +128,22 @@ Prune works in two steps a grace period apart, so that it never needs a lock and
 what a running backup is about to use: it marks the packs no snapshot needs (backups stop
 deduplicating against them), and a prune run after the grace period deletes those still
 unneeded. Run it daily (e.g. after `bkp forget`); space comes back one run later. The grace
-period must be longer than any backup takes. One prune at a time per repository.";
+period must be longer than any backup takes. One prune at a time per repository.
+
+A pack that snapshots still need but that mostly holds data none needs is repacked: the needed
+part is copied (not recompressed) into new packs, and the old pack is marked like the others.
+--repack-threshold sets how much of a pack must be unneeded for that (default 50%; 100%
+turns repacking off).";
 
 #[derive(Args)]
 struct PruneArgs {
     /// How long marked packs wait before deletion; longer than any backup runs
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// Report what would be marked and deleted, change nothing
+    /// Repack a needed pack once this share of it is unneeded (100% = never)
+    #[arg(long, value_name = "PERCENT", default_value = "50%", value_parser = parse_percent)]
+    repack_threshold: f64,
+    /// Report what would be marked, repacked and deleted, change nothing
     #[arg(long)]
     dry_run: bool,
     /// Print the report as one JSON object
