@@ -261,19 +261,26 @@ impl Repository {
     /// The whole index, with the packs in `last` added after all others: where a chunk is in
     /// both (a backup stored again what a marked pack holds), the other copy is the one used,
     /// so prune can let the marked pack go.
+    /// Files naming packs in `last` are read a second time rather than those packs held: after
+    /// a prune that marked most of a repository, they are most of the index.
     pub(crate) fn load_index_with_last(&self, last: &HashSet<Id>) -> Result<Index> {
         let mut index = Index::default();
         let mut deferred = Vec::new();
         for object in self.store.list("index")? {
-            for pack in self.read_index_file(&object.name)?.packs {
-                if last.contains(&pack.id) {
-                    deferred.push(pack);
-                } else {
-                    index.add(&pack);
-                }
+            let file = self.read_index_file(&object.name)?;
+            let (later, now): (Vec<_>, Vec<_>) =
+                file.packs.iter().partition(|p| last.contains(&p.id));
+            now.into_iter().for_each(|pack| index.add(pack));
+            if !later.is_empty() {
+                deferred.push(object.name);
             }
         }
-        deferred.iter().for_each(|pack| index.add(pack));
+        for name in deferred {
+            let file = self.read_index_file(&name)?;
+            for pack in file.packs.iter().filter(|p| last.contains(&p.id)) {
+                index.add(pack);
+            }
+        }
         index.finish();
         Ok(index)
     }
