@@ -79,6 +79,7 @@ pub struct PruneReport {
     pub dry_run: bool,
 }
 
+/// Marks, repacks and deletes as docs/FORMAT.md §10 describes; a dry run changes nothing.
 pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     let PruneOptions {
         grace,
