@@ -1,4 +1,5 @@
 //! Prune: space comes back one grace period after a forget, and backups running across a prune
+//! or a repack
 //! still restore byte for byte.
 
 mod common;
@@ -256,4 +257,46 @@ fn a_mostly_unneeded_pack_is_repacked_and_deltas_still_reach_their_moved_bases()
         (0, 0, 0),
         "{settled:?}"
     );
+}
+
+#[test]
+fn a_backup_running_across_a_repack_restores_after_the_old_pack_is_deleted() {
+    let repo = memory_repo();
+    let first = backup(&repo, &dumpgen::dump(6_000_000, 1));
+    let cut = |day| dumpgen::dump(6_000_000, day)[..2_000_000].to_vec();
+    backup(&repo, &cut(2));
+
+    // Day 3's backup loads the index while day 1's pack is still whole and unmarked, so its
+    // delta frames name their bases in that pack...
+    let day3 = cut(3);
+    let (open, gate) = mpsc::channel();
+    let source = bkp::Source::spawn(Gated {
+        data: Cursor::new(day3.clone()),
+        gate: 1 << 20,
+        open: Some(gate),
+    });
+    let (started, has_started) = mpsc::channel();
+    let third = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            let mut started = Some(started);
+            bkp::backup(&repo, source, &BackupOptions::default(), &mut |_| {
+                if let Some(started) = started.take() {
+                    started.send(()).unwrap();
+                }
+            })
+            .unwrap()
+        });
+        has_started.recv().unwrap();
+        // ...while a prune moves those bases into a new pack and marks the old one.
+        forget(&repo, &first.snapshot);
+        let repacking = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
+        assert_eq!(repacking.repacked_packs, 1, "{repacking:?}");
+        open.send(()).unwrap();
+        running.join().unwrap()
+    });
+    let deleting = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
+    assert_eq!(deleting.deleted_packs, 1, "{deleting:?}");
+    assert!(restore(&repo, &third.snapshot) == day3);
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
 }
