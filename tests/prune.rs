@@ -1,6 +1,5 @@
-//! Prune: space comes back one grace period after a forget, and backups running across a prune
-//! or a repack
-//! still restore byte for byte.
+//! Prune: space comes back one grace period after a forget, and backups running across a
+//! prune or a repack still restore byte for byte.
 
 mod common;
 
