@@ -106,6 +106,34 @@ impl Read for Gated {
     }
 }
 
+/// Backs up `data`, running `meanwhile` once the backup has loaded its index and before it
+/// reads past the first MiB.
+fn backup_across(repo: &Repository, data: &[u8], meanwhile: impl FnOnce()) -> bkp::BackupSummary {
+    let (open, gate) = mpsc::channel();
+    let source = bkp::Source::spawn(Gated {
+        data: Cursor::new(data.to_vec()),
+        gate: 1 << 20,
+        open: Some(gate),
+    });
+    let (started, has_started) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            // Events come once chunks flow, so after the backup has loaded its index.
+            let mut started = Some(started);
+            bkp::backup(repo, source, &BackupOptions::default(), &mut |_| {
+                if let Some(started) = started.take() {
+                    started.send(()).unwrap();
+                }
+            })
+            .unwrap()
+        });
+        has_started.recv().unwrap();
+        meanwhile();
+        open.send(()).unwrap();
+        running.join().unwrap()
+    })
+}
+
 #[test]
 fn a_backup_running_across_a_prune_restores_byte_identically() {
     let repo = memory_repo();
@@ -114,31 +142,11 @@ fn a_backup_running_across_a_prune_restores_byte_identically() {
     let first = backup(&repo, &day1);
 
     // Day 2's backup starts (and loads the index) while day 1 is still a snapshot...
-    let (open, gate) = mpsc::channel();
-    let source = bkp::Source::spawn(Gated {
-        data: Cursor::new(day2.clone()),
-        gate: 1 << 20,
-        open: Some(gate),
-    });
-    let (started, has_started) = mpsc::channel();
-    let summary = std::thread::scope(|scope| {
-        let running = scope.spawn(|| {
-            // Events come once chunks flow, so after the backup has loaded its index.
-            let mut started = Some(started);
-            bkp::backup(&repo, source, &BackupOptions::default(), &mut |_| {
-                if let Some(started) = started.take() {
-                    started.send(()).unwrap();
-                }
-            })
-            .unwrap()
-        });
-        has_started.recv().unwrap();
+    let summary = backup_across(&repo, &day2, || {
         // ...then day 1 is forgotten and pruned: its packs are unneeded, so marked.
         forget(&repo, &first.snapshot);
         let marking = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
         assert!(marking.newly_marked > 0, "{marking:?}");
-        open.send(()).unwrap();
-        running.join().unwrap()
     });
     // Day 2 used day 1's packs (deduplicated, and as delta bases); the next prune after the
     // grace period finds them needed again and deletes nothing.
@@ -268,30 +276,11 @@ fn a_backup_running_across_a_repack_restores_after_the_old_pack_is_deleted() {
     // Day 3's backup loads the index while day 1's pack is still whole and unmarked, so its
     // delta frames name their bases in that pack...
     let day3 = cut(3);
-    let (open, gate) = mpsc::channel();
-    let source = bkp::Source::spawn(Gated {
-        data: Cursor::new(day3.clone()),
-        gate: 1 << 20,
-        open: Some(gate),
-    });
-    let (started, has_started) = mpsc::channel();
-    let third = std::thread::scope(|scope| {
-        let running = scope.spawn(|| {
-            let mut started = Some(started);
-            bkp::backup(&repo, source, &BackupOptions::default(), &mut |_| {
-                if let Some(started) = started.take() {
-                    started.send(()).unwrap();
-                }
-            })
-            .unwrap()
-        });
-        has_started.recv().unwrap();
+    let third = backup_across(&repo, &day3, || {
         // ...while a prune moves those bases into a new pack and marks the old one.
         forget(&repo, &first.snapshot);
         let repacking = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
         assert_eq!(repacking.repacked_packs, 1, "{repacking:?}");
-        open.send(()).unwrap();
-        running.join().unwrap()
     });
     let deleting = prune(&repo, &PruneOptions::new(GRACE, later())).unwrap();
     assert_eq!(deleting.deleted_packs, 1, "{deleting:?}");
