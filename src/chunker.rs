@@ -98,7 +98,8 @@ impl<R: Read> Chunker<R> {
     pub fn new(reader: R, params: ChunkerParams, gear: GearTable) -> Result<Chunker<R>> {
         params.validate()?;
         let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, Normalization::Level1);
-        let buf_len = (4 * params.max_size as usize).max(1 << 20);
+        // Small enough that what is read in is still in cache when it is cut and hashed.
+        let buf_len = (2 * params.max_size as usize).max(256 << 10);
         Ok(Chunker {
             reader,
             params,
