@@ -217,8 +217,12 @@ struct Deduper<'a> {
     bases: BaseChooser,
     group_size: usize,
     groups: Sender<Group>,
-    /// Group buffers handed back by the workers, for reuse.
+    /// Group buffers handed back by the workers, for reuse: a fresh one costs page faults and
+    /// reallocations as it grows (a tenth of the day-1 backup's faults when the workers handed
+    /// back fewer than the buffers in flight).
     spare: Receiver<Vec<u8>>,
+    /// What a group buffer holds at most: a group closes on the chunk that fills it.
+    group_capacity: usize,
     added: AddedBytes,
 }
 
@@ -257,7 +261,10 @@ impl Deduper<'_> {
             len: bytes.len() as u32,
         });
         if group.raw.len() >= self.group_size {
-            let mut raw = self.spare.try_recv().unwrap_or_default();
+            let mut raw = self
+                .spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(self.group_capacity));
             raw.clear();
             let mut full = Group {
                 raw: std::mem::replace(&mut group.raw, raw),
@@ -407,7 +414,9 @@ pub fn backup(
         )?;
         let (group_tx, group_rx) = bounded::<Group>(1);
         let (frame_tx, frame_rx) = bounded::<Frame>(2 * threads);
-        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads);
+        // Room for every group buffer there can be (the open data and tree groups, the waiting
+        // group, one queued, one per worker), so none is dropped and allocated again.
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads + 4);
         for _ in 0..threads {
             let (groups, frames, spare) = (group_rx.clone(), frame_tx.clone(), spare_tx.clone());
             let (key, level) = (&session.data_key, options.compression_level);
@@ -428,6 +437,7 @@ pub fn backup(
             group_size: options.group_size,
             groups: group_tx,
             spare: spare_rx,
+            group_capacity: options.group_size + repo.config().chunker.max_size as usize,
             added: AddedBytes::default(),
         };
         let streamed = stream_chunks(&mut chunker, &mut dedup, key, &detected, progress);
