@@ -42,7 +42,7 @@ pub struct BackupOptions {
     pub compression_level: i32,
     /// Uncompressed bytes of new chunks compressed together as one frame.
     pub group_size: usize,
-    /// A pack is stored once it reaches this many bytes.
+    /// Target size of a stored pack, padding included ([`crate::pack::PackWriter`]).
     pub pack_size: usize,
     /// Compression workers; 0 means one per core.
     pub threads: usize,
@@ -357,7 +357,7 @@ fn pack_writer(
     let mut stored = Vec::new();
     let mut uploads = VecDeque::new();
     let store = repo.store();
-    let mut writer = PackWriter::new(session, pack_size + (2 << 20));
+    let mut writer = PackWriter::new(session, pack_size);
     let mut finish = |writer: PackWriter, uploads: &mut VecDeque<_>| -> Result<()> {
         let (pack, bytes) = writer.finish(session);
         uploads.push_back(store.put_new_soon(&pack_name(&pack.id), bytes));
@@ -369,12 +369,11 @@ fn pack_writer(
         Ok(())
     };
     for frame in frames {
-        writer.add(frame, &[]);
-        if writer.len() >= pack_size {
-            let full =
-                std::mem::replace(&mut writer, PackWriter::new(session, pack_size + (2 << 20)));
+        if writer.is_full_before(&frame, &[]) {
+            let full = std::mem::replace(&mut writer, PackWriter::new(session, pack_size));
             finish(full, &mut uploads)?;
         }
+        writer.add(frame, &[]);
     }
     if !writer.is_empty() {
         finish(writer, &mut uploads)?;

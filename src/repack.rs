@@ -86,7 +86,7 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
     let session = PackSession::new(key);
     let mut written: Vec<IndexedPack> = Vec::new();
     let mut report = Repacked::default();
-    let mut writer = PackWriter::new(&session, PACK_SIZE + (2 << 20));
+    let mut writer = PackWriter::new(&session, PACK_SIZE);
     let mut store_pack = |writer: PackWriter, report: &mut Repacked| -> Result<()> {
         let (pack, bytes) = writer.finish(&session);
         report.bytes_written += pack.len;
@@ -129,15 +129,12 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
                 chunks: entry.chunks.clone(),
                 bases: entry.bases.clone(),
             };
-            writer.add(frame, &moved_from);
-            report.frames += 1;
-            if writer.len() >= PACK_SIZE {
-                let full = std::mem::replace(
-                    &mut writer,
-                    PackWriter::new(&session, PACK_SIZE + (2 << 20)),
-                );
+            if writer.is_full_before(&frame, &moved_from) {
+                let full = std::mem::replace(&mut writer, PackWriter::new(&session, PACK_SIZE));
                 store_pack(full, &mut report)?;
             }
+            writer.add(frame, &moved_from);
+            report.frames += 1;
         }
     }
     if !writer.is_empty() {
