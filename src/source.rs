@@ -119,8 +119,10 @@ impl Read for BlockReader {
     }
 }
 
-/// Blocks of read-ahead: 8 MiB.
-const READ_AHEAD_BLOCKS: usize = 32;
+/// Blocks of read-ahead: 2 MiB, to absorb the chunker's jitter. 8 MiB ran no faster and cost
+/// 6 MiB of peak RSS; a longer pause (opening a large repository) stalls the dump program for
+/// as long whatever the queue's size, which is harmless: dump programs wait on a full pipe.
+const READ_AHEAD_BLOCKS: usize = 8;
 
 /// The stream to back up, already being read.
 pub struct Source {
