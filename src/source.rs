@@ -120,8 +120,9 @@ impl Read for BlockReader {
 }
 
 /// Blocks of read-ahead: 2 MiB, to absorb the chunker's jitter. 8 MiB ran no faster and cost
-/// 6 MiB of peak RSS; a longer pause (opening a large repository) stalls the dump program for
-/// as long whatever the queue's size, which is harmless: dump programs wait on a full pipe.
+/// 6 MiB of peak RSS. A longer pause (opening a large repository) stalls the dump program for
+/// as long whatever the queue's size; seconds are harmless (a dump server's write timeout is
+/// a minute by default).
 const READ_AHEAD_BLOCKS: usize = 8;
 
 /// The stream to back up, already being read.
