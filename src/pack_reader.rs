@@ -120,6 +120,9 @@ pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetc
 /// bases (backup, which compresses against them, and check, which decodes delta frames).
 pub struct BaseCache {
     decoded: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+    /// The buffer of a frame let go of, for the next decode: a fresh one is faulted in page by
+    /// page as zstd writes it (a third of a day-2 backup's page faults).
+    spare: Mutex<Option<Vec<u8>>>,
     kept: usize,
 }
 
@@ -127,6 +130,7 @@ impl BaseCache {
     pub fn new(kept: usize) -> BaseCache {
         BaseCache {
             decoded: Mutex::new(VecDeque::new()),
+            spare: Mutex::new(None),
             kept,
         }
     }
@@ -155,11 +159,16 @@ impl BaseCache {
         if let Some(raw) = cached(&self.decoded.lock().expect("base cache lock")) {
             return Ok(raw);
         }
-        let raw = Arc::new(reader.read(frame, &[], Vec::new())?);
+        let buffer = self.spare.lock().expect("base cache lock").take();
+        let raw = Arc::new(reader.read(frame, &[], buffer.unwrap_or_default())?);
         let mut decoded = self.decoded.lock().expect("base cache lock");
         if cached(&decoded).is_none() {
             if decoded.len() == self.kept {
-                decoded.pop_front();
+                let (_, evicted) = decoded.pop_front().expect("a cached frame");
+                // Unless a worker is still building a dictionary from it.
+                if let Ok(buffer) = Arc::try_unwrap(evicted) {
+                    *self.spare.lock().expect("base cache lock") = Some(buffer);
+                }
             }
             decoded.push_back((frame, raw.clone()));
         }
