@@ -50,7 +50,7 @@ pub struct Frame {
 /// sparsely and finds the long runs that a changed region shares with its previous version; the
 /// regular one, at its level's table sizes, still finds the short matches near each position. On
 /// the real pg_dump pair a day-2 backup added 21 % less (10.9 -> 8.6 MB) in the same time and
-/// 5 MiB less memory (docs/PERFORMANCE.md). The decoder is unchanged: these are plain zstd frames.
+/// 4 MiB less memory (docs/PERFORMANCE.md). The decoder is unchanged: these are plain zstd frames.
 fn delta_parameters(dictionary: &[u8], raw_len: usize) -> [zstd::zstd_safe::CParameter; 2] {
     let log2_ceil = |n: usize| n.next_power_of_two().trailing_zeros();
     let window_log = log2_ceil(dictionary.len() + raw_len).clamp(20, 27);
