@@ -229,9 +229,9 @@ struct Deduper<'a> {
 impl Deduper<'_> {
     /// Queues `bytes` (known as `id`) unless the repository or this session already has it.
     fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool) -> Result<()> {
-        if let Some(location) = self.index.chunk(&id) {
+        if let Some(frame) = self.index.chunk_frame(&id) {
             if !is_tree_node {
-                self.bases.known(self.index, location.frame);
+                self.bases.known(self.index, frame);
                 if let Some(mut waiting) = self.waiting.take() {
                     // Where the group's old content ends: often a frame it had not met yet.
                     add_bases(&mut waiting.bases, &self.bases.last);

@@ -230,24 +230,24 @@ impl Repository {
 
     /// Reads every index file.
     pub fn load_index(&self) -> Result<Index> {
-        self.load_index_without(&HashSet::new())
+        self.load_index_without(Index::default(), &HashSet::new())
     }
 
     /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
     /// so that a backup never comes to depend on a pack a later prune deletes (docs/FORMAT.md
-    /// §10). Their chunks, if needed again, are stored again.
+    /// §10). Their chunks, if needed again, are stored again. It knows which frame holds a
+    /// chunk, not where in it ([`Index::frames_only`]).
     pub(crate) fn load_index_for_backup(&self) -> Result<Index> {
         let obsolete: HashSet<Id> = self
             .obsolete_lists()?
             .into_iter()
             .flat_map(|(_, list)| list.packs)
             .collect();
-        self.load_index_without(&obsolete)
+        self.load_index_without(Index::frames_only(), &obsolete)
     }
 
     /// One index file at a time: only the compact in-memory index grows with the repository.
-    fn load_index_without(&self, skip: &HashSet<Id>) -> Result<Index> {
-        let mut index = Index::default();
+    fn load_index_without(&self, mut index: Index, skip: &HashSet<Id>) -> Result<Index> {
         for object in self.store.list("index")? {
             let file = self.read_index_file(&object.name)?;
             for pack in file.packs.iter().filter(|p| !skip.contains(&p.id)) {
