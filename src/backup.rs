@@ -453,6 +453,9 @@ pub fn backup(
         Ok::<_, Error>((root, stream, dedup.added, packs))
     })?;
 
+    if stream.size == 0 {
+        return Err(Error::EmptyInput);
+    }
     let mut added = added;
     added.stored = packs.iter().map(|p| p.len).sum();
     if !packs.is_empty() {

@@ -84,6 +84,13 @@ pub enum Error {
     #[error("{0}; no snapshot was saved")]
     DumpCommand(crate::source::CommandFailed),
 
+    /// The stream held no bytes: a dump is never empty, so the program before the pipe (or the
+    /// dump command) most likely failed. Nothing is recorded, so `latest` stays a real dump.
+    #[error(
+        "the input is empty (0 bytes): the dump program before the pipe probably failed (check its errors, or give it after `--` so bkp sees its exit status); no snapshot was saved"
+    )]
+    EmptyInput,
+
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 

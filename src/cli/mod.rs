@@ -29,7 +29,8 @@ Exit codes:
   5    damaged data: an object failed authentication, a restore failed verification, or
        `bkp check` found problems
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
-  7    the dump command failed (non-zero exit or killed); nothing was recorded
+  7    no dump to save: the dump command failed (non-zero exit or killed) or the input was
+       empty; nothing was recorded
   8    the storage refused the credentials (S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
@@ -347,7 +348,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(Error::RepositoryNotFound { .. } | Error::BucketNotFound { .. }) => 3,
         Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => EXIT_DAMAGED,
-        Some(Error::DumpCommand(_)) => EXIT_DUMP_COMMAND_FAILED,
+        Some(Error::DumpCommand(_) | Error::EmptyInput) => EXIT_DUMP_COMMAND_FAILED,
         Some(Error::AccessDenied { .. }) => 8,
         _ => 1,
     };
