@@ -160,6 +160,9 @@ struct Planner<'a> {
     jobs: Sender<Arc<FrameSlot>>,
     runs: Sender<Result<Run>>,
     budget: (Sender<()>, Receiver<()>),
+    /// Disconnected when the writer stops (done, failed, or its reader went away): runs still
+    /// queued hold frame slots, so a planner waiting for the budget would wait forever.
+    stopped: Receiver<()>,
     spare: Sender<Vec<u8>>,
     cache: Vec<Arc<FrameSlot>>,
 }
@@ -184,8 +187,9 @@ impl Planner<'_> {
         if self.cache.len() == CACHED_FRAMES {
             self.cache.remove(0);
         }
-        if self.budget.1.recv().is_err() {
-            return Ok(None);
+        crossbeam_channel::select! {
+            recv(self.budget.1) -> unit => if unit.is_err() { return Ok(None) },
+            recv(self.stopped) -> _ => return Ok(None),
         }
         let slot = Arc::new(FrameSlot {
             frame,
@@ -291,6 +295,8 @@ pub fn restore(
     let mut hasher = blake3::Hasher::new();
 
     std::thread::scope(|scope| -> Result<()> {
+        // Dropped when this closure returns, however it returns, which releases the planner.
+        let (_writing, stopped) = bounded::<()>(0);
         let (job_tx, job_rx) = bounded::<Arc<FrameSlot>>(MAX_FRAMES_ALIVE);
         let (run_tx, run_rx) = bounded::<Result<Run>>(QUEUED_RUNS);
         let budget = bounded::<()>(MAX_FRAMES_ALIVE);
@@ -317,6 +323,7 @@ pub fn restore(
             jobs: job_tx,
             runs: run_tx,
             budget,
+            stopped,
             spare: spare_tx,
             cache: Vec::new(),
         };

@@ -1,0 +1,173 @@
+//! Bad days: every wait has an end, and nothing that is not a real dump becomes `latest`.
+//! Each case that could hang runs under a deadline and fails the test instead of hanging it.
+
+mod common;
+
+use std::io::{Cursor, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bkp::{BackupOptions, Repository};
+use common::{backup_cli, bkp, dumpgen, local_repo, memory_repo, snapshot_ids};
+
+/// Far longer than any of these cases takes, far shorter than forever.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `f` on a thread and returns its result, failing the test if it takes past [`DEADLINE`].
+fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    result
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("{what} hung (no result within {DEADLINE:?})"))
+}
+
+fn backup(repo: &Repository, data: &[u8]) -> bkp::BackupSummary {
+    let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+    bkp::backup(repo, source, &BackupOptions::default(), &mut |_| {}).unwrap()
+}
+
+/// A day-1 and a day-2 backup: the day-2 snapshot reads many frames, deltas and their bases.
+fn two_days() -> (Repository, bkp::SnapshotEntry, Vec<u8>) {
+    let repo = memory_repo();
+    backup(&repo, &dumpgen::dump(24_000_000, 1));
+    let day2 = dumpgen::dump(24_000_000, 2);
+    let entry = backup(&repo, &day2).snapshot;
+    (repo, entry, day2)
+}
+
+/// A writer that takes `room` bytes and then fails, as a closed pipe does.
+struct ClosesAfter {
+    room: usize,
+}
+
+impl Write for ClosesAfter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.room == 0 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let n = buf.len().min(self.room);
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_restore_whose_writer_goes_away_returns_promptly() {
+    let (repo, entry, _) = two_days();
+    let repo = std::sync::Arc::new(repo);
+    for room in [0, 100, 5_000_000] {
+        let (repo, entry) = (repo.clone(), entry.clone());
+        let result = within_deadline("restore into a closed writer", move || {
+            bkp::restore(&repo, &entry, &mut ClosesAfter { room }, &mut |_| {}).map(drop)
+        });
+        assert!(
+            matches!(result, Err(bkp::Error::Sink(ref e)) if e.kind() == std::io::ErrorKind::BrokenPipe),
+            "{result:?}"
+        );
+    }
+}
+
+#[test]
+fn a_restore_of_a_damaged_snapshot_fails_promptly() {
+    let (repo, entry, _) = two_days();
+    // Every pack of day 1 goes missing: day 2's deltas lose their bases, its chunks their frames.
+    let packs = repo.store().list("packs").unwrap();
+    let day1 = &packs[..packs.len() / 2];
+    for pack in day1 {
+        repo.store().delete(&pack.name).unwrap();
+    }
+    let result = within_deadline("restore of a damaged snapshot", move || {
+        bkp::restore(&repo, &entry, &mut Vec::new(), &mut |_| {}).map(drop)
+    });
+    assert!(
+        matches!(
+            result,
+            Err(bkp::Error::Missing { .. } | bkp::Error::Corrupt { .. })
+        ),
+        "{result:?}"
+    );
+}
+
+/// Waits for a child with a deadline; kills it and fails the test if it is still running then.
+fn wait_with_deadline(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} hung (still running after {DEADLINE:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn restore_piped_into_head_exits_141() {
+    let (_dir, repo) = local_repo();
+    backup_cli(&repo, &dumpgen::dump(24_000_000, 1), &[]);
+    backup_cli(&repo, &dumpgen::dump(24_000_000, 2), &[]);
+    for take in [0usize, 100, 3_000_000] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bkp"))
+            .env("BKP_REPOSITORY", &repo)
+            .env("BKP_PASSWORD", common::PASSWORD)
+            .args(["restore", "latest"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut head = vec![0u8; take];
+        stdout.read_exact(&mut head).unwrap();
+        drop(stdout); // `| head -c N` exits
+        let status = wait_with_deadline(&mut child, "bkp restore latest | head");
+        assert_eq!(status.code(), Some(141), "after reading {take} bytes");
+    }
+}
+
+#[test]
+fn an_empty_input_records_nothing_and_exits_7() {
+    let (_dir, repo) = local_repo();
+    let real = backup_cli(&repo, b"-- a dump\nCOPY t FROM stdin;\n1\n\\.\n", &["crm"]);
+    // An empty pipe, a closed stdin, and a pipe from a dump program that failed.
+    let assert = bkp(&repo)
+        .args(["backup", "--tag", "crm"])
+        .write_stdin(Vec::new())
+        .assert()
+        .code(7);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
+    assert!(stderr.contains("input is empty"), "{stderr}");
+    assert!(stderr.contains("before the pipe"), "{stderr}");
+    let closed = common::bkp_std(repo.to_str().unwrap())
+        .args(["backup", "--tag", "crm"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(closed.code(), Some(7));
+    let mut shell = common::bkp_std(repo.to_str().unwrap());
+    let exe = env!("CARGO_BIN_EXE_bkp");
+    shell.env("PATH", std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("false | {exe} backup --tag crm"))
+        .envs(shell.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(7));
+    // `bkp backup -- COMMAND` whose command succeeds but prints nothing.
+    bkp(&repo)
+        .args(["backup", "--tag", "crm", "--", "true"])
+        .assert()
+        .code(7);
+    assert_eq!(snapshot_ids(&mut bkp(&repo)), [real]);
+}
