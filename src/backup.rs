@@ -25,10 +25,10 @@ use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
 use crate::frame::{ChunkEntry, Frame, FrameEncoder, FrameRef, MAX_BASES};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexedPack, MISSING_BASE};
+use crate::index::{Index, IndexedPack, MISSING_BASE};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::{BaseCache, FrameReader};
-use crate::repo::{Repository, hostname, pack_name};
+use crate::repo::{Repository, hostname};
 use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::tree::{TreeBuilder, TreeRoot};
@@ -210,6 +210,9 @@ struct Deduper<'a> {
     repo: &'a Repository,
     index: &'a Index,
     stored_this_session: HashSet<Id>,
+    /// Packs (numbers in the index) holding known chunks or their frames' bases: the snapshot
+    /// depends on them.
+    used_packs: HashSet<u32>,
     data: Group,
     /// A full data group waiting for the next known chunk to complete its bases.
     waiting: Option<Group>,
@@ -230,6 +233,13 @@ impl Deduper<'_> {
     /// Queues `bytes` (known as `id`) unless the repository or this session already has it.
     fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool) -> Result<()> {
         if let Some(frame) = self.index.chunk_frame(&id) {
+            self.used_packs.insert(self.index.frame(frame).pack);
+            for &base in self.index.bases(frame) {
+                // (Never missing: the index holds no chunks of frames without their bases.)
+                if base != MISSING_BASE {
+                    self.used_packs.insert(self.index.frame(base).pack);
+                }
+            }
             if !is_tree_node {
                 self.bases.known(self.index, frame);
                 if let Some(mut waiting) = self.waiting.take() {
@@ -356,15 +366,18 @@ fn pack_writer(
 ) -> Result<Vec<IndexedPack>> {
     let mut stored = Vec::new();
     let mut uploads = VecDeque::new();
-    let store = repo.store();
     let mut writer = PackWriter::new(session, pack_size);
     let mut finish = |writer: PackWriter, uploads: &mut VecDeque<_>| -> Result<()> {
         let (pack, bytes) = writer.finish(session);
-        uploads.push_back(store.put_new_soon(&pack_name(&pack.id), bytes));
+        uploads.push_back(repo.put_pack_soon(&pack.id, bytes));
         stored.push(pack);
-        let in_flight = if store.is_local() { 0 } else { PACKS_UPLOADING };
+        let in_flight = if repo.store().is_local() {
+            0
+        } else {
+            PACKS_UPLOADING
+        };
         while uploads.len() > in_flight {
-            store.wait(uploads.pop_front().expect("an upload"))?;
+            repo.wait_for_pack(uploads.pop_front().expect("an upload"))?;
         }
         Ok(())
     };
@@ -379,7 +392,7 @@ fn pack_writer(
         finish(writer, &mut uploads)?;
     }
     for upload in uploads {
-        store.wait(upload)?;
+        repo.wait_for_pack(upload)?;
     }
     Ok(stored)
 }
@@ -404,7 +417,7 @@ pub fn backup(
         index: &index,
         decoded: BaseCache::new(MAX_BASES),
     };
-    let (root, stream, added, packs) = std::thread::scope(|scope| {
+    let (root, stream, added, packs, depends_on) = std::thread::scope(|scope| {
         let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
             blocks,
@@ -429,6 +442,7 @@ pub fn backup(
             repo,
             index: &index,
             stored_this_session: HashSet::new(),
+            used_packs: HashSet::new(),
             data: Group::default(),
             waiting: None,
             tree_nodes: Group::default(),
@@ -450,7 +464,9 @@ pub fn backup(
         let stream = facts
             .recv()
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
-        Ok::<_, Error>((root, stream, dedup.added, packs))
+        let mut depends_on: Vec<Id> = packs.iter().map(|p| p.id).collect();
+        depends_on.extend(dedup.used_packs.iter().map(|&p| index.pack(p).id));
+        Ok::<_, Error>((root, stream, dedup.added, packs, depends_on))
     })?;
 
     if stream.size == 0 {
@@ -458,9 +474,7 @@ pub fn backup(
     }
     let mut added = added;
     added.stored = packs.iter().map(|p| p.len).sum();
-    if !packs.is_empty() {
-        added.stored += repo.write_index(&IndexFile { packs })?;
-    }
+    added.stored += repo.commit_packs(packs)?;
     let mut tags = options.tags.clone();
     tags.sort();
     tags.dedup();
@@ -475,7 +489,7 @@ pub fn backup(
         added,
         annotations: annotations(options, &stream.dump),
     };
-    let (id, snapshot_len) = repo.write_snapshot(&snapshot)?;
+    let (id, snapshot_len) = repo.commit_snapshot(&snapshot, &depends_on)?;
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,
         snapshot: SnapshotEntry { id, snapshot },

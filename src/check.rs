@@ -7,7 +7,7 @@
 //! it re-hashed against its id. Every problem is reported, not just the first, with the
 //! snapshots that a damaged pack affects.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -158,7 +158,13 @@ impl Checker<'_> {
             .into_iter()
             .map(|o| (o.name, o.size))
             .collect();
+        // A pack named by two index files (a prune interrupted between writing a rewritten
+        // index file and deleting the old one) is one pack, checked once.
+        let mut seen = HashSet::new();
         for (number, pack) in indexed.iter().enumerate() {
+            if !seen.insert(pack.id) {
+                continue;
+            }
             let name = pack_name(&pack.id);
             self.report.packs += 1;
             let Some(size) = stored.remove(&name) else {

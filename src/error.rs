@@ -91,6 +91,18 @@ pub enum Error {
     )]
     EmptyInput,
 
+    /// A pack the backup wrote or deduplicated against was deleted while it ran.
+    #[error(
+        "{object}, which this backup depends on, was deleted while the backup ran (by a prune whose grace period is shorter than this backup took); no snapshot was saved: run the backup again, and give prune a longer --grace"
+    )]
+    DependencyDeleted { object: String },
+
+    /// The snapshot object was written but the barrier after it failed.
+    #[error(
+        "snapshot {snapshot} was written but could not be made durable ({cause}); it is listed and may restore, but may not survive a crash of the storage host: fix the storage and run the backup again"
+    )]
+    NotDurable { snapshot: String, cause: String },
+
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 

@@ -101,8 +101,6 @@ pub fn plan(
 
 /// Removes snapshots (their snapshot objects).
 pub fn remove(repo: &Repository, snapshots: &[&SnapshotEntry]) -> Result<()> {
-    for entry in snapshots {
-        repo.store().delete(&snapshot_name(&entry.id))?;
-    }
-    Ok(())
+    let names: Vec<String> = snapshots.iter().map(|e| snapshot_name(&e.id)).collect();
+    repo.delete_objects(&names)
 }

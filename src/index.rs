@@ -210,6 +210,36 @@ impl Index {
 
     /// Sorts for lookups, keeping the first location of a chunk stored more than once.
     pub fn finish(&mut self) {
+        self.finish_with(false);
+    }
+
+    /// [`Index::finish`] for a backup: forgets the chunks of delta frames whose bases are not
+    /// in this index (a prune deleted them, or their packs are marked obsolete and left out),
+    /// so a backup never deduplicates against a frame that could not be decoded; it stores
+    /// those chunks again. Frame numbers stay as they are.
+    pub fn finish_decodable_only(&mut self) {
+        self.finish_with(true);
+    }
+
+    fn finish_with(&mut self, decodable_only: bool) {
+        self.resolve_bases();
+        if decodable_only {
+            let (frames, bases) = (&self.frames, &self.bases);
+            let undecodable = |f: &FrameLocation| {
+                bases[f.bases_at as usize..(f.bases_at + f.bases_len) as usize]
+                    .contains(&MISSING_BASE)
+            };
+            if frames.iter().any(undecodable) {
+                // Unsorted, chunks are in number order, and frames in that of their first chunk.
+                let mut frame = 0usize;
+                self.chunks.retain(|&(_, number)| {
+                    while frame + 1 < frames.len() && frames[frame + 1].first_chunk <= number {
+                        frame += 1;
+                    }
+                    !undecodable(&frames[frame])
+                });
+            }
+        }
         // By prefix, then by number: the first-added copy of a chunk comes first and stays.
         self.chunks.sort_unstable();
         self.chunks.dedup_by_key(|(key, _)| *key);
@@ -217,7 +247,6 @@ impl Index {
         if let Some(offsets) = &mut self.offsets {
             offsets.shrink_to_fit();
         }
-        self.resolve_bases();
         self.sorted = true;
     }
 

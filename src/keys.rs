@@ -46,8 +46,7 @@ pub fn add_key(repo: &Repository, password: &[u8], kdf: KdfParams) -> Result<Id>
     let created = unix_seconds(SystemTime::now());
     let bytes = KeyFile::wrap(repo.key(), password, kdf, created)?.encode();
     let id = Id::of_object(&bytes);
-    repo.store().put_new(&key_name(&id), bytes)?;
-    repo.store().barrier()?;
+    repo.commit_key_file(&id, bytes)?;
     Ok(id)
 }
 
@@ -99,7 +98,7 @@ pub fn remove_key(repo: &Repository, id: &Id, allow_current: bool) -> Result<()>
             ),
         ));
     }
-    repo.store().delete(&key_name(id))
+    repo.delete_objects(&[key_name(id)])
 }
 
 /// Changes the password of the key in use: adds a key for `new_password`, then removes the old

@@ -22,14 +22,17 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexedPack, MISSING_BASE};
+use crate::index::{Index, IndexedPack, MISSING_BASE};
 use crate::pack_reader::FrameReader;
-use crate::repack;
-use crate::repo::{ObsoleteList, Repository, pack_name};
+use crate::repack::{self, PackToRepack};
+use crate::repo::{ObsoleteList, Repository, id_of, pack_name};
 use crate::walk::for_each_chunk;
 
 /// The default grace period: longer than any backup runs.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// The shortest grace period prune accepts: a backup running across two prunes this far apart
+/// could otherwise lose a pack it already depends on.
+pub const MIN_GRACE: Duration = Duration::from_secs(3600);
 /// Repack a needed pack once this share of its bytes is in frames no snapshot needs.
 pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.5;
 
@@ -87,6 +90,16 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         dry_run,
         repack_threshold,
     } = *options;
+    if grace < MIN_GRACE {
+        return Err(Error::invalid(
+            "grace period",
+            format!(
+                "{} is shorter than the minimum of {}: a backup running meanwhile could lose packs it depends on (space comes back one prune later; run prune daily)",
+                humantime::format_duration(grace),
+                humantime::format_duration(MIN_GRACE)
+            ),
+        ));
+    }
     let store = repo.store();
     // Memory: the compact index (as a backup holds it) and a bit per frame; index files are
     // read and rewritten one at a time.
@@ -106,7 +119,12 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         sizes.insert(pack.id, pack.len);
     }
 
-    let needed_frames = needed_frames(repo, &index, &snapshots)?;
+    let marked = &listed;
+    let is_marked = |pack: u32| marked.contains(&index.pack(pack).id);
+    let mut needed_frames = needed_frames(repo, &index, &snapshots)?;
+    let to_repack = keep_bases_of_kept_frames(&index, &mut needed_frames, &|needed| {
+        repack::plan(&index, needed, &is_marked, repack_threshold)
+    });
     let needed: HashSet<Id> = (0..needed_frames.len())
         .filter(|&f| needed_frames[f])
         .map(|f| index.pack(index.frame(f as u32).pack).id)
@@ -119,7 +137,6 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         dry_run,
         ..PruneReport::default()
     };
-    let marked = &listed;
     let mut deletable: BTreeSet<Id> = BTreeSet::new();
     for (_, list) in &lists {
         for pack in &list.packs {
@@ -139,26 +156,26 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         .collect();
     newly_marked.sort_unstable();
     report.newly_marked = newly_marked.len();
-    let unindexed: Vec<(String, u64)> = store
+    // A running backup names its packs only at its end, and one being uploaded is a staging
+    // file: both are left alone for the grace period after they were last written.
+    let old = |modified: SystemTime| now.duration_since(modified).is_ok_and(|age| age >= grace);
+    let mut unindexed: Vec<(String, u64)> = store
         .list("packs")?
         .into_iter()
-        .filter(|o| {
-            let id = o
-                .name
-                .rsplit('/')
-                .next()
-                .and_then(|hex| hex.parse::<Id>().ok());
-            let old = now.duration_since(o.modified).is_ok_and(|age| age >= grace);
-            old && id.is_some_and(|id| !sizes.contains_key(&id))
-        })
+        .filter(|o| old(o.modified) && id_of(&o.name).is_some_and(|id| !sizes.contains_key(&id)))
         .map(|o| (o.name, o.size))
         .collect();
+    let abandoned = store.abandoned_uploads()?;
+    unindexed.extend(
+        abandoned
+            .into_iter()
+            .filter(|o| old(o.modified))
+            .map(|o| (o.name, o.size)),
+    );
     report.deleted_unindexed = unindexed.len();
     report.deleted_packs = deletable.len();
     report.deleted_bytes = deletable.iter().filter_map(|id| sizes.get(id)).sum::<u64>()
         + unindexed.iter().map(|(_, size)| size).sum::<u64>();
-    let is_marked = |pack: u32| marked.contains(&index.pack(pack).id);
-    let to_repack = repack::plan(&index, &needed_frames, &is_marked, repack_threshold);
     report.repacked_packs = to_repack.len();
     if dry_run {
         report.repacked_frames = to_repack.iter().map(|p| p.keep.len()).sum();
@@ -167,36 +184,34 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     }
     drop(needed_frames);
 
-    if !deletable.is_empty() {
-        // Every index file naming a deleted pack is rewritten without it (the new file durable
-        // before the old one goes), then the packs are deleted.
-        for name in &index_names {
-            let file = repo.read_index_file(name)?;
-            if !file.packs.iter().any(|p| deletable.contains(&p.id)) {
-                continue;
-            }
-            let packs: Vec<IndexedPack> = file
-                .packs
-                .into_iter()
-                .filter(|p| !deletable.contains(&p.id))
-                .collect();
-            if !packs.is_empty() {
-                repo.write_index(&IndexFile { packs })?;
-                store.barrier()?;
-            }
-            store.delete_many(std::slice::from_ref(name))?;
+    // Every index file naming a pack to delete, or a pack an earlier file names too, is
+    // replaced by one without it; only then are the packs deleted.
+    let mut seen: HashSet<Id> = HashSet::new();
+    for name in &index_names {
+        let file = repo.read_index_file(name)?;
+        let drop_pack =
+            |p: &IndexedPack, seen: &HashSet<Id>| deletable.contains(&p.id) || seen.contains(&p.id);
+        if !file.packs.iter().any(|p| drop_pack(p, &seen)) {
+            seen.extend(file.packs.iter().map(|p| p.id));
+            continue;
         }
-        let packs: Vec<String> = deletable.iter().map(pack_name).collect();
-        store.delete_many(&packs)?;
+        let keep: Vec<IndexedPack> = file
+            .packs
+            .into_iter()
+            .filter(|p| !drop_pack(p, &seen))
+            .collect();
+        seen.extend(keep.iter().map(|p| p.id));
+        repo.replace_index_file(name, keep)?;
     }
-    let unindexed_names: Vec<String> = unindexed.iter().map(|(name, _)| name.clone()).collect();
-    store.delete_many(&unindexed_names)?;
+    let mut gone: Vec<String> = deletable.iter().map(pack_name).collect();
+    gone.extend(unindexed.into_iter().map(|(name, _)| name));
+    repo.delete_objects(&gone)?;
     let due_lists: Vec<String> = lists
         .iter()
         .filter(|(_, list)| due(list))
         .map(|(name, _)| name.clone())
         .collect();
-    store.delete_many(&due_lists)?;
+    repo.delete_objects(&due_lists)?;
     if !to_repack.is_empty() {
         // The copies are indexed before their originals are marked: from then on the index
         // prefers them, and the originals go the way of any unneeded pack.
@@ -207,12 +222,50 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         newly_marked.sort_unstable();
     }
     if !newly_marked.is_empty() {
-        repo.write_obsolete_list(&ObsoleteList {
+        repo.commit_obsolete_list(&ObsoleteList {
             time: now,
             packs: newly_marked,
         })?;
     }
     Ok(report)
+}
+
+/// Marks as needed the bases of every frame in a pack that stays (one holding a needed frame
+/// and not repacked): backups deduplicate against any frame of such a pack, needed or not,
+/// and a frame whose base was deleted cannot be decoded (issue: a rollback re-backup that
+/// found its chunks in such a frame was unrestorable). Keeping a base can keep its pack, whose
+/// frames' bases are then kept in turn, and can change what is worth repacking, so this runs
+/// to a fixed point; it ends because frames are only ever added. Returns the repack plan.
+fn keep_bases_of_kept_frames(
+    index: &Index,
+    needed: &mut [bool],
+    plan: &dyn Fn(&[bool]) -> Vec<PackToRepack>,
+) -> Vec<PackToRepack> {
+    loop {
+        let to_repack = plan(needed);
+        let mut stays = vec![false; index.pack_count()];
+        for (frame, _) in needed.iter().enumerate().filter(|(_, n)| **n) {
+            stays[index.frame(frame as u32).pack as usize] = true;
+        }
+        for pack in &to_repack {
+            stays[pack.pack as usize] = false;
+        }
+        let mut added = false;
+        for frame in 0..index.frame_count() as u32 {
+            if !stays[index.frame(frame).pack as usize] {
+                continue;
+            }
+            for &base in index.bases(frame) {
+                if base != MISSING_BASE && !needed[base as usize] {
+                    needed[base as usize] = true;
+                    added = true;
+                }
+            }
+        }
+        if !added {
+            return to_repack;
+        }
+    }
 }
 
 /// For each frame of the index, whether some snapshot needs it. Refuses (an error) if a snapshot

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::frame::{self, Frame, FrameRef};
-use crate::index::{Index, IndexFile, IndexedPack};
+use crate::index::{Index, IndexedPack};
 use crate::pack::{self, PACK_SIZE, PackSession, PackWriter};
 use crate::repo::{Repository, pack_name};
 
@@ -90,7 +90,7 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
     let mut store_pack = |writer: PackWriter, report: &mut Repacked| -> Result<()> {
         let (pack, bytes) = writer.finish(&session);
         report.bytes_written += pack.len;
-        store.put_new(&pack_name(&pack.id), bytes)?;
+        repo.wait_for_pack(repo.put_pack_soon(&pack.id, bytes))?;
         written.push(pack);
         Ok(())
     };
@@ -140,10 +140,6 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
     if !writer.is_empty() {
         store_pack(writer, &mut report)?;
     }
-    if !written.is_empty() {
-        store.barrier()?;
-        report.bytes_written += repo.write_index(&IndexFile { packs: written })?;
-        store.barrier()?;
-    }
+    report.bytes_written += repo.commit_packs(written)?;
     Ok(report)
 }

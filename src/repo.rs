@@ -25,7 +25,7 @@ use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
 use crate::pack;
 use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
-use crate::store::Store;
+use crate::store::{Pending, Store};
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
 pub const OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS01";
@@ -230,7 +230,10 @@ impl Repository {
 
     /// Reads every index file.
     pub fn load_index(&self) -> Result<Index> {
-        self.load_index_without(Index::default(), &HashSet::new())
+        let mut index = Index::default();
+        self.add_index_files(&mut index, &HashSet::new())?;
+        index.finish();
+        Ok(index)
     }
 
     /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
@@ -243,19 +246,21 @@ impl Repository {
             .into_iter()
             .flat_map(|(_, list)| list.packs)
             .collect();
-        self.load_index_without(Index::frames_only(), &obsolete)
+        let mut index = Index::frames_only();
+        self.add_index_files(&mut index, &obsolete)?;
+        index.finish_decodable_only();
+        Ok(index)
     }
 
     /// One index file at a time: only the compact in-memory index grows with the repository.
-    fn load_index_without(&self, mut index: Index, skip: &HashSet<Id>) -> Result<Index> {
+    fn add_index_files(&self, index: &mut Index, skip: &HashSet<Id>) -> Result<()> {
         for object in self.store.list("index")? {
             let file = self.read_index_file(&object.name)?;
             for pack in file.packs.iter().filter(|p| !skip.contains(&p.id)) {
                 index.add(pack);
             }
         }
-        index.finish();
-        Ok(index)
+        Ok(())
     }
 
     /// The whole index, with the packs in `last` added after all others: where a chunk is in
@@ -301,13 +306,6 @@ impl Repository {
         Ok(lists)
     }
 
-    pub(crate) fn write_obsolete_list(&self, list: &ObsoleteList) -> Result<()> {
-        let sealed = envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list);
-        let name = format!("obsolete/{}", Id::of_object(&sealed).to_hex());
-        self.store.put_new(&name, sealed)?;
-        self.store.barrier()
-    }
-
     /// Reads a pack and rebuilds its index entry from the pack alone, checking that the pack
     /// is stored under the hash of its bytes.
     pub fn read_pack(&self, id: &Id) -> Result<IndexedPack> {
@@ -323,27 +321,6 @@ impl Repository {
             data_ephemeral,
             header,
         })
-    }
-
-    /// Stores an index file; returns its stored size.
-    pub(crate) fn write_index(&self, file: &IndexFile) -> Result<u64> {
-        let sealed = envelope::seal(INDEX_MAGIC, self.key.metadata.sealing(), file);
-        let len = sealed.len() as u64;
-        self.store
-            .put_new(&index_name(&Id::of_object(&sealed)), sealed)?;
-        Ok(len)
-    }
-
-    /// Stores a snapshot after everything it references is durable, and makes it durable.
-    /// Returns its id and stored size.
-    pub(crate) fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(Id, u64)> {
-        self.store.barrier()?;
-        let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
-        let id = Id::of_object(&sealed);
-        let len = sealed.len() as u64;
-        self.store.put_new(&snapshot_name(&id), sealed)?;
-        self.store.barrier()?;
-        Ok((id, len))
     }
 
     /// Reads the snapshot object `snapshots/<id>`.
@@ -419,5 +396,102 @@ impl Repository {
                 matches: many.len(),
             }),
         }
+    }
+
+    // Writes. The repository alone orders them (docs/FORMAT.md §2, §10): nothing is written
+    // that names an object before that object is durable, and each method returns once what it
+    // wrote or deleted is durable, except `put_pack_soon`, whose packs become durable with the
+    // commit that names them. Operations never call the store's put, delete or barrier.
+
+    /// Starts storing a pack (a backup overlaps uploads with compression); it is durable, and
+    /// named, only with [`Repository::commit_packs`] or [`Repository::commit_snapshot`].
+    pub(crate) fn put_pack_soon(&self, id: &Id, bytes: Vec<u8>) -> Pending<bool> {
+        self.store.put_new_soon(&pack_name(id), bytes)
+    }
+
+    /// The result of a pack put started with [`Repository::put_pack_soon`].
+    pub(crate) fn wait_for_pack(&self, put: Pending<bool>) -> Result<()> {
+        self.store.wait(put).map(drop)
+    }
+
+    /// Makes the packs stored so far durable, then names `packs` in one new index file and
+    /// makes that durable. Returns the index file's stored size (0 for no packs).
+    pub(crate) fn commit_packs(&self, packs: Vec<IndexedPack>) -> Result<u64> {
+        if packs.is_empty() {
+            return Ok(0);
+        }
+        self.store.barrier()?;
+        let sealed = envelope::seal(
+            INDEX_MAGIC,
+            self.key.metadata.sealing(),
+            &IndexFile { packs },
+        );
+        let len = sealed.len() as u64;
+        self.store
+            .put_new(&index_name(&Id::of_object(&sealed)), sealed)?;
+        self.store.barrier()?;
+        Ok(len)
+    }
+
+    /// Records a snapshot, once everything it references is durable, and makes it durable;
+    /// refuses if a pack in `depends_on` is gone (a prune deleted it while the backup ran, which
+    /// happens only to a backup that took longer than the prune's grace period). Returns the
+    /// snapshot's id and stored size.
+    pub(crate) fn commit_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        depends_on: &[Id],
+    ) -> Result<(Id, u64)> {
+        self.store.barrier()?;
+        let names: Vec<String> = depends_on.iter().map(pack_name).collect();
+        let sizes = self.store.sizes(&names)?;
+        if let Some((name, _)) = names.iter().zip(sizes).find(|(_, size)| size.is_none()) {
+            return Err(Error::DependencyDeleted {
+                object: name.clone(),
+            });
+        }
+        let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
+        let id = Id::of_object(&sealed);
+        let len = sealed.len() as u64;
+        self.store.put_new(&snapshot_name(&id), sealed)?;
+        // Written but perhaps not durable: saying "nothing was recorded" would be wrong.
+        self.store.barrier().map_err(|cause| Error::NotDurable {
+            snapshot: id.short(),
+            cause: cause.to_string(),
+        })?;
+        Ok((id, len))
+    }
+
+    /// Replaces index file `old` by one naming only `keep` (none: no new file): the new file is
+    /// durable before the old one goes, and the old one is durably gone when this returns, so
+    /// that the packs it named may be deleted next.
+    pub(crate) fn replace_index_file(&self, old: &str, keep: Vec<IndexedPack>) -> Result<()> {
+        self.commit_packs(keep)?;
+        self.store.delete(old)?;
+        self.store.barrier()
+    }
+
+    /// Deletes objects (packs no index names any more, processed obsolete lists, forgotten
+    /// snapshots, removed keys), durably.
+    pub(crate) fn delete_objects(&self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.store.delete_many(names)?;
+        self.store.barrier()
+    }
+
+    /// Stores an obsolete list (prune's marks), durably.
+    pub(crate) fn commit_obsolete_list(&self, list: &ObsoleteList) -> Result<()> {
+        let sealed = envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list);
+        let name = format!("obsolete/{}", Id::of_object(&sealed).to_hex());
+        self.store.put_new(&name, sealed)?;
+        self.store.barrier()
+    }
+
+    /// Stores a key file, durably.
+    pub(crate) fn commit_key_file(&self, id: &Id, bytes: Vec<u8>) -> Result<()> {
+        self.store.put_new(&key_name(id), bytes)?;
+        self.store.barrier()
     }
 }

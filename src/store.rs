@@ -248,6 +248,23 @@ impl Store {
         }
     }
 
+    /// [`Store::size`] of many objects, several requests at a time.
+    pub fn sizes(&self, names: &[String]) -> Result<Vec<Option<u64>>> {
+        const IN_FLIGHT: usize = 16;
+        let heads = names.iter().map(|name| async move {
+            match self.inner.head(&Path::from(name.as_str())).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error(name, e)),
+            }
+        });
+        self.runtime.block_on(
+            futures::stream::iter(heads)
+                .buffered(IN_FLIGHT)
+                .try_collect::<Vec<_>>(),
+        )
+    }
+
     /// Every object under `dir` (recursively), sorted by name.
     pub fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let prefix = Path::from(dir);
@@ -266,9 +283,75 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes objects, in batches where the store has them (S3: up to 1,000 a request).
-    /// Objects already gone are not an error.
+    /// Files that a local store's uploads left behind when the process writing them was killed
+    /// (object_store writes `NAME#N` and then links it as `NAME`), which listings never show.
+    /// Cloud stores have none: an object there is uploaded in one request.
+    pub fn abandoned_uploads(&self) -> Result<Vec<ObjectInfo>> {
+        let Some((root, _)) = &self.local else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut dirs = vec![root.clone()];
+        let io_error = |path: &std::path::Path, e: std::io::Error| {
+            self.error(
+                &path.strip_prefix(root).unwrap_or(path).to_string_lossy(),
+                object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            )
+        };
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| io_error(&dir, e))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(|e| io_error(&path, e))?;
+                if meta.is_dir() {
+                    dirs.push(path);
+                } else if is_staging_name(&entry.file_name().to_string_lossy()) {
+                    out.push(ObjectInfo {
+                        name: path
+                            .strip_prefix(root)
+                            .unwrap_or(&path)
+                            .to_string_lossy()
+                            .into_owned(),
+                        size: meta.len(),
+                        modified: meta.modified().map_err(|e| io_error(&path, e))?,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes objects, in batches where the store has them (S3: up to 1,000 a request), and
+    /// abandoned uploads ([`Store::abandoned_uploads`]). Objects already gone are not an error.
     pub fn delete_many(&self, names: &[String]) -> Result<()> {
+        let (staging, names): (Vec<&String>, Vec<&String>) = names
+            .iter()
+            .partition(|n| self.local.is_some() && is_staging_name(n));
+        if let Some((root, syncer)) = &self.local {
+            for name in staging {
+                let path = root.join(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        let cause = object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        };
+                        return Err(self.error(name, cause));
+                    }
+                }
+                if let Some(dir) = path.parent() {
+                    let _ = syncer.requests.send(SyncRequest::Dir(dir.to_path_buf()));
+                }
+            }
+        }
+        let names: Vec<String> = names.into_iter().cloned().collect();
         let paths: Vec<object_store::Result<Path>> =
             names.iter().map(|n| Ok(Path::from(n.as_str()))).collect();
         let results: Vec<object_store::Result<Path>> = self.runtime.block_on(
@@ -276,6 +359,14 @@ impl Store {
                 .delete_stream(futures::stream::iter(paths).boxed())
                 .collect(),
         );
+        if let Some((root, syncer)) = &self.local {
+            // A deletion is durable once its directory is synced, at the next barrier.
+            for name in &names {
+                if let Some(dir) = root.join(name).parent() {
+                    let _ = syncer.requests.send(SyncRequest::Dir(dir.to_path_buf()));
+                }
+            }
+        }
         for (name, result) in names.iter().zip(results) {
             match result {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
@@ -285,11 +376,9 @@ impl Store {
         Ok(())
     }
 
-    /// Removes an object (tests that simulate damage; prune uses [`Store::delete_many`]).
+    /// Removes an object; one already gone is not an error. Durable after the next barrier.
     pub fn delete(&self, name: &str) -> Result<()> {
-        self.runtime
-            .block_on(self.inner.delete(&Path::from(name)))
-            .map_err(|e| self.error(name, e))
+        self.delete_many(&[name.to_string()])
     }
 }
 
@@ -303,6 +392,8 @@ type SyncResult = std::result::Result<(), (PathBuf, std::io::Error)>;
 
 enum SyncRequest {
     File(PathBuf),
+    /// A directory whose entries changed (a deletion): synced at the next barrier.
+    Dir(PathBuf),
     /// Sync the directories too, then answer with the first failure since the last barrier.
     Barrier(crossbeam_channel::Sender<SyncResult>),
 }
@@ -327,6 +418,9 @@ impl Syncer {
                             if let Some(dir) = path.parent() {
                                 dirs.insert(dir.to_path_buf());
                             }
+                        }
+                        SyncRequest::Dir(dir) => {
+                            dirs.insert(dir);
                         }
                         SyncRequest::Barrier(reply) => {
                             for dir in std::mem::take(&mut dirs) {
@@ -372,6 +466,12 @@ fn is_storage_full(error: &(dyn std::error::Error + 'static)) -> bool {
         current = e.source();
     }
     false
+}
+
+/// object_store's local staging files are `NAME#N`, N decimal digits.
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, suffix)| !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn local_dir(location: &str) -> &str {

@@ -37,9 +37,16 @@ fn assert_round_trip(repo: &Repository, data: &[u8]) {
 #[test]
 fn restore_is_byte_identical_around_chunk_group_and_pack_boundaries() {
     let repo = memory_repo();
+    // A dump is never empty: an empty stream is the sign of a failed dump program.
+    let empty = bkp::Source::spawn(Cursor::new(Vec::new()));
+    let refused = bkp::backup(&repo, empty, &BackupOptions::default(), &mut |_| {});
+    assert!(
+        matches!(refused, Err(bkp::Error::EmptyInput)),
+        "{refused:?}"
+    );
+    assert!(repo.snapshots(&[]).unwrap().is_empty());
     let sizes = [
-        0usize,
-        1,
+        1usize,
         4095,
         4096,
         4097,

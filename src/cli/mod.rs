@@ -129,7 +129,10 @@ Prune works in two steps a grace period apart, so that it never needs a lock and
 what a running backup is about to use: it marks the packs no snapshot needs (backups stop
 deduplicating against them), and a prune run after the grace period deletes those still
 unneeded. Run it daily (e.g. after `bkp forget`); space comes back one run later. The grace
-period must be longer than any backup takes. One prune at a time per repository.
+period must be longer than any backup takes, and is at least 1h: a backup that outlives it
+fails rather than recording a snapshot with missing data. Packs no index names (left by
+killed backups) and their unfinished uploads are deleted once they are a grace period old.
+One prune at a time per repository.
 
 A pack that snapshots still need but that mostly holds data none needs is repacked: the needed
 part is copied (not recompressed) into new packs, and the old pack is marked like the others.
@@ -138,7 +141,7 @@ turns repacking off).";
 
 #[derive(Args)]
 struct PruneArgs {
-    /// How long marked packs wait before deletion; longer than any backup runs
+    /// How long marked packs wait before deletion (at least 1h); longer than any backup runs
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// Repack a needed pack once this share of it is unneeded (100% = never)
