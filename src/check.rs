@@ -70,6 +70,7 @@ pub fn check(
         report: CheckReport::default(),
         pack_problems: Vec::new(),
         packs_used_by: HashMap::new(),
+        marked: HashSet::new(),
     };
     progress("key files");
     checker.key_files()?;
@@ -94,6 +95,8 @@ struct Checker<'a> {
     pack_problems: Vec<(u32, Problem)>,
     /// Pack number -> snapshots whose restore reads it.
     packs_used_by: HashMap<u32, BTreeSet<Id>>,
+    /// Packs a prune marked for deletion.
+    marked: HashSet<Id>,
 }
 
 impl Checker<'_> {
@@ -138,14 +141,25 @@ impl Checker<'_> {
                 .get(&object.name)
                 .and_then(|bytes| IndexFile::open(&self.repo.key().metadata, &bytes, &object.name));
             match file {
-                Ok(file) => {
-                    for pack in file.packs {
-                        index.add(&pack);
-                        indexed.push(pack);
-                    }
-                }
+                Ok(file) => indexed.extend(file.packs),
                 Err(e) => self.problem(&object.name, e),
             }
+        }
+        // As restore sees it: a chunk in a pack that prune marked is found there only if it
+        // is nowhere else ([`Repository::load_index`]).
+        self.marked = match self.repo.obsolete_lists() {
+            Ok(lists) => lists.into_iter().flat_map(|(_, l)| l.packs).collect(),
+            Err(e) => {
+                self.problem("obsolete", e);
+                HashSet::new()
+            }
+        };
+        let marked = &self.marked;
+        let (mut indexed, last): (Vec<_>, Vec<_>) =
+            indexed.into_iter().partition(|p| !marked.contains(&p.id));
+        indexed.extend(last);
+        for pack in &indexed {
+            index.add(pack);
         }
         index.finish();
         Ok((index, indexed))
@@ -273,10 +287,14 @@ impl Checker<'_> {
         let mut raw = Vec::new();
         let mut frame_number = 0u32;
         for (pack_number, pack) in indexed.iter().enumerate() {
+            // A marked pack that no snapshot uses is garbage waiting for the next prune, which
+            // may already have deleted the bases of its delta frames (an interrupted prune).
+            let garbage = self.marked.contains(&pack.id)
+                && !self.packs_used_by.contains_key(&(pack_number as u32));
             for entry in &pack.header.frames {
                 let frame = frame_number;
                 frame_number += 1;
-                if !selected(frame) {
+                if garbage || !selected(frame) {
                     continue;
                 }
                 self.report.frames_read += 1;

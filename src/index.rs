@@ -240,9 +240,35 @@ impl Index {
                 });
             }
         }
-        // By prefix, then by number: the first-added copy of a chunk comes first and stays.
+        // By prefix, then by number: of the copies of a chunk stored more than once, the
+        // first-added one that can be decoded stays (a copy whose delta bases are gone, in a
+        // pack a prune is about to delete, must not hide a good one).
         self.chunks.sort_unstable();
-        self.chunks.dedup_by_key(|(key, _)| *key);
+        let (frames, bases) = (&self.frames, &self.bases);
+        let decodable = |number: u32| {
+            let f = &frames[frames.partition_point(|f| f.first_chunk <= number) - 1];
+            !bases[f.bases_at as usize..(f.bases_at + f.bases_len) as usize].contains(&MISSING_BASE)
+        };
+        let mut kept = 0usize;
+        let mut at = 0usize;
+        while at < self.chunks.len() {
+            let key = self.chunks[at].0;
+            let mut end = at + 1;
+            while end < self.chunks.len() && self.chunks[end].0 == key {
+                end += 1;
+            }
+            let best = if end - at == 1 {
+                at
+            } else {
+                (at..end)
+                    .find(|&i| decodable(self.chunks[i].1))
+                    .unwrap_or(at)
+            };
+            self.chunks[kept] = self.chunks[best];
+            kept += 1;
+            at = end;
+        }
+        self.chunks.truncate(kept);
         self.chunks.shrink_to_fit();
         if let Some(offsets) = &mut self.offsets {
             offsets.shrink_to_fit();

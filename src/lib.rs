@@ -70,7 +70,7 @@ pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
 pub use stats::{SnapshotStats, Stats, stats};
-pub use store::{ObjectInfo, Store};
+pub use store::{Durability, ObjectInfo, Store};
 
 /// The repository format this bkp writes (docs/FORMAT.md); it reads every earlier version.
 pub const FORMAT_VERSION: u32 = 2;

@@ -188,7 +188,9 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     // replaced by one without it; only then are the packs deleted.
     let mut seen: HashSet<Id> = HashSet::new();
     for name in &index_names {
-        let file = repo.read_index_file(name)?;
+        let Some(file) = repo.skip_damaged(repo.read_index_file(name))? else {
+            continue;
+        };
         let drop_pack =
             |p: &IndexedPack, seen: &HashSet<Id>| deletable.contains(&p.id) || seen.contains(&p.id);
         if !file.packs.iter().any(|p| drop_pack(p, &seen)) {

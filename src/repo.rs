@@ -12,7 +12,8 @@
 //! after the previous one's objects are stored, so a crash leaves at worst unreferenced packs or
 //! an unreferenced index file, never a snapshot that points at nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,8 @@ pub struct Repository {
     /// The key file that opened (or created) the repository.
     key_id: Id,
     config: Config,
+    /// Objects that listings found damaged and skipped ([`Repository::skip_damaged`]).
+    damaged: Mutex<BTreeMap<String, String>>,
 }
 
 pub fn pack_name(id: &Id) -> String {
@@ -137,6 +140,7 @@ impl Repository {
             key,
             key_id,
             config,
+            damaged: Mutex::default(),
         })
     }
 
@@ -161,8 +165,20 @@ impl Repository {
         // older bkp's init race); the right one is the one that opens the config.
         let mut unlocked_but_wrong = None;
         let mut opened = None;
+        let mut damaged = BTreeMap::new();
         for object in &key_objects {
-            let file = KeyFile::decode(&store.get(&object.name)?, &object.name)?;
+            // A damaged key file (cut short by a crash, planted) must not lock out the others.
+            let file = match store
+                .get(&object.name)
+                .and_then(|bytes| KeyFile::decode(&bytes, &object.name))
+            {
+                Ok(file) => file,
+                Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                    damaged.insert(object.name.clone(), e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(key) = file.unwrap_with(password, &object.name)? else {
                 continue;
             };
@@ -208,6 +224,7 @@ impl Repository {
             key,
             key_id,
             config,
+            damaged: Mutex::new(damaged),
         })
     }
 
@@ -228,12 +245,20 @@ impl Repository {
         self.key_id
     }
 
-    /// Reads every index file.
+    /// Reads every index file, for reading data (restore, check, stats): where a chunk is stored
+    /// more than once, a copy outside the packs a prune marked is used, so that a restore does
+    /// not depend on what the next prune deletes.
     pub fn load_index(&self) -> Result<Index> {
-        let mut index = Index::default();
-        self.add_index_files(&mut index, &HashSet::new())?;
-        index.finish();
-        Ok(index)
+        self.load_index_with_last(&self.marked_packs()?)
+    }
+
+    /// The packs in every obsolete list.
+    fn marked_packs(&self) -> Result<HashSet<Id>> {
+        Ok(self
+            .obsolete_lists()?
+            .into_iter()
+            .flat_map(|(_, list)| list.packs)
+            .collect())
     }
 
     /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
@@ -241,11 +266,7 @@ impl Repository {
     /// §10). Their chunks, if needed again, are stored again. It knows which frame holds a
     /// chunk, not where in it ([`Index::frames_only`]).
     pub(crate) fn load_index_for_backup(&self) -> Result<Index> {
-        let obsolete: HashSet<Id> = self
-            .obsolete_lists()?
-            .into_iter()
-            .flat_map(|(_, list)| list.packs)
-            .collect();
+        let obsolete = self.marked_packs()?;
         let mut index = Index::frames_only();
         self.add_index_files(&mut index, &obsolete)?;
         index.finish_decodable_only();
@@ -255,7 +276,9 @@ impl Repository {
     /// One index file at a time: only the compact in-memory index grows with the repository.
     fn add_index_files(&self, index: &mut Index, skip: &HashSet<Id>) -> Result<()> {
         for object in self.store.list("index")? {
-            let file = self.read_index_file(&object.name)?;
+            let Some(file) = self.skip_damaged(self.read_index_file(&object.name))? else {
+                continue;
+            };
             for pack in file.packs.iter().filter(|p| !skip.contains(&p.id)) {
                 index.add(pack);
             }
@@ -272,7 +295,9 @@ impl Repository {
         let mut index = Index::default();
         let mut deferred = Vec::new();
         for object in self.store.list("index")? {
-            let file = self.read_index_file(&object.name)?;
+            let Some(file) = self.skip_damaged(self.read_index_file(&object.name))? else {
+                continue;
+            };
             let (later, now): (Vec<_>, Vec<_>) =
                 file.packs.iter().partition(|p| last.contains(&p.id));
             now.into_iter().for_each(|pack| index.add(pack));
@@ -281,13 +306,45 @@ impl Repository {
             }
         }
         for name in deferred {
-            let file = self.read_index_file(&name)?;
+            let Some(file) = self.skip_damaged(self.read_index_file(&name))? else {
+                continue;
+            };
             for pack in file.packs.iter().filter(|p| last.contains(&p.id)) {
                 index.add(pack);
             }
         }
         index.finish();
         Ok(index)
+    }
+
+    /// Listings go on past a damaged object (one that fails authentication or parsing, or was
+    /// listed and is gone): it is recorded ([`Repository::damaged_objects`]) and skipped, so
+    /// one bad object (a write cut short by a crash, a planted file) blocks nothing. Storage
+    /// errors, and objects of a newer format, still stop the operation.
+    pub(crate) fn skip_damaged<T>(&self, read: Result<T>) -> Result<Option<T>> {
+        match read {
+            Ok(value) => Ok(Some(value)),
+            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                let object = match &e {
+                    Error::Corrupt { object, .. } | Error::Missing { object } => object.clone(),
+                    _ => unreachable!(),
+                };
+                let mut damaged = self.damaged.lock().expect("damage lock");
+                damaged.entry(object).or_insert_with(|| e.to_string());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The damaged objects that listings skipped so far, with what is wrong with each: tell
+    /// the operator (`bkp check` reports them too).
+    pub fn damaged_objects(&self) -> Vec<(String, String)> {
+        let damaged = self.damaged.lock().expect("damage lock");
+        damaged
+            .iter()
+            .map(|(object, error)| (object.clone(), error.clone()))
+            .collect()
     }
 
     pub(crate) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
@@ -299,9 +356,12 @@ impl Repository {
     pub(crate) fn obsolete_lists(&self) -> Result<Vec<(String, ObsoleteList)>> {
         let mut lists = Vec::new();
         for object in self.store.list("obsolete")? {
-            let bytes = self.store.get(&object.name)?;
-            let list = envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)?;
-            lists.push((object.name, list));
+            let read = self.store.get(&object.name).and_then(|bytes| {
+                envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)
+            });
+            if let Some(list) = self.skip_damaged(read)? {
+                lists.push((object.name, list));
+            }
         }
         Ok(lists)
     }
@@ -344,9 +404,12 @@ impl Repository {
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotEntry>> {
         let mut out = Vec::new();
         for object in self.store.list("snapshots")? {
-            let id = id_of(&object.name)
-                .ok_or_else(|| Error::corrupt(&object.name, "not named by a snapshot id"))?;
-            let entry = self.read_snapshot(id)?;
+            let read = id_of(&object.name)
+                .ok_or_else(|| Error::corrupt(&object.name, "not named by a snapshot id"))
+                .and_then(|id| self.read_snapshot(id));
+            let Some(entry) = self.skip_damaged(read)? else {
+                continue;
+            };
             if entry.has_tags(tags) {
                 out.push(entry);
             }

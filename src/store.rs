@@ -43,7 +43,16 @@ pub struct Store {
     location: String,
     /// For a local directory: object_store does not fsync, so a [`Syncer`] does.
     local: Option<(PathBuf, Syncer)>,
+    /// For a store that needs more at a barrier than its puts guarantee (crash tests).
+    durability: Option<Arc<dyn Durability>>,
     runtime: tokio::runtime::Runtime,
+}
+
+/// What a store does at a write barrier ([`Store::barrier`]) beyond what its puts and deletes
+/// already guarantee. Crash tests implement it with a store that keeps only what a barrier
+/// made durable and forgets the rest when it "loses power".
+pub trait Durability: Send + Sync {
+    fn barrier(&self) -> std::result::Result<(), String>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +120,17 @@ impl Store {
         Store::with(Arc::new(InMemory::new()), "memory")
     }
 
+    /// Any object_store backend, with what its barrier must do ([`Durability`]).
+    pub fn with_durability(
+        inner: Arc<dyn ObjectStore>,
+        location: &str,
+        durability: Arc<dyn Durability>,
+    ) -> Store {
+        let mut store = Store::with(inner, location);
+        store.durability = Some(durability);
+        store
+    }
+
     fn with(inner: Arc<dyn ObjectStore>, location: &str) -> Store {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -122,6 +142,7 @@ impl Store {
             inner,
             location: location.to_string(),
             local: None,
+            durability: None,
             runtime,
         }
     }
@@ -196,6 +217,15 @@ impl Store {
     /// stores are durable on a successful put; a local directory needs fsync of each new file
     /// and of the directories naming them, which the [`Syncer`] has mostly done by now.
     pub fn barrier(&self) -> Result<()> {
+        if let Some(durability) = &self.durability {
+            durability.barrier().map_err(|e| {
+                let cause = object_store::Error::Generic {
+                    store: "durability",
+                    source: e.into(),
+                };
+                self.error("", cause)
+            })?;
+        }
         let Some((root, syncer)) = &self.local else {
             return Ok(());
         };

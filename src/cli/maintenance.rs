@@ -293,7 +293,8 @@ fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {
 }
 
 pub(super) fn check(location: &str, quiet: bool, args: CheckArgs) -> Result<ExitCode> {
-    let repo = open_repository(location)?;
+    let mut repo = open_repository(location)?;
+    repo.warn_damage = false;
     let read_data = match (args.read_data, args.read_data_subset) {
         (true, _) => ReadData::All,
         (false, Some(fraction)) => ReadData::Fraction(fraction),

@@ -443,10 +443,39 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
     })
 }
 
-fn open_repository(location: &str) -> Result<Repository> {
+fn open_repository(location: &str) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_password(false)?;
-    Ok(Repository::open(store, password.as_bytes())?)
+    Ok(OpenRepository {
+        repo: Repository::open(store, password.as_bytes())?,
+        warn_damage: true,
+    })
+}
+
+/// An open repository that, once the command is done with it (or failed), warns about each
+/// damaged object that its listings skipped, so that damage is never silent.
+struct OpenRepository {
+    repo: Repository,
+    /// `bkp check` reports damage itself.
+    warn_damage: bool,
+}
+
+impl std::ops::Deref for OpenRepository {
+    type Target = Repository;
+    fn deref(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl Drop for OpenRepository {
+    fn drop(&mut self) {
+        if !self.warn_damage {
+            return;
+        }
+        for (object, error) in self.repo.damaged_objects() {
+            eprintln!("bkp: warning: skipped {object}: {error}; `bkp check` lists all damage");
+        }
+    }
 }
 
 fn init(location: &str, quiet: bool) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod crash;
 pub mod db;
 pub mod dumpgen;
 pub mod s3;

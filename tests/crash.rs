@@ -1,0 +1,287 @@
+//! Power loss at every step: backup, forget, prune (both phases, with repack) and key add are
+//! run against a store that crashes at step N (a put, a delete or a barrier), for every N the
+//! operation makes, and loses or cuts short what no barrier made durable. After each crash, every snapshot that was there
+//! restores byte for byte, no snapshot that does not restore is listed, damage is confined to
+//! the objects the crash cut short and affects no snapshot, and the next backup and prunes work.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use bkp::prune::{PruneOptions, prune};
+use bkp::{BackupOptions, Id, InitOptions, KdfParams, Repository};
+use common::crash::{CrashStore, Lost};
+use common::{PASSWORD, dumpgen};
+
+const GRACE: Duration = Duration::from_secs(3600);
+
+fn later(n: u32) -> SystemTime {
+    SystemTime::now() + (GRACE + Duration::from_secs(60)) * n
+}
+
+fn dump(day: u32) -> Vec<u8> {
+    dumpgen::dump(1_500_000, day)
+}
+
+/// Small groups and packs: a small dump makes as many frames and packs, so as many write
+/// points, as a big one.
+fn options() -> BackupOptions {
+    BackupOptions {
+        group_size: 64 << 10,
+        pack_size: 192 << 10,
+        ..BackupOptions::default()
+    }
+}
+
+fn backup(repo: &Repository, data: &[u8]) -> bkp::Result<bkp::BackupSummary> {
+    let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+    bkp::backup(repo, source, &options(), &mut |_| {})
+}
+
+fn open(
+    objects: &BTreeMap<String, Bytes>,
+    crash_at: Option<usize>,
+) -> (Arc<CrashStore>, Repository) {
+    let crash = CrashStore::new(objects, crash_at);
+    let repo = Repository::open(crash.store(), PASSWORD.as_bytes()).unwrap();
+    (crash, repo)
+}
+
+/// A repository and the snapshots it holds, with their streams.
+#[derive(Clone)]
+struct World {
+    objects: BTreeMap<String, Bytes>,
+    snapshots: BTreeMap<Id, Vec<u8>>,
+}
+
+impl World {
+    fn new(days: u32) -> World {
+        let crash = CrashStore::new(&BTreeMap::new(), None);
+        let options = InitOptions {
+            kdf: KdfParams::INSECURE_FAST,
+            ..InitOptions::default()
+        };
+        let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &options).unwrap();
+        let mut snapshots = BTreeMap::new();
+        for day in 1..=days {
+            let data = dump(day);
+            snapshots.insert(backup(&repo, &data).unwrap().snapshot.id, data);
+        }
+        World {
+            objects: crash.objects(),
+            snapshots,
+        }
+    }
+
+    /// Runs `op` without a crash: the world after it.
+    fn after(&self, op: &Op) -> World {
+        let (crash, repo) = open(&self.objects, None);
+        let mut world = self.clone();
+        (op.run)(&repo, &mut world).unwrap();
+        world.objects = crash.objects();
+        world
+    }
+}
+
+type Run = Box<dyn Fn(&Repository, &mut World) -> bkp::Result<()>>;
+
+struct Op {
+    name: &'static str,
+    /// Runs the operation; records in the world what it added or removed on success.
+    run: Run,
+    /// Snapshots the operation may remove (a crash may leave them or not).
+    removes: Vec<Id>,
+}
+
+fn restore(repo: &Repository, id: &Id) -> bkp::Result<Vec<u8>> {
+    let entry = repo
+        .snapshots(&[])?
+        .into_iter()
+        .find(|e| e.id == *id)
+        .ok_or_else(|| bkp::Error::SnapshotNotFound { query: id.short() })?;
+    let mut out = Vec::new();
+    bkp::restore(repo, &entry, &mut out, &mut |_| {})?;
+    Ok(out)
+}
+
+/// Crashes `op` at each of its steps, with each way of losing what was not durable, and
+/// checks what is left.
+fn crash_everywhere(start: &World, op: &Op) -> usize {
+    let steps = {
+        let (crash, repo) = open(&start.objects, None);
+        (op.run)(&repo, &mut start.clone()).unwrap();
+        crash.steps()
+    };
+    assert!(steps > 0, "{} writes nothing", op.name);
+    for at in 0..steps {
+        for lost in [Lost::Vanished, Lost::Truncated, Lost::LastKept] {
+            let what = format!("{} crashed at step {at} of {steps}, {lost:?}", op.name);
+            let (crash, repo) = open(&start.objects, Some(at));
+            let result = (op.run)(&repo, &mut start.clone());
+            assert!(result.is_err() && crash.crashed(), "{what}: {result:?}");
+            drop(repo);
+            let disk = crash.after_power_loss(lost);
+            let not_durable = crash.not_durable();
+            let undurable_left: Vec<&String> = not_durable
+                .iter()
+                .filter(|n| disk.contains_key(*n))
+                .collect();
+            survives(&disk, start, op, &undurable_left, &what);
+        }
+    }
+    steps
+}
+
+fn survives(
+    disk: &BTreeMap<String, Bytes>,
+    start: &World,
+    op: &Op,
+    undurable_left: &[&String],
+    what: &str,
+) {
+    let (_, repo) = open(disk, None);
+    let listed: Vec<Id> = repo.snapshots(&[]).unwrap().iter().map(|e| e.id).collect();
+    for (id, data) in &start.snapshots {
+        if op.removes.contains(id) && !listed.contains(id) {
+            continue;
+        }
+        let restored = restore(&repo, id);
+        assert!(
+            restored.as_ref().is_ok_and(|r| r == data),
+            "{what}: snapshot {} does not restore: {:?}",
+            id.short(),
+            restored.err()
+        );
+    }
+    for id in &listed {
+        restore(&repo, id)
+            .unwrap_or_else(|e| panic!("{what}: listed snapshot {} is broken: {e}", id.short()));
+    }
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    for problem in &report.problems {
+        assert!(
+            problem.snapshots.is_empty() && undurable_left.contains(&&problem.object),
+            "{what}: {problem:?} (not made durable: {undurable_left:?})"
+        );
+    }
+    // The next backup stores what it needs, and prune then cleans up around it.
+    let next = dump(9);
+    let entry = backup(&repo, &next)
+        .unwrap_or_else(|e| panic!("{what}: next backup: {e}"))
+        .snapshot;
+    prune(&repo, &PruneOptions::new(GRACE, later(1)))
+        .unwrap_or_else(|e| panic!("{what}: prune: {e}"));
+    prune(&repo, &PruneOptions::new(GRACE, later(2)))
+        .unwrap_or_else(|e| panic!("{what}: prune: {e}"));
+    assert!(
+        restore(&repo, &entry.id).unwrap() == next,
+        "{what}: the next backup"
+    );
+    for (id, data) in &start.snapshots {
+        if repo.snapshots(&[]).unwrap().iter().any(|e| e.id == *id) {
+            assert!(restore(&repo, id).unwrap() == *data, "{what}: after prune");
+        }
+    }
+}
+
+fn backup_op(day: u32) -> Op {
+    Op {
+        name: "backup",
+        run: Box::new(move |repo, world| {
+            let data = dump(day);
+            let summary = backup(repo, &data)?;
+            world.snapshots.insert(summary.snapshot.id, data);
+            Ok(())
+        }),
+        removes: Vec::new(),
+    }
+}
+
+fn forget_op(id: Id) -> Op {
+    Op {
+        name: "forget",
+        run: Box::new(move |repo, world| {
+            let entry = repo
+                .snapshots(&[])?
+                .into_iter()
+                .find(|e| e.id == id)
+                .unwrap();
+            bkp::forget::remove(repo, &[&entry])?;
+            world.snapshots.remove(&id);
+            Ok(())
+        }),
+        removes: vec![id],
+    }
+}
+
+fn prune_op(name: &'static str, now: SystemTime) -> Op {
+    Op {
+        name,
+        run: Box::new(move |repo, _| prune(repo, &PruneOptions::new(GRACE, now)).map(drop)),
+        removes: Vec::new(),
+    }
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_backup_a_forget_or_a_key_add_loses_nothing() {
+    let start = World::new(3);
+    crash_everywhere(&start, &backup_op(4));
+    let first = *start.snapshots.keys().next().unwrap();
+    crash_everywhere(&start, &forget_op(first));
+    let key_add = Op {
+        name: "key add",
+        run: Box::new(|repo, _| {
+            bkp::add_key(repo, b"another password", KdfParams::INSECURE_FAST).map(drop)
+        }),
+        removes: Vec::new(),
+    };
+    crash_everywhere(&start, &key_add);
+}
+
+#[test]
+fn a_crash_at_any_step_of_either_prune_phase_loses_nothing() {
+    let world = World::new(4);
+    // Forget the first two days: their packs are marked, and day 3's mostly unneeded.
+    let mut forgotten = world.clone();
+    for id in world.snapshots.keys().take(2) {
+        forgotten = forgotten.after(&forget_op(*id));
+    }
+    let marking = prune_op("prune (mark and repack)", SystemTime::now());
+    crash_everywhere(&forgotten, &marking);
+    let marked = forgotten.after(&marking);
+    let deleting = prune_op("prune (delete)", later(1));
+    crash_everywhere(&marked, &deleting);
+}
+
+/// An index file that names both a pack to delete and one to keep is replaced, not deleted:
+/// a crash between writing its replacement and deleting it leaves two files naming one pack.
+#[test]
+fn a_crash_while_prune_replaces_an_index_file_loses_nothing() {
+    let crash = CrashStore::new(&BTreeMap::new(), None);
+    let options = InitOptions {
+        kdf: KdfParams::INSECURE_FAST,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &options).unwrap();
+    let (kept, dropped) = (
+        common::random_bytes(600_000, 1),
+        common::random_bytes(600_000, 2),
+    );
+    let both = backup(&repo, &[kept.clone(), dropped].concat()).unwrap();
+    let only = backup(&repo, &kept).unwrap();
+    bkp::forget::remove(&repo, &[&both.snapshot]).unwrap();
+    prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
+    let world = World {
+        objects: crash.objects(),
+        snapshots: BTreeMap::from([(only.snapshot.id, kept)]),
+    };
+    crash_everywhere(
+        &world,
+        &prune_op("prune (delete, replacing an index file)", later(1)),
+    );
+}
