@@ -66,7 +66,7 @@ pub enum Error {
     InvalidInput { what: String, reason: String },
 
     #[error(
-        "the repository's storage is full ({location}): free space or move the repository; this backup recorded nothing"
+        "the repository's storage is full ({location}): free space or move the repository (a backup that stops here records no snapshot)"
     )]
     StorageFull { location: String },
 

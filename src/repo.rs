@@ -95,6 +95,15 @@ pub(crate) fn id_of(name: &str) -> Option<Id> {
     name.rsplit('/').next()?.parse().ok()
 }
 
+/// "latest with tags a,b", for messages.
+fn with_tags(query: &str, tags: &[String]) -> String {
+    if tags.is_empty() {
+        query.to_string()
+    } else {
+        format!("{query} with tags {}", tags.join(","))
+    }
+}
+
 pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
 }
@@ -337,13 +346,14 @@ impl Repository {
         }
     }
 
-    /// The damaged objects that listings skipped so far, with what is wrong with each: tell
-    /// the operator (`bkp check` reports them too).
-    pub fn damaged_objects(&self) -> Vec<(String, String)> {
-        let damaged = self.damaged.lock().expect("damage lock");
+    /// The damaged objects that listings skipped and that were not taken yet, with what is
+    /// wrong with each: tell the operator (`bkp check` reports them too).
+    pub fn take_damaged_objects(&self) -> Vec<(String, String)> {
+        let mut damaged = self.damaged.lock().expect("damage lock");
         damaged
-            .iter()
-            .map(|(object, error)| (object.clone(), error.clone()))
+            .iter_mut()
+            .filter(|(_, error)| !error.is_empty())
+            .map(|(object, error)| (object.clone(), std::mem::take(error)))
             .collect()
     }
 
@@ -418,18 +428,15 @@ impl Repository {
         Ok(out)
     }
 
-    /// `latest` (newest with all `tags`) or a unique snapshot id prefix.
+    /// `latest` (the newest complete snapshot with all `tags`, [`Repository::find_latest`]) or
+    /// a unique snapshot id prefix.
     pub fn find_snapshot(&self, query: &str, tags: &[String]) -> Result<SnapshotEntry> {
-        let not_found = || Error::SnapshotNotFound {
-            query: if tags.is_empty() {
-                query.to_string()
-            } else {
-                format!("{query} with tags {}", tags.join(","))
-            },
-        };
         if query == "latest" {
-            return self.snapshots(tags)?.pop().ok_or_else(not_found);
+            return self.find_latest(tags).map(|(entry, _)| entry);
         }
+        let not_found = || Error::SnapshotNotFound {
+            query: with_tags(query, tags),
+        };
         let prefix = query.to_ascii_lowercase();
         if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::invalid(
@@ -458,6 +465,49 @@ impl Repository {
                 prefix: query.to_string(),
                 matches: many.len(),
             }),
+        }
+    }
+
+    /// The newest snapshot with all `tags` whose dump is not flagged incomplete, and the newer
+    /// ones it passed over because they are (still restorable by id). A restore of `latest`
+    /// never silently gets a truncated dump; if only incomplete ones match, that is an error
+    /// naming the newest. If none matches but damaged snapshot objects were skipped, the error
+    /// is that damage.
+    pub fn find_latest(&self, tags: &[String]) -> Result<(SnapshotEntry, Vec<SnapshotEntry>)> {
+        let mut matching = self.snapshots(tags)?;
+        let complete = matching
+            .iter()
+            .rposition(|e| e.snapshot.dump_complete() != Some(false));
+        match complete {
+            Some(at) => {
+                let skipped = matching.split_off(at + 1);
+                Ok((matching.pop().expect("at is an index"), skipped))
+            }
+            None => {
+                if let Some(newest) = matching.last() {
+                    return Err(Error::SnapshotNotFound {
+                        query: format!(
+                            "{} whose dump is complete (the newest, {}, is flagged INCOMPLETE; restore it by id if you need it)",
+                            with_tags("latest", tags),
+                            newest.id.short()
+                        ),
+                    });
+                }
+                let damaged = self.damaged.lock().expect("damage lock");
+                if let Some((object, _)) = damaged.iter().find(|(o, _)| o.starts_with("snapshots/"))
+                {
+                    return Err(Error::corrupt(
+                        object,
+                        format!(
+                            "it cannot be read, and no readable snapshot matches {}",
+                            with_tags("latest", tags)
+                        ),
+                    ));
+                }
+                Err(Error::SnapshotNotFound {
+                    query: with_tags("latest", tags),
+                })
+            }
         }
     }
 

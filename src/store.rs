@@ -45,6 +45,7 @@ pub struct Store {
     local: Option<(PathBuf, Syncer)>,
     /// For a store that needs more at a barrier than its puts guarantee (crash tests).
     durability: Option<Arc<dyn Durability>>,
+    retry: Retry,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -78,8 +79,9 @@ impl Store {
     /// object_store's configuration keys (`aws_access_key_id`, `aws_endpoint`,
     /// `aws_allow_http`, ...) and `retry_timeout` (seconds, default [`RETRY_TIMEOUT`]).
     pub fn open_with_options(location: &str, options: &[(&str, &str)]) -> Result<Store> {
-        if let Some(cloud) = cloud_store(location, options)? {
-            let store = Store::with(cloud, location);
+        if let Some((cloud, retry)) = cloud_store(location, options)? {
+            let mut store = Store::with(cloud, location);
+            store.retry = retry;
             store.check_bucket()?;
             return Ok(store);
         }
@@ -143,6 +145,7 @@ impl Store {
             location: location.to_string(),
             local: None,
             durability: None,
+            retry: Retry { timeout: None },
             runtime,
         }
     }
@@ -152,7 +155,7 @@ impl Store {
     /// otherwise create a missing bucket on the first write).
     fn check_bucket(&self) -> Result<()> {
         self.runtime
-            .block_on(self.inner.list_with_delimiter(None))
+            .block_on(self.retry.run(|| self.inner.list_with_delimiter(None)))
             .map(drop)
             .map_err(|e| self.error("", e))
     }
@@ -188,9 +191,12 @@ impl Store {
             .local
             .as_ref()
             .map(|(root, syncer)| (root.join(&name), syncer.requests.clone()));
+        let retry = self.retry;
+        let payload = PutPayload::from(bytes);
         Pending(self.runtime.spawn(async move {
-            let result = inner
-                .put_opts(&Path::from(name.as_str()), PutPayload::from(bytes), options)
+            let path = Path::from(name.as_str());
+            let result = retry
+                .run(|| inner.put_opts(&path, payload.clone(), options.clone()))
                 .await;
             match result {
                 Ok(_) => {
@@ -245,7 +251,10 @@ impl Store {
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
         self.runtime
-            .block_on(async { self.inner.get(&Path::from(name)).await?.bytes().await })
+            .block_on(
+                self.retry
+                    .run(|| async { self.inner.get(&Path::from(name)).await?.bytes().await }),
+            )
             .map_err(|e| self.error(name, e))
     }
 
@@ -257,9 +266,11 @@ impl Store {
     /// [`Store::get_range`], running meanwhile (restore prefetches frames this way).
     pub fn get_range_soon(&self, name: &str, range: Range<u64>) -> Pending<Bytes> {
         let (inner, location, name) = (self.inner.clone(), self.location.clone(), name.to_string());
+        let retry = self.retry;
         Pending(self.runtime.spawn(async move {
-            inner
-                .get_range(&Path::from(name.as_str()), range)
+            let path = Path::from(name.as_str());
+            retry
+                .run(|| inner.get_range(&path, range.clone()))
                 .await
                 .map_err(|e| store_error(&location, &name, e))
         }))
@@ -271,7 +282,11 @@ impl Store {
 
     /// The object's size, or `None` if there is no such object.
     pub fn size(&self, name: &str) -> Result<Option<u64>> {
-        match self.runtime.block_on(self.inner.head(&Path::from(name))) {
+        let path = Path::from(name);
+        match self
+            .runtime
+            .block_on(self.retry.run(|| self.inner.head(&path)))
+        {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(name, e)),
@@ -282,7 +297,8 @@ impl Store {
     pub fn sizes(&self, names: &[String]) -> Result<Vec<Option<u64>>> {
         const IN_FLIGHT: usize = 16;
         let heads = names.iter().map(|name| async move {
-            match self.inner.head(&Path::from(name.as_str())).await {
+            let path = Path::from(name.as_str());
+            match self.retry.run(|| self.inner.head(&path)).await {
                 Ok(meta) => Ok(Some(meta.size)),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(self.error(name, e)),
@@ -300,7 +316,10 @@ impl Store {
         let prefix = Path::from(dir);
         let mut out: Vec<ObjectInfo> = self
             .runtime
-            .block_on(self.inner.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .block_on(
+                self.retry
+                    .run(|| self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()),
+            )
             .map_err(|e| self.error(dir, e))?
             .into_iter()
             .map(|meta| ObjectInfo {
@@ -382,13 +401,27 @@ impl Store {
             }
         }
         let names: Vec<String> = names.into_iter().cloned().collect();
-        let paths: Vec<object_store::Result<Path>> =
-            names.iter().map(|n| Ok(Path::from(n.as_str()))).collect();
-        let results: Vec<object_store::Result<Path>> = self.runtime.block_on(
-            self.inner
+        let batch = || async {
+            let paths: Vec<object_store::Result<Path>> =
+                names.iter().map(|n| Ok(Path::from(n.as_str()))).collect();
+            let results: Vec<object_store::Result<Path>> = self
+                .inner
                 .delete_stream(futures::stream::iter(paths).boxed())
-                .collect(),
-        );
+                .collect()
+                .await;
+            // Deleting is idempotent: a transient failure of one retries the batch.
+            match results
+                .iter()
+                .position(|r| r.as_ref().is_err_and(is_transient))
+            {
+                Some(at) => Err(results.into_iter().nth(at).expect("there").unwrap_err()),
+                None => Ok(results),
+            }
+        };
+        let results = match self.runtime.block_on(self.retry.run(batch)) {
+            Ok(results) => results,
+            Err(e) => return Err(self.error(names.first().map_or("", |n| n.as_str()), e)),
+        };
         if let Some((root, syncer)) = &self.local {
             // A deletion is durable once its directory is synced, at the next barrier.
             for name in &names {
@@ -517,7 +550,10 @@ fn is_cloud(location: &str) -> bool {
 }
 
 /// The object store of a cloud URL, rooted at its path; `None` for a local location.
-fn cloud_store(location: &str, options: &[(&str, &str)]) -> Result<Option<Arc<dyn ObjectStore>>> {
+fn cloud_store(
+    location: &str,
+    options: &[(&str, &str)],
+) -> Result<Option<(Arc<dyn ObjectStore>, Retry)>> {
     if !is_cloud(location) {
         return Ok(None);
     }
@@ -545,9 +581,11 @@ fn cloud_store(location: &str, options: &[(&str, &str)]) -> Result<Option<Arc<dy
             url.scheme()
         )));
     }
+    // Retries are bkp's own ([`Retry`]): object_store does not retry a PUT whose connection
+    // dropped, and counts retries rather than time.
     let retry = RetryConfig {
         backoff: BackoffConfig::default(),
-        max_retries: 10,
+        max_retries: 0,
         retry_timeout,
     };
     // The three builders share these methods but no trait.
@@ -570,11 +608,87 @@ fn cloud_store(location: &str, options: &[(&str, &str)]) -> Result<Option<Arc<dy
     };
     let store = built.map_err(|e| invalid(format!("{location}: {e}")))?;
     let prefix = url.path().trim_matches('/');
-    Ok(Some(if prefix.is_empty() {
+    let store = if prefix.is_empty() {
         store
     } else {
-        Arc::new(PrefixStore::new(store, prefix))
-    }))
+        Arc::new(PrefixStore::new(store, prefix)) as Arc<dyn ObjectStore>
+    };
+    Ok(Some((
+        store,
+        Retry {
+            timeout: Some(retry_timeout),
+        },
+    )))
+}
+
+/// How a cloud store's requests are retried: every transient failure (a 5xx or 408/429 answer,
+/// a refused, dropped or timed-out connection, a body cut off) again and again, with
+/// exponential backoff, until [`RETRY_TIMEOUT`] (or the configured time) has passed since the
+/// first attempt. Safe for every request bkp makes: reads and deletes are idempotent, and puts
+/// are create-only of content-named objects, so a retried put that had in fact succeeded finds
+/// the same object there (`AlreadyExists`). Local stores do not retry (`timeout` is `None`).
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    timeout: Option<Duration>,
+}
+
+impl Retry {
+    const FIRST_WAIT: Duration = Duration::from_millis(100);
+    const LONGEST_WAIT: Duration = Duration::from_secs(8);
+
+    async fn run<T, F, Fut>(self, mut attempt: F) -> object_store::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let started = std::time::Instant::now();
+        let mut wait = Retry::FIRST_WAIT;
+        loop {
+            match attempt().await {
+                Err(e)
+                    if self.timeout.is_some_and(|t| started.elapsed() < t) && is_transient(&e) =>
+                {
+                    let left = self
+                        .timeout
+                        .unwrap_or_default()
+                        .saturating_sub(started.elapsed());
+                    tokio::time::sleep(wait.min(left)).await;
+                    wait = (wait * 2).min(Retry::LONGEST_WAIT);
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// Whether a failed request may succeed if tried again.
+fn is_transient(error: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    match error {
+        E::Generic { .. } => {
+            let detail = error_chain(error);
+            let refused = [
+                "AccessDenied",
+                "SignatureDoesNotMatch",
+                "InvalidAccessKeyId",
+                "NoSuchBucket",
+            ];
+            if refused.iter().any(|code| detail.contains(code)) || is_storage_full(error) {
+                return false;
+            }
+            // "Server returned non-2xx status code: 404 Not Found": a 4xx is the request's
+            // fault, except a timeout or throttling.
+            match detail.split_once("status code: ") {
+                Some((_, status)) => {
+                    !status.starts_with('4')
+                        || status.starts_with("408")
+                        || status.starts_with("429")
+                }
+                None => true,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// An object_store error as what the caller can do about it.

@@ -285,3 +285,25 @@ fn a_crash_while_prune_replaces_an_index_file_loses_nothing() {
         &prune_op("prune (delete, replacing an index file)", later(1)),
     );
 }
+
+/// Issue 12, defect 6: when the barrier after the snapshot fails, the snapshot is there (it may
+/// or may not survive): the error says so, instead of "recorded nothing".
+#[test]
+fn a_failed_barrier_after_the_snapshot_says_the_snapshot_may_not_be_durable() {
+    let start = World::new(1);
+    let op = backup_op(2);
+    let steps = {
+        let (crash, repo) = open(&start.objects, None);
+        (op.run)(&repo, &mut start.clone()).unwrap();
+        crash.steps()
+    };
+    let (_, repo) = open(&start.objects, Some(steps - 1));
+    let err = backup(&repo, &dump(2)).unwrap_err();
+    assert!(matches!(err, bkp::Error::NotDurable { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("was written but could not be made durable")
+            && !message.contains("recorded nothing"),
+        "{message}"
+    );
+}

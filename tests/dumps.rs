@@ -280,7 +280,18 @@ fn shared_scenarios(repo: &Repo, db: &dyn Database, unchanged_max: u64, missing_
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("INCOMPLETE"));
     assert!(text(&ok(repo, "bkp snapshots --tag cut").stdout).contains("INCOMPLETE"));
-    let restored = ok(repo, "bkp restore --quiet latest --tag cut");
+    // `latest` never picks an incomplete dump; by id it restores, with a warning.
+    let refused = shell(repo, "bkp restore --quiet latest --tag cut");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("INCOMPLETE"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let listed: serde_json::Value =
+        serde_json::from_slice(&ok(repo, "bkp snapshots --tag cut --json").stdout).unwrap();
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+    let restored = ok(repo, &format!("bkp restore --quiet {id}"));
     assert!(text(&restored.stderr).contains("INCOMPLETE"));
     assert_eq!(restored.stdout.len(), 100_000);
 

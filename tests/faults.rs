@@ -171,3 +171,85 @@ fn an_empty_input_records_nothing_and_exits_7() {
         .code(7);
     assert_eq!(snapshot_ids(&mut bkp(&repo)), [real]);
 }
+
+#[test]
+fn latest_is_the_newest_complete_dump_and_names_the_incomplete_ones_it_skipped() {
+    let (_dir, repo) = local_repo();
+    let whole = dumpgen::dump(300_000, 1);
+    let complete = backup_cli(&repo, &whole, &["shop"]);
+    let cut = dumpgen::dump(300_000, 2)[..100_000].to_vec();
+    let out = bkp(&repo)
+        .args(["backup", "--json", "--tag", "shop"])
+        .write_stdin(cut.clone())
+        .assert()
+        .code(6);
+    let json: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let incomplete = json["snapshot_id"].as_str().unwrap().to_string();
+    let restored = bkp(&repo)
+        .args(["restore", "--quiet", "latest", "--tag", "shop"])
+        .assert()
+        .success();
+    let output = restored.get_output();
+    assert!(output.stdout == whole, "latest is the complete dump");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&incomplete[..8]) && stderr.contains("INCOMPLETE"),
+        "{stderr}"
+    );
+    let by_id = common::stdout_of(bkp(&repo).args(["restore", "--quiet", &incomplete]));
+    assert!(by_id == cut);
+    // Forgetting the complete one leaves only the incomplete: `latest` refuses, naming it.
+    bkp(&repo).args(["forget", &complete]).assert().success();
+    let refused = bkp(&repo)
+        .args(["restore", "latest", "--tag", "shop"])
+        .assert()
+        .code(1);
+    let stderr = String::from_utf8_lossy(&refused.get_output().stderr).to_string();
+    assert!(stderr.contains(&incomplete[..8]), "{stderr}");
+}
+
+#[test]
+fn an_interrupted_restore_to_a_file_leaves_no_file() {
+    let (dir, repo) = local_repo();
+    let data = dumpgen::dump(40_000_000, 1);
+    backup_cli(&repo, &data, &[]);
+    let target = dir.path().join("out.sql");
+    let partial = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".out.sql.bkp-restore-")
+            })
+    };
+    let mut child = common::bkp_std(repo.to_str().unwrap())
+        .args(["restore", "latest", "--output"])
+        .arg(&target)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !partial(dir.path()) {
+        assert!(Instant::now() < deadline, "no partial file appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = wait_with_deadline(&mut child, "interrupted restore");
+    assert_eq!(status.code(), Some(130));
+    assert!(!target.exists(), "nothing under the requested name");
+    assert!(!partial(dir.path()), "the partial file is removed");
+    // Uninterrupted, the file appears whole, private to its owner.
+    bkp(&repo)
+        .args(["restore", "--quiet", "latest", "--output"])
+        .arg(&target)
+        .assert()
+        .success();
+    assert!(std::fs::read(&target).unwrap() == data);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    assert!(!partial(dir.path()));
+}

@@ -472,8 +472,19 @@ impl Drop for OpenRepository {
         if !self.warn_damage {
             return;
         }
-        for (object, error) in self.repo.damaged_objects() {
-            eprintln!("bkp: warning: skipped {object}: {error}; `bkp check` lists all damage");
+        self.warn_now();
+    }
+}
+
+impl OpenRepository {
+    /// Warns about the damage found so far (before a restore starts writing, so that the
+    /// operator sees it first), once each.
+    fn warn_now(&self) {
+        for (object, error) in self.repo.take_damaged_objects() {
+            let _ = object; // named in the error
+            eprintln!(
+                "bkp: warning: skipped a damaged object: {error}; `bkp check` lists all damage"
+            );
         }
     }
 }
@@ -655,7 +666,21 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
 
 fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(location)?;
-    let entry = repo.find_snapshot(&args.snapshot, &args.tags)?;
+    let entry = if args.snapshot == "latest" {
+        let (entry, skipped) = repo.find_latest(&args.tags)?;
+        for newer in &skipped {
+            // Said even with --quiet: the operator asked for the newest and gets an older one.
+            eprintln!(
+                "bkp: note: skipped the newer snapshot {} ({}): its dump is flagged INCOMPLETE; restore it by id if you need it",
+                newer.id.short(),
+                humantime::format_rfc3339_seconds(newer.snapshot.time)
+            );
+        }
+        entry
+    } else {
+        repo.find_snapshot(&args.snapshot, &args.tags)?
+    };
+    repo.warn_now();
     if entry.snapshot.dump_complete() == Some(false) {
         // Said even with --quiet: restoring a truncated dump must never go unnoticed.
         eprintln!(
@@ -681,21 +706,7 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
         }
     };
     let summary = match &args.output {
-        Some(path) => {
-            let file = File::options().write(true).create_new(true).open(path).with_context(|| {
-                format!("cannot create {} (restore never overwrites; remove it or choose another --output)", path.display())
-            })?;
-            let mut out = BufWriter::with_capacity(1 << 20, file);
-            let result = bkp::restore(&repo, &entry, &mut out, &mut report).and_then(|s| {
-                out.get_ref().sync_all().map_err(Error::Sink)?;
-                Ok(s)
-            });
-            if result.is_err() {
-                drop(out);
-                let _ = std::fs::remove_file(path);
-            }
-            result?
-        }
+        Some(path) => restore_to_file(&repo, &entry, path, &mut report)?,
         None => {
             let stdout = io::stdout();
             let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
@@ -713,6 +724,85 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
             summary.elapsed.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Restores into a new file at `path`, never overwriting one. The stream goes to a temporary
+/// file beside it (private: a dump holds the database's data) that takes the name only once
+/// the whole stream verified and is on disk; a failed or interrupted restore (Ctrl-C, SIGTERM,
+/// SIGHUP) leaves nothing under the requested name and removes the temporary file.
+fn restore_to_file(
+    repo: &Repository,
+    entry: &SnapshotEntry,
+    path: &std::path::Path,
+    report: &mut dyn FnMut(&bkp::RestoreProgress),
+) -> Result<bkp::RestoreSummary> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let exists = || {
+        anyhow::anyhow!(
+            "{} already exists (restore never overwrites; remove it or choose another --output)",
+            path.display()
+        )
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(exists());
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("--output {} names no file", path.display()))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let temp = dir.join(format!(
+        ".{}.bkp-restore-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .with_context(|| {
+            format!(
+                "cannot create {} (is the directory writable?)",
+                temp.display()
+            )
+        })?;
+    remove_on_signals(temp.clone())?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let result = bkp::restore(repo, entry, &mut out, report)
+        .map_err(anyhow::Error::from)
+        .and_then(|summary| {
+            let file = out.into_inner().map_err(|e| Error::Sink(e.into_error()))?;
+            file.sync_all().map_err(Error::Sink)?;
+            // A hard link fails if the name exists, unlike a rename: never overwrite.
+            std::fs::hard_link(&temp, path).map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => exists(),
+                _ => anyhow::Error::from(e).context(format!("cannot create {}", path.display())),
+            })?;
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::Sink)?;
+            Ok(summary)
+        });
+    let _ = std::fs::remove_file(&temp);
+    result
+}
+
+/// On SIGINT, SIGTERM or SIGHUP during a restore to a file: remove the partial file and exit.
+fn remove_on_signals(partial: std::path::PathBuf) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = std::fs::remove_file(&partial);
+            eprintln!("bkp: interrupted by signal {signal}; the restore stopped and wrote no file");
+            std::process::exit(128 + signal);
+        }
+    });
     Ok(())
 }
 
