@@ -52,6 +52,8 @@ fn s3_repositories_work_against_a_real_server() {
     concurrent_inits_have_one_winner(&server);
     wrong_credentials_and_missing_bucket_are_named(&server);
     a_server_lost_mid_backup_leaves_the_repository_intact(&mut server);
+    dropped_connections_are_retried(&server);
+    a_server_restart_mid_backup_is_ridden_out(&mut server);
 }
 
 fn library_round_trip_and_dedup(server: &S3Server) {
@@ -247,4 +249,66 @@ fn a_server_lost_mid_backup_leaves_the_repository_intact(server: &mut S3Server) 
     let day2 = dumpgen::dump(4_000_000, 2);
     backup_json(server, &url, &day2);
     assert!(restore(server, &url, "latest") == day2);
+}
+
+/// Issue 12, defect 8: connections cut mid-PUT (every other one, after 200 kB of the request)
+/// are retried like a 5xx, so the backup succeeds.
+fn dropped_connections_are_retried(server: &S3Server) {
+    let proxy = common::proxy::FaultyProxy::start(server.port(), 2, 200_000);
+    let url = server.url("flaky");
+    let through_proxy = || {
+        let mut cmd = bkp_std(server, &url);
+        cmd.env("AWS_ENDPOINT_URL", proxy.endpoint())
+            .env("BKP_RETRY_TIMEOUT", "60");
+        assert_cmd::Command::from_std(cmd)
+    };
+    through_proxy().arg("init").assert().success();
+    let data = common::random_bytes(20 << 20, 11);
+    let out = through_proxy()
+        .args(["backup", "--json"])
+        .write_stdin(data.clone())
+        .assert()
+        .success();
+    let json: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let id = json["snapshot_id"].as_str().unwrap().to_string();
+    assert!(proxy.cuts() > 0, "the proxy cut no request");
+    let restored = common::stdout_of(through_proxy().args(["restore", &id]));
+    assert!(restored == data);
+}
+
+/// Issue 12, defect 8: a server that restarts while a backup runs is waited for (within the
+/// retry time), not given up on after a few quick retries.
+fn a_server_restart_mid_backup_is_ridden_out(server: &mut S3Server) {
+    let url = server.url("restart");
+    bkp(server, &url).arg("init").assert().success();
+    let mut child = bkp_std(server, &url)
+        .env("BKP_RETRY_TIMEOUT", "90")
+        .args(["backup", "--json", "--tag", "restart"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let block = common::random_bytes(1 << 20, 12);
+    let feeder = std::thread::spawn(move || {
+        let mut sent = Vec::new();
+        for _ in 0..60 {
+            stdin.write_all(&block).unwrap();
+            sent.extend_from_slice(&block);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    server.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    let sent = feeder.join().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let restored = restore(server, &url, json["snapshot_id"].as_str().unwrap());
+    assert!(restored == sent);
 }

@@ -759,6 +759,8 @@ fn restore_to_file(
         name.to_string_lossy(),
         std::process::id()
     ));
+    // Before the file exists, so that no signal can come between.
+    remove_on_signals(temp.clone())?;
     let file = File::options()
         .write(true)
         .create_new(true)
@@ -770,7 +772,6 @@ fn restore_to_file(
                 temp.display()
             )
         })?;
-    remove_on_signals(temp.clone())?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let result = bkp::restore(repo, entry, &mut out, report)
         .map_err(anyhow::Error::from)

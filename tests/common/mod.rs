@@ -4,6 +4,7 @@
 pub mod crash;
 pub mod db;
 pub mod dumpgen;
+pub mod proxy;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
