@@ -1,6 +1,7 @@
-//! A TCP proxy on loopback that cuts some connections mid-request, as a flaky network or a
-//! load balancer does: every `every`-th connection (the first included) is shut down once the
-//! client has sent `after` bytes over it.
+//! A TCP proxy on loopback that drops connections at the worst moment, as a flaky network or a
+//! load balancer does: the first `cuts` connections whose request carried more than `after`
+//! bytes are closed when the server's answer arrives, so the client sent the whole request
+//! (the server acted on it) and never hears back. After that it forwards faithfully.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -14,14 +15,14 @@ pub struct FaultyProxy {
 }
 
 impl FaultyProxy {
-    pub fn start(upstream: u16, every: usize, after: usize) -> FaultyProxy {
+    pub fn start(upstream: u16, cuts: usize, after: usize) -> FaultyProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let stopped = Arc::new(AtomicBool::new(false));
-        let cuts = Arc::new(AtomicUsize::new(0));
-        let (stop, cut_count) = (stopped.clone(), cuts.clone());
+        let cut_count = Arc::new(AtomicUsize::new(0));
+        let (stop, counted) = (stopped.clone(), cut_count.clone());
         std::thread::spawn(move || {
-            for (number, client) in listener.incoming().enumerate() {
+            for client in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
@@ -29,17 +30,35 @@ impl FaultyProxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let limit = (number % every == 0).then_some(after);
-                let cuts = cut_count.clone();
+                // Request bytes since the last answer, shared by the two directions.
+                let request = Arc::new(AtomicUsize::new(0));
                 let (client2, server2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(client, server, limit, &cuts));
-                std::thread::spawn(move || pipe(server2, client2, None, &AtomicUsize::new(0)));
+                let up = request.clone();
+                std::thread::spawn(move || {
+                    pipe(client, server, |n| {
+                        up.fetch_add(n, Ordering::SeqCst);
+                        true
+                    })
+                });
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    pipe(server2, client2, |_| {
+                        let big = request.swap(0, Ordering::SeqCst) > after;
+                        let cut = big
+                            && counted
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                                    (c < cuts).then_some(c + 1)
+                                })
+                                .is_ok();
+                        !cut
+                    })
+                });
             }
         });
         FaultyProxy {
             port,
             stopped,
-            cuts,
+            cuts: cut_count,
         }
     }
 
@@ -60,23 +79,17 @@ impl Drop for FaultyProxy {
     }
 }
 
-/// Copies `from` to `to` until either side closes, or cuts both after `limit` bytes.
-fn pipe(mut from: TcpStream, mut to: TcpStream, limit: Option<usize>, cuts: &AtomicUsize) {
+/// Copies `from` to `to` while `forward(bytes read)` says so; then closes both.
+fn pipe(mut from: TcpStream, mut to: TcpStream, mut forward: impl FnMut(usize) -> bool) {
     let mut buffer = [0u8; 16 * 1024];
-    let mut sent = 0usize;
     loop {
         let n = match from.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if limit.is_some_and(|limit| sent + n > limit) {
-            cuts.fetch_add(1, Ordering::SeqCst);
+        if !forward(n) || to.write_all(&buffer[..n]).is_err() {
             break;
         }
-        if to.write_all(&buffer[..n]).is_err() {
-            break;
-        }
-        sent += n;
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
