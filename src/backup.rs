@@ -466,6 +466,8 @@ pub fn backup(
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
         let mut depends_on: Vec<Id> = packs.iter().map(|p| p.id).collect();
         depends_on.extend(dedup.used_packs.iter().map(|&p| index.pack(p).id));
+        depends_on.sort_unstable();
+        depends_on.dedup();
         Ok::<_, Error>((root, stream, dedup.added, packs, depends_on))
     })?;
 

@@ -252,6 +252,18 @@ fn a_crash_at_any_step_of_either_prune_phase_loses_nothing() {
         forgotten = forgotten.after(&forget_op(*id));
     }
     let marking = prune_op("prune (mark and repack)", SystemTime::now());
+    let planned = {
+        let (_, repo) = open(&forgotten.objects, None);
+        let dry = PruneOptions {
+            dry_run: true,
+            ..PruneOptions::new(GRACE, SystemTime::now())
+        };
+        prune(&repo, &dry).unwrap()
+    };
+    assert!(
+        planned.newly_marked > 0 && planned.repacked_packs > 0,
+        "the scenario marks and repacks: {planned:?}"
+    );
     crash_everywhere(&forgotten, &marking);
     let marked = forgotten.after(&marking);
     let deleting = prune_op("prune (delete)", later(1));
@@ -306,4 +318,23 @@ fn a_failed_barrier_after_the_snapshot_says_the_snapshot_may_not_be_durable() {
             && !message.contains("recorded nothing"),
         "{message}"
     );
+}
+
+/// A store that fails every request (here: after a crash) makes a restore fail promptly,
+/// never wait forever.
+#[test]
+fn a_restore_from_a_failing_store_fails_promptly() {
+    let start = World::new(2);
+    let (crash, repo) = open(&start.objects, Some(0));
+    let entry = repo.snapshots(&[]).unwrap().pop().unwrap();
+    assert!(repo.store().put_new("trigger", b"x".to_vec()).is_err());
+    assert!(crash.crashed());
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(bkp::restore(&repo, &entry, &mut Vec::new(), &mut |_| {}).map(drop));
+    });
+    let result = result
+        .recv_timeout(Duration::from_secs(60))
+        .expect("restore from a failing store hung");
+    assert!(result.is_err());
 }
