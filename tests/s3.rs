@@ -302,7 +302,7 @@ fn a_server_restart_mid_backup_is_ridden_out(server: &mut S3Server) {
         sent
     });
     std::thread::sleep(Duration::from_millis(1000));
-    // Down for 12 s: longer than a few quick retries, well within the retry time.
+    // Down for 12 s, well within the retry time.
     server.stop();
     std::thread::sleep(Duration::from_secs(12));
     server.restart();
