@@ -145,7 +145,10 @@ impl Store {
             location: location.to_string(),
             local: None,
             durability: None,
-            retry: Retry { timeout: None },
+            retry: Retry {
+                timeout: None,
+                first_wait: Retry::FIRST_WAIT,
+            },
             runtime,
         }
     }
@@ -617,6 +620,7 @@ fn cloud_store(
         store,
         Retry {
             timeout: Some(retry_timeout),
+            first_wait: Retry::FIRST_WAIT,
         },
     )))
 }
@@ -630,6 +634,8 @@ fn cloud_store(
 #[derive(Clone, Copy, Debug)]
 struct Retry {
     timeout: Option<Duration>,
+    /// The wait before the first retry; it doubles up to [`Retry::LONGEST_WAIT`].
+    first_wait: Duration,
 }
 
 impl Retry {
@@ -642,7 +648,7 @@ impl Retry {
         Fut: std::future::Future<Output = object_store::Result<T>>,
     {
         let started = std::time::Instant::now();
-        let mut wait = Retry::FIRST_WAIT;
+        let mut wait = self.first_wait;
         loop {
             match attempt().await {
                 Err(e)
@@ -762,6 +768,79 @@ mod tests {
             assert_eq!(listed.len(), 1);
             assert_eq!((listed[0].name.as_str(), listed[0].size), ("a/b", 3));
         }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_for_the_whole_retry_time_and_others_not_at_all() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let generic = |message: &str| object_store::Error::Generic {
+            store: "S3",
+            source: message.to_string().into(),
+        };
+        let retry = Retry {
+            timeout: Some(Duration::from_secs(5)),
+            first_wait: Duration::from_millis(1),
+        };
+        // Eleven failures, one more than object_store retried: a connection dropped mid-PUT, 5xx.
+        for message in [
+            "Error performing PUT http://s3/b/p in 1ms - HTTP error: error sending request",
+            "Server returned non-2xx status code: 503 Service Unavailable: slow down",
+            "Server returned non-2xx status code: 429 Too Many Requests",
+        ] {
+            let mut attempts = 0;
+            let result = runtime.block_on(retry.run(|| {
+                attempts += 1;
+                let failed = attempts <= 11;
+                async move {
+                    if failed {
+                        Err(generic(message))
+                    } else {
+                        Ok(attempts)
+                    }
+                }
+            }));
+            assert_eq!(result.unwrap(), 12, "{message}");
+        }
+        // Refusals and the request's own faults are final at once.
+        for error in [
+            generic("Server returned non-2xx status code: 403 Forbidden: AccessDenied"),
+            generic("Server returned non-2xx status code: 400 Bad Request"),
+            object_store::Error::NotFound {
+                path: "x".into(),
+                source: "gone".into(),
+            },
+        ] {
+            let mut attempts = 0;
+            let mut error = Some(error);
+            let result: object_store::Result<()> = runtime.block_on(retry.run(|| {
+                attempts += 1;
+                let e = error.take().expect("tried once");
+                async move { Err(e) }
+            }));
+            assert!(result.is_err());
+            assert_eq!(attempts, 1);
+        }
+        // And a failure that never ends ends at the retry time.
+        let short = Retry {
+            timeout: Some(Duration::from_millis(300)),
+            first_wait: Duration::from_millis(1),
+        };
+        let started = std::time::Instant::now();
+        let result: object_store::Result<()> =
+            runtime.block_on(short.run(|| async { Err(generic("error sending request")) }));
+        assert!(result.is_err());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A local store does not retry.
+        let local = Retry {
+            timeout: None,
+            first_wait: Duration::from_millis(1),
+        };
+        let mut attempts = 0;
+        let _ = runtime.block_on(local.run(|| {
+            attempts += 1;
+            async { Err::<(), _>(generic("error sending request")) }
+        }));
+        assert_eq!(attempts, 1);
     }
 
     #[test]
