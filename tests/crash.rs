@@ -251,19 +251,7 @@ fn a_crash_at_any_step_of_either_prune_phase_loses_nothing() {
     for id in world.snapshots.keys().take(2) {
         forgotten = forgotten.after(&forget_op(*id));
     }
-    let marking = prune_op("prune (mark and repack)", SystemTime::now());
-    let planned = {
-        let (_, repo) = open(&forgotten.objects, None);
-        let dry = PruneOptions {
-            dry_run: true,
-            ..PruneOptions::new(GRACE, SystemTime::now())
-        };
-        prune(&repo, &dry).unwrap()
-    };
-    assert!(
-        planned.newly_marked > 0 && planned.repacked_packs > 0,
-        "the scenario marks and repacks: {planned:?}"
-    );
+    let marking = prune_op("prune (mark, maybe repack)", SystemTime::now());
     crash_everywhere(&forgotten, &marking);
     let marked = forgotten.after(&marking);
     let deleting = prune_op("prune (delete)", later(1));
@@ -337,4 +325,55 @@ fn a_restore_from_a_failing_store_fails_promptly() {
         .recv_timeout(Duration::from_secs(60))
         .expect("restore from a failing store hung");
     assert!(result.is_err());
+}
+
+/// Dry-run report of a prune now.
+fn plan(world: &World) -> bkp::prune::PruneReport {
+    let (_, repo) = open(&world.objects, None);
+    let dry = PruneOptions {
+        dry_run: true,
+        ..PruneOptions::new(GRACE, SystemTime::now())
+    };
+    prune(&repo, &dry).unwrap()
+}
+
+/// A repack whatever the chunker key: the kept snapshot is the first 300 kB of a 3 MB one, so
+/// the first 1 MiB pack holds at most ~0.5 MB that is needed.
+#[test]
+fn a_crash_at_any_step_of_a_repack_and_of_deleting_the_repacked_pack_loses_nothing() {
+    let crash = CrashStore::new(&BTreeMap::new(), None);
+    let init = InitOptions {
+        kdf: KdfParams::INSECURE_FAST,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &init).unwrap();
+    let whole = common::random_bytes(3_000_000, 3);
+    let backup_options = BackupOptions {
+        pack_size: 1 << 20,
+        ..options()
+    };
+    let run = |data: &[u8]| {
+        let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+        bkp::backup(&repo, source, &backup_options, &mut |_| {}).unwrap()
+    };
+    let big = run(&whole);
+    let kept = whole[..300_000].to_vec();
+    let small = run(&kept);
+    bkp::forget::remove(&repo, &[&big.snapshot]).unwrap();
+    let world = World {
+        objects: crash.objects(),
+        snapshots: BTreeMap::from([(small.snapshot.id, kept)]),
+    };
+    let planned = plan(&world);
+    assert!(
+        planned.repacked_packs >= 1 && planned.newly_marked >= 1,
+        "{planned:?}"
+    );
+    let marking = prune_op("prune (mark and repack)", SystemTime::now());
+    crash_everywhere(&world, &marking);
+    let marked = world.after(&marking);
+    crash_everywhere(
+        &marked,
+        &prune_op("prune (delete the repacked pack)", later(1)),
+    );
 }
