@@ -243,10 +243,13 @@ pub struct DumpCommand {
 }
 
 impl DumpCommand {
-    pub fn spawn(argv: &[std::ffi::OsString]) -> io::Result<DumpCommand> {
+    /// Starts the dump command. One that cannot be started (not installed, not on the PATH of
+    /// a cron job, not executable) is a failed dump ([`crate::Error::DumpCommand`]: exit 7 in
+    /// the CLI, which monitoring keys on), not a failure of bkp.
+    pub fn spawn(argv: &[std::ffi::OsString]) -> crate::Result<DumpCommand> {
         let (program, args) = argv
             .split_first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no dump command given"))?;
+            .ok_or_else(|| crate::Error::invalid("dump command", "none given after `--`"))?;
         let command = redact_command(argv);
         let mut child = std::process::Command::new(program)
             .args(args)
@@ -255,10 +258,16 @@ impl DumpCommand {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot run dump command `{command}`: {e}"),
-                )
+                let hint = match e.kind() {
+                    io::ErrorKind::NotFound => " (is it installed, and on the PATH bkp runs with?)",
+                    io::ErrorKind::PermissionDenied => " (is it executable?)",
+                    _ => "",
+                };
+                crate::Error::DumpCommand(CommandFailed {
+                    command: command.clone(),
+                    status: format!("could not be started: {e}{hint}"),
+                    stderr_tail: Vec::new(),
+                })
             })?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -483,6 +492,9 @@ mod command_tests {
         let missing = DumpCommand::spawn(&argv(&["/nonexistent/pg_dump"]))
             .err()
             .unwrap();
-        assert!(missing.to_string().contains("cannot run dump command"));
+        assert!(matches!(missing, crate::Error::DumpCommand(_)), "{missing}");
+        let message = missing.to_string();
+        assert!(message.contains("could not be started"), "{message}");
+        assert!(message.contains("is it installed"), "{message}");
     }
 }

@@ -253,3 +253,46 @@ fn an_interrupted_restore_to_a_file_leaves_no_file() {
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     assert!(!partial(dir.path()));
 }
+
+/// A dump program that cannot be started is a failed dump (exit 7, which cron monitoring keys
+/// on), not a failure of bkp (exit 1).
+#[test]
+fn a_missing_dump_program_exits_7_and_records_nothing() {
+    let (_dir, repo) = local_repo();
+    let out = bkp(&repo)
+        .args([
+            "backup",
+            "--tag",
+            "crm",
+            "--",
+            "no-such-dump-program",
+            "crm",
+        ])
+        .assert()
+        .code(7);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        stderr.contains("no-such-dump-program crm") && stderr.contains("could not be started"),
+        "{stderr}"
+    );
+    assert!(snapshot_ids(&mut bkp(&repo)).is_empty());
+}
+
+/// `forget --prune` opens the repository once: one password prompt (here: one run of the
+/// password command), not two.
+#[test]
+fn forget_with_prune_asks_for_the_password_once() {
+    let (dir, repo) = local_repo();
+    backup_cli(&repo, b"-- one\n", &[]);
+    backup_cli(&repo, b"-- two\n", &[]);
+    let asked = dir.path().join("asked");
+    let command = format!("echo >> '{}'; echo '{}'", asked.display(), common::PASSWORD);
+    let mut cmd = common::bkp_std(repo.to_str().unwrap());
+    cmd.env_remove("BKP_PASSWORD")
+        .env("BKP_PASSWORD_COMMAND", command)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args(["forget", "--quiet", "--keep-last", "1", "--prune"]);
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().lines().count(), 1);
+}

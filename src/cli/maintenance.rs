@@ -75,7 +75,9 @@ pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> R
 
 pub(super) fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
     let (prune_after, dry_run) = (args.prune, args.dry_run);
-    forget_snapshots(location, quiet, args)?;
+    // Opened once for both (one password prompt).
+    let repo = open_repository(location)?;
+    forget_snapshots(&repo, quiet, args)?;
     if prune_after && !dry_run {
         let prune_args = PruneArgs {
             grace: bkp::prune::DEFAULT_GRACE,
@@ -83,13 +85,12 @@ pub(super) fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()
             dry_run: false,
             json: false,
         };
-        prune(location, quiet, prune_args)?;
+        prune_open(&repo, quiet, prune_args)?;
     }
     Ok(())
 }
 
-fn forget_snapshots(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
-    let repo = open_repository(location)?;
+fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<()> {
     let mut out = io::stdout().lock();
     let time =
         |entry: &SnapshotEntry| humantime::format_rfc3339_seconds(entry.snapshot.time).to_string();
@@ -201,13 +202,16 @@ fn forget_snapshots(location: &str, quiet: bool, args: ForgetArgs) -> Result<()>
 }
 
 pub(super) fn prune(location: &str, quiet: bool, args: PruneArgs) -> Result<()> {
-    let repo = open_repository(location)?;
+    prune_open(&*open_repository(location)?, quiet, args)
+}
+
+fn prune_open(repo: &Repository, quiet: bool, args: PruneArgs) -> Result<()> {
     let options = bkp::prune::PruneOptions {
         dry_run: args.dry_run,
         repack_threshold: args.repack_threshold,
         ..bkp::prune::PruneOptions::new(args.grace, std::time::SystemTime::now())
     };
-    let report = bkp::prune::prune(&repo, &options)?;
+    let report = bkp::prune::prune(repo, &options)?;
     let mut out = io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;

@@ -29,8 +29,8 @@ Exit codes:
   5    damaged data: an object failed authentication, a restore failed verification, or
        `bkp check` found problems
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
-  7    no dump to save: the dump command failed (non-zero exit or killed) or the input was
-       empty; nothing was recorded
+  7    no dump to save: the dump command failed (non-zero exit, killed, or could not be
+       started) or the input was empty; nothing was recorded
   8    the storage refused the credentials (S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
