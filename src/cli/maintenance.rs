@@ -101,7 +101,7 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
             .map(|query| repo.find_snapshot(query, &args.tags))
             .collect::<bkp::Result<Vec<_>>>()?;
         if !args.dry_run {
-            bkp::forget::remove(&repo, &entries.iter().collect::<Vec<_>>())?;
+            bkp::forget::remove(repo, &entries.iter().collect::<Vec<_>>())?;
         }
         if !quiet {
             for entry in &entries {
@@ -123,7 +123,7 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
     let group_by: bkp::forget::GroupBy = args.group_by.parse()?;
     let tz = jiff::tz::TimeZone::system();
     let groups = bkp::forget::plan(
-        &repo,
+        repo,
         &args.tags,
         &policy,
         group_by,
@@ -137,7 +137,7 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
         .map(|(entry, _)| entry)
         .collect();
     if !args.dry_run {
-        bkp::forget::remove(&repo, &forgotten)?;
+        bkp::forget::remove(repo, &forgotten)?;
     }
     if args.json {
         let groups: Vec<_> = groups
