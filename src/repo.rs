@@ -95,6 +95,25 @@ pub(crate) fn id_of(name: &str) -> Option<Id> {
     name.rsplit('/').next()?.parse().ok()
 }
 
+/// [`Repository::skip_damaged`], recording into `damaged` (also before a repository is open).
+fn skip_damaged_into<T>(
+    damaged: &mut BTreeMap<String, String>,
+    read: Result<T>,
+) -> Result<Option<T>> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => match &e {
+            Error::Corrupt { object, .. } | Error::Missing { object } => {
+                damaged
+                    .entry(object.clone())
+                    .or_insert_with(|| e.to_string());
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
+}
+
 /// "latest with tags a,b", for messages.
 fn with_tags(query: &str, tags: &[String]) -> String {
     if tags.is_empty() {
@@ -177,16 +196,11 @@ impl Repository {
         let mut damaged = BTreeMap::new();
         for object in &key_objects {
             // A damaged key file (cut short by a crash, planted) must not lock out the others.
-            let file = match store
+            let read = store
                 .get(&object.name)
-                .and_then(|bytes| KeyFile::decode(&bytes, &object.name))
-            {
-                Ok(file) => file,
-                Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
-                    damaged.insert(object.name.clone(), e.to_string());
-                    continue;
-                }
-                Err(e) => return Err(e),
+                .and_then(|bytes| KeyFile::decode(&bytes, &object.name));
+            let Some(file) = skip_damaged_into(&mut damaged, read)? else {
+                continue;
             };
             let Some(key) = file.unwrap_with(password, &object.name)? else {
                 continue;
@@ -331,19 +345,8 @@ impl Repository {
     /// one bad object (a write cut short by a crash, a planted file) blocks nothing. Storage
     /// errors, and objects of a newer format, still stop the operation.
     pub(crate) fn skip_damaged<T>(&self, read: Result<T>) -> Result<Option<T>> {
-        match read {
-            Ok(value) => Ok(Some(value)),
-            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
-                let object = match &e {
-                    Error::Corrupt { object, .. } | Error::Missing { object } => object.clone(),
-                    _ => unreachable!(),
-                };
-                let mut damaged = self.damaged.lock().expect("damage lock");
-                damaged.entry(object).or_insert_with(|| e.to_string());
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        let mut damaged = self.damaged.lock().expect("damage lock");
+        skip_damaged_into(&mut damaged, read)
     }
 
     /// The damaged objects that listings skipped and that were not taken yet, with what is

@@ -52,6 +52,17 @@ fn open(
     (crash, repo)
 }
 
+/// A new repository on a store that never crashes.
+fn empty_repository() -> (Arc<CrashStore>, Repository) {
+    let crash = CrashStore::new(&BTreeMap::new(), None);
+    let options = InitOptions {
+        kdf: KdfParams::INSECURE_FAST,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &options).unwrap();
+    (crash, repo)
+}
+
 /// A repository and the snapshots it holds, with their streams.
 #[derive(Clone)]
 struct World {
@@ -61,12 +72,7 @@ struct World {
 
 impl World {
     fn new(days: u32) -> World {
-        let crash = CrashStore::new(&BTreeMap::new(), None);
-        let options = InitOptions {
-            kdf: KdfParams::INSECURE_FAST,
-            ..InitOptions::default()
-        };
-        let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &options).unwrap();
+        let (crash, repo) = empty_repository();
         let mut snapshots = BTreeMap::new();
         for day in 1..=days {
             let data = dump(day);
@@ -262,12 +268,7 @@ fn a_crash_at_any_step_of_either_prune_phase_loses_nothing() {
 /// a crash between writing its replacement and deleting it leaves two files naming one pack.
 #[test]
 fn a_crash_while_prune_replaces_an_index_file_loses_nothing() {
-    let crash = CrashStore::new(&BTreeMap::new(), None);
-    let options = InitOptions {
-        kdf: KdfParams::INSECURE_FAST,
-        ..InitOptions::default()
-    };
-    let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &options).unwrap();
+    let (crash, repo) = empty_repository();
     let (kept, dropped) = (
         common::random_bytes(600_000, 1),
         common::random_bytes(600_000, 2),
@@ -341,12 +342,7 @@ fn plan(world: &World) -> bkp::prune::PruneReport {
 /// the first 1 MiB pack holds at most ~0.5 MB that is needed.
 #[test]
 fn a_crash_at_any_step_of_a_repack_and_of_deleting_the_repacked_pack_loses_nothing() {
-    let crash = CrashStore::new(&BTreeMap::new(), None);
-    let init = InitOptions {
-        kdf: KdfParams::INSECURE_FAST,
-        ..InitOptions::default()
-    };
-    let repo = Repository::init(crash.store(), PASSWORD.as_bytes(), &init).unwrap();
+    let (crash, repo) = empty_repository();
     let whole = common::random_bytes(3_000_000, 3);
     let backup_options = BackupOptions {
         pack_size: 1 << 20,
