@@ -77,6 +77,9 @@ pub enum BackupEvent<'a> {
     /// The stream's header has been read (once, at the start): what kind of dump it is.
     DumpDetected(&'a DumpInfo),
     Progress(BackupProgress),
+    /// Everything the snapshot names is stored; the snapshot itself is about to be written.
+    /// From here on, stopping may leave it recorded (the CLI's signal handler says so).
+    Recording,
 }
 
 #[derive(Clone, Debug)]
@@ -491,6 +494,7 @@ pub fn backup(
         added,
         annotations: annotations(options, &stream.dump),
     };
+    progress(BackupEvent::Recording);
     let (id, snapshot_len) = repo.commit_snapshot(&snapshot, &depends_on)?;
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,

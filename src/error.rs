@@ -82,7 +82,13 @@ pub enum Error {
 
     /// The dump command bkp ran failed; nothing was recorded.
     #[error("{0}; no snapshot was saved")]
-    DumpCommand(crate::source::CommandFailed),
+    DumpCommand(crate::command::CommandFailed),
+
+    /// The dump command's arguments carry a password (`form` names how, never the password).
+    #[error(
+        "the dump command carries a password ({form}), which every local user can read in the process list; nothing was run: put it in a file (mysqldump --defaults-extra-file=FILE or ~/.my.cnf; ~/.pgpass or PGPASSFILE for pg_dump) or in the environment of the cron job or service unit (MYSQL_PWD, PGPASSWORD)"
+    )]
+    PasswordInCommand { form: &'static str },
 
     /// The stream held no bytes: a dump is never empty, so the program before the pipe (or the
     /// dump command) most likely failed. Nothing is recorded, so `latest` stays a real dump.
@@ -124,7 +130,7 @@ impl Error {
     pub(crate) fn from_source(e: io::Error) -> Self {
         match e
             .get_ref()
-            .and_then(|inner| inner.downcast_ref::<crate::source::CommandFailed>())
+            .and_then(|inner| inner.downcast_ref::<crate::command::CommandFailed>())
         {
             Some(failed) => Error::DumpCommand(failed.clone()),
             None => Error::Source(e),

@@ -32,6 +32,7 @@
 mod backup;
 mod check;
 mod chunker;
+pub mod command;
 mod crypto;
 mod dump;
 mod envelope;

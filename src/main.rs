@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     limit_allocator_growth();
+    // Everything bkp creates (repository directories and files, restored files, temporary
+    // files) is its user's alone, whatever the umask of the cron job or shell.
+    // SAFETY: umask(2) only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
     match cli::run() {
         Ok(code) => code,
         Err(err) => {

@@ -111,10 +111,19 @@ impl Store {
             return Store::open_with_options(location, options);
         }
         let dir = local_dir(location);
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::invalid("repository location", format!("cannot create {dir}: {e}"))
-        })?;
-        Store::open(location)
+        // Private whatever the umask: the repository's objects are encrypted, but their names,
+        // sizes and times are not for other local users.
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                Error::invalid("repository location", format!("cannot create {dir}: {e}"))
+            })?;
+        // An existing directory too, if it is ours (best effort: a mount point may not be).
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        Store::open_with_options(location, options)
     }
 
     /// A store that lives in this process's memory (tests, examples).

@@ -23,7 +23,7 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    success
   1    failure (storage, input or output error, snapshot not found, ...)
-  2    usage error (bad arguments)
+  2    usage error (bad arguments, or a password in the dump command's arguments)
   3    no repository at the given location (or its bucket does not exist)
   4    wrong password, or no usable key
   5    damaged data: an object failed authentication, a restore failed verification, or
@@ -353,6 +353,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => EXIT_DAMAGED,
         Some(Error::DumpCommand(_) | Error::EmptyInput) => EXIT_DUMP_COMMAND_FAILED,
         Some(Error::AccessDenied { .. }) => 8,
+        Some(Error::PasswordInCommand { .. }) => 2,
         _ => 1,
     };
     ExitCode::from(code)
@@ -384,9 +385,10 @@ fn read_secret(var: &str, prompt: &str, confirm: bool) -> Result<Zeroizing<Strin
         return Ok(first_line(Zeroizing::new(text)));
     }
     if let Ok(command) = std::env::var(format!("{var}_COMMAND")) {
-        let output = Command::new("sh")
-            .args(["-c", &command])
-            .stdin(std::process::Stdio::null())
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &command]).stdin(std::process::Stdio::null());
+        bkp::command::without_bkp_secrets(&mut sh);
+        let output = sh
             .output()
             .with_context(|| format!("cannot run {var}_COMMAND"))?;
         if !output.status.success() {
@@ -521,26 +523,52 @@ fn byte_spinner(template: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// Where a backup is, for its signal handler: whether it may still say "nothing was recorded".
+#[derive(Default)]
+struct BackupPhase {
+    /// The snapshot is being written: stopping now may leave it recorded.
+    recording: bool,
+    /// A signal that came while recording, answered once the snapshot is written.
+    deferred_signal: Option<i32>,
+}
+
 /// On SIGINT, SIGTERM or SIGHUP: stop the dump command, say so, and exit without recording.
 /// A snapshot is the last object a backup writes, atomically, so exiting at any point before
-/// it leaves nothing recorded.
-fn stop_on_signals(dump_command: Option<u32>) -> Result<()> {
+/// it leaves nothing recorded. A signal while the snapshot is being written waits for it (a
+/// second one does not), so that what bkp says is true.
+fn stop_on_signals(
+    dump_command: Option<bkp::command::DumpStopper>,
+) -> Result<std::sync::Arc<std::sync::Mutex<BackupPhase>>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("cannot install signal handlers")?;
+    let phase = std::sync::Arc::new(std::sync::Mutex::new(BackupPhase::default()));
+    let shared = phase.clone();
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            if let Some(pid) = dump_command {
-                // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        for signal in signals.forever() {
+            let mut phase = shared.lock().unwrap_or_else(|e| e.into_inner());
+            if !phase.recording {
+                if let Some(dump) = &dump_command {
+                    dump.stop();
+                }
+                eprintln!(
+                    "bkp: interrupted by signal {signal}; the backup stopped and nothing was recorded"
+                );
+                std::process::exit(128 + signal);
             }
+            if phase.deferred_signal.is_some() {
+                eprintln!(
+                    "bkp: interrupted by signal {signal} while the snapshot was being written: it may or may not be recorded (`bkp snapshots` shows it if it is)"
+                );
+                std::process::exit(128 + signal);
+            }
+            phase.deferred_signal = Some(signal);
             eprintln!(
-                "bkp: interrupted by signal {signal}; the backup stopped and nothing was recorded"
+                "bkp: signal {signal}: the snapshot is being written; stopping once it is (signal again to stop at once)"
             );
-            std::process::exit(128 + signal);
         }
     });
-    Ok(())
+    Ok(phase)
 }
 
 fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
@@ -551,18 +579,19 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         ..BackupOptions::default()
     };
     // Start draining the dump before the (slower) password and repository work.
+    let phase;
     let input = if args.command.is_empty() {
         if io::stdin().is_terminal() {
             bail!(
                 "standard input is a terminal; pipe a dump into bkp backup (`pg_dump db | bkp backup --tag db`) or give the command after `--`"
             );
         }
-        stop_on_signals(None)?;
+        phase = stop_on_signals(None)?;
         options.name = args.name.unwrap_or_else(|| "stdin".to_string());
         bkp::Source::spawn(io::stdin())
     } else {
-        let command = bkp::source::DumpCommand::spawn(&args.command)?;
-        stop_on_signals(Some(command.id()))?;
+        let command = bkp::command::DumpCommand::spawn(&args.command)?;
+        phase = stop_on_signals(Some(command.stopper()))?;
         options.name = args.name.unwrap_or_else(|| command.command().to_string());
         options.annotations.insert(
             bkp::annotation::COMMAND.to_string(),
@@ -586,6 +615,9 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
                 }
             }
         }
+        bkp::BackupEvent::Recording => {
+            phase.lock().unwrap_or_else(|e| e.into_inner()).recording = true;
+        }
         bkp::BackupEvent::Progress(p) => {
             if let Some(bar) = &bar {
                 let secs = bar.elapsed().as_secs_f64().max(0.001);
@@ -600,6 +632,16 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
     })?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    if let Some(signal) = phase
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .deferred_signal
+    {
+        eprintln!(
+            "bkp: signal {signal} came while the snapshot was being written; it was recorded: {}",
+            summary.snapshot.id.short()
+        );
     }
     if args.json {
         println!("{}", backup_json(&summary));
