@@ -17,7 +17,7 @@ use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack;
 use crate::pack_reader::{BaseCache, FrameReader, bases_of};
-use crate::repo::{Repository, pack_name};
+use crate::repo::{Repository, get_named, pack_name};
 use crate::walk::for_each_chunk;
 
 /// How much stored data `check` reads back.
@@ -121,8 +121,7 @@ impl Checker<'_> {
     fn key_files(&mut self) -> Result<()> {
         let store = self.repo.store();
         for object in store.list("keys")? {
-            if let Err(e) = store
-                .get(&object.name)
+            if let Err(e) = get_named(store, &object.name)
                 .and_then(|bytes| KeyFile::decode(&bytes, &object.name))
             {
                 self.problem(&object.name, e);
@@ -137,8 +136,7 @@ impl Checker<'_> {
         let mut indexed = Vec::new();
         for object in store.list("index")? {
             self.report.index_files += 1;
-            let file: Result<IndexFile> = store
-                .get(&object.name)
+            let file: Result<IndexFile> = get_named(store, &object.name)
                 .and_then(|bytes| IndexFile::open(&self.repo.key().metadata, &bytes, &object.name));
             match file {
                 Ok(file) => indexed.extend(file.packs),

@@ -86,6 +86,12 @@ pub struct SealingKey {
     psk: [u8; 32],
 }
 
+impl Drop for SealingKey {
+    fn drop(&mut self) {
+        self.psk.zeroize();
+    }
+}
+
 /// What a reader needs to open one role's messages.
 #[derive(Clone)]
 pub struct OpeningKey {
@@ -191,11 +197,20 @@ pub struct KdfParams {
 }
 
 impl KdfParams {
-    /// ~0.2 s here; 32 MiB keeps a backup's peak memory under its 64 MiB budget.
+    /// RFC 9106's second recommended option (64 MiB, t=3, 4 lanes): ~0.2 s here. The memory is
+    /// freed (and zeroed) before a backup's pipeline starts.
     pub const DEFAULT: KdfParams = KdfParams {
-        memory_kib: 32 * 1024,
-        iterations: 4,
-        parallelism: 1,
+        memory_kib: 64 * 1024,
+        iterations: 3,
+        parallelism: 4,
+    };
+    /// Beyond these a key file's parameters are not obeyed but the key file is damaged: they
+    /// are read before anything is authenticated, and a planted key file must not make every
+    /// command allocate gigabytes or spin for hours. 4 GiB and 64 passes cost minutes at most.
+    pub const MAX: KdfParams = KdfParams {
+        memory_kib: 4 * 1024 * 1024,
+        iterations: 64,
+        parallelism: 64,
     };
     /// For tests only: offers no protection against password guessing.
     pub const INSECURE_FAST: KdfParams = KdfParams {
@@ -203,6 +218,14 @@ impl KdfParams {
         iterations: 1,
         parallelism: 1,
     };
+
+    /// Whether these parameters are within [`KdfParams::MAX`] (and what argon2 accepts).
+    pub fn within_limits(&self) -> bool {
+        let max = KdfParams::MAX;
+        (1..=max.parallelism).contains(&self.parallelism)
+            && (1..=max.iterations).contains(&self.iterations)
+            && (8 * self.parallelism..=max.memory_kib).contains(&self.memory_kib)
+    }
 
     fn derive(&self, password: &[u8], salt: &[u8]) -> Result<CipherKey> {
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
@@ -323,7 +346,22 @@ impl KeyFile {
         let body = bytes
             .strip_prefix(KEY_FILE_MAGIC.as_slice())
             .ok_or_else(|| Error::corrupt(object, "not a bkp key file (bad magic)"))?;
-        postcard::from_bytes(body).map_err(|e| Error::corrupt(object, e.to_string()))
+        let file: KeyFile =
+            postcard::from_bytes(body).map_err(|e| Error::corrupt(object, e.to_string()))?;
+        if !file.kdf.within_limits() {
+            let KdfParams {
+                memory_kib,
+                iterations,
+                parallelism,
+            } = file.kdf;
+            return Err(Error::corrupt(
+                object,
+                format!(
+                    "its key derivation cost (argon2id m={memory_kib} KiB, t={iterations}, p={parallelism}) is beyond any bkp writes; not running it"
+                ),
+            ));
+        }
+        Ok(file)
     }
 }
 
@@ -367,5 +405,35 @@ mod tests {
         assert_eq!(opened.repository_id, master.repository_id);
         assert_eq!(opened.chunk_id(b"a"), master.chunk_id(b"a"));
         assert_ne!(opened.chunk_id(b"a"), Id(*blake3::hash(b"a").as_bytes()));
+    }
+
+    #[test]
+    fn absurd_key_derivation_costs_make_a_key_file_damaged_not_obeyed() {
+        let master = MasterKey::generate();
+        assert!(KdfParams::DEFAULT.within_limits());
+        assert!(KdfParams::INSECURE_FAST.within_limits());
+        for kdf in [
+            KdfParams {
+                memory_kib: u32::MAX,
+                ..KdfParams::DEFAULT
+            },
+            KdfParams {
+                iterations: 1 << 30,
+                ..KdfParams::DEFAULT
+            },
+            KdfParams {
+                parallelism: 0,
+                ..KdfParams::DEFAULT
+            },
+            KdfParams {
+                memory_kib: 1,
+                ..KdfParams::DEFAULT
+            },
+        ] {
+            let mut file = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0).unwrap();
+            file.kdf = kdf;
+            let err = KeyFile::decode(&file.encode(), "keys/k").err().unwrap();
+            assert!(matches!(err, Error::Corrupt { .. }), "{kdf:?}: {err}");
+        }
     }
 }

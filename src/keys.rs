@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use crate::crypto::{KdfParams, KeyFile};
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::repo::{Repository, id_of, key_name, unix_seconds};
+use crate::repo::{Repository, get_named, id_of, key_name, unix_seconds};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyInfo {
@@ -24,9 +24,13 @@ pub fn list_keys(repo: &Repository) -> Result<Vec<KeyInfo>> {
     let store = repo.store();
     let mut keys = Vec::new();
     for object in store.list("keys")? {
-        let id = id_of(&object.name)
-            .ok_or_else(|| Error::corrupt(&object.name, "not named by the hash of a key file"))?;
-        let file = KeyFile::decode(&store.get(&object.name)?, &object.name)?;
+        // A damaged key file is skipped (and reported), as when opening.
+        let read =
+            get_named(store, &object.name).and_then(|bytes| KeyFile::decode(&bytes, &object.name));
+        let Some(file) = repo.skip_damaged(read)? else {
+            continue;
+        };
+        let id = id_of(&object.name).expect("get_named checked the name");
         keys.push(KeyInfo {
             id,
             created: file.created,

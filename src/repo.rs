@@ -95,6 +95,20 @@ pub(crate) fn id_of(name: &str) -> Option<Id> {
     name.rsplit('/').next()?.parse().ok()
 }
 
+/// Reads an object named by the hash of its bytes (all but the config): one whose bytes do not
+/// hash to its name (renamed, copied over, planted, or a stray file such as `notes.txt`) is
+/// damaged, whatever its content says.
+pub(crate) fn get_named(store: &Store, name: &str) -> Result<bytes::Bytes> {
+    let bytes = store.get(name)?;
+    if id_of(name) != Some(Id::of_object(&bytes)) {
+        return Err(Error::corrupt(
+            name,
+            "its name is not the hash of its bytes (renamed, planted, or not a bkp object)",
+        ));
+    }
+    Ok(bytes)
+}
+
 /// [`Repository::skip_damaged`], recording into `damaged` (also before a repository is open).
 fn skip_damaged_into<T>(
     damaged: &mut BTreeMap<String, String>,
@@ -196,8 +210,7 @@ impl Repository {
         let mut damaged = BTreeMap::new();
         for object in &key_objects {
             // A damaged key file (cut short by a crash, planted) must not lock out the others.
-            let read = store
-                .get(&object.name)
+            let read = get_named(&store, &object.name)
                 .and_then(|bytes| KeyFile::decode(&bytes, &object.name));
             let Some(file) = skip_damaged_into(&mut damaged, read)? else {
                 continue;
@@ -209,9 +222,7 @@ impl Repository {
                 envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME);
             match config {
                 Ok(config) if config.repository_id == key.repository_id => {
-                    let key_id = id_of(&object.name).ok_or_else(|| {
-                        Error::corrupt(&object.name, "not named by the hash of a key file")
-                    })?;
+                    let key_id = id_of(&object.name).expect("get_named checked the name");
                     opened = Some((key, key_id, config));
                     break;
                 }
@@ -361,7 +372,7 @@ impl Repository {
     }
 
     pub(crate) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
-        let bytes = self.store.get(name)?;
+        let bytes = get_named(&self.store, name)?;
         IndexFile::open(&self.key.metadata, &bytes, name)
     }
 
@@ -369,7 +380,7 @@ impl Repository {
     pub(crate) fn obsolete_lists(&self) -> Result<Vec<(String, ObsoleteList)>> {
         let mut lists = Vec::new();
         for object in self.store.list("obsolete")? {
-            let read = self.store.get(&object.name).and_then(|bytes| {
+            let read = get_named(&self.store, &object.name).and_then(|bytes| {
                 envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)
             });
             if let Some(list) = self.skip_damaged(read)? {
@@ -407,7 +418,7 @@ impl Repository {
         let snapshot = envelope::open(
             SNAPSHOT_MAGIC,
             &self.key.metadata,
-            &self.store.get(&name)?,
+            &get_named(&self.store, &name)?,
             &name,
         )?;
         Ok(SnapshotEntry { id, snapshot })

@@ -420,8 +420,12 @@ fn read_secret(var: &str, prompt: &str, confirm: bool) -> Result<Zeroizing<Strin
     Ok(password)
 }
 
+/// The key derivation cost for a new key file.
 fn kdf_params() -> KdfParams {
     if std::env::var_os("BKP_INSECURE_FAST_KDF").is_some() {
+        eprintln!(
+            "bkp: WARNING: BKP_INSECURE_FAST_KDF is set: the new key is protected by a trivial key derivation (argon2id with 64 KiB, one pass), so its password can be guessed at high speed from the key file; it is meant for tests only"
+        );
         KdfParams::INSECURE_FAST
     } else {
         KdfParams::DEFAULT
