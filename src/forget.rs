@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use jiff::tz::TimeZone;
 
 use crate::error::{Error, Result};
+use crate::id::Id;
 use crate::repo::{Repository, snapshot_name};
 use crate::retention::{self, Decision, Policy};
 use crate::snapshot::SnapshotEntry;
@@ -62,6 +63,11 @@ pub struct ForgetGroup {
     pub snapshots: Vec<(SnapshotEntry, Decision)>,
 }
 
+/// The reason that keeps a snapshot dated in the future ([`crate::Snapshot::is_future_dated`]):
+/// it is kept and not counted by the rules, so that a host with a wrong clock can neither take
+/// the place of the newest real snapshots nor have them forgotten. The CLI warns about each.
+pub const FUTURE_DATED: &str = "future-dated";
+
 /// Decides, for the snapshots carrying all of `tags`, what `policy` keeps in each group.
 pub fn plan(
     repo: &Repository,
@@ -88,19 +94,28 @@ pub fn plan(
     Ok(groups
         .into_iter()
         .map(|((host, tags), entries)| {
+            let (future, entries): (Vec<_>, Vec<_>) = entries
+                .into_iter()
+                .partition(|e| e.snapshot.is_future_dated(now));
             let times: Vec<_> = entries.iter().map(|e| (e.snapshot.time, e.id)).collect();
             let decisions = retention::apply(&times, policy, now, tz);
+            let kept = Decision {
+                keep: true,
+                reasons: vec![FUTURE_DATED],
+            };
+            let mut snapshots: Vec<_> = entries.into_iter().zip(decisions).collect();
+            snapshots.extend(future.into_iter().map(|e| (e, kept.clone())));
             ForgetGroup {
                 host,
                 tags,
-                snapshots: entries.into_iter().zip(decisions).collect(),
+                snapshots,
             }
         })
         .collect())
 }
 
-/// Removes snapshots (their snapshot objects).
-pub fn remove(repo: &Repository, snapshots: &[&SnapshotEntry]) -> Result<()> {
-    let names: Vec<String> = snapshots.iter().map(|e| snapshot_name(&e.id)).collect();
+/// Removes snapshots (their snapshot objects), damaged ones too.
+pub fn remove(repo: &Repository, snapshots: &[Id]) -> Result<()> {
+    let names: Vec<String> = snapshots.iter().map(snapshot_name).collect();
     repo.delete_objects(&names)
 }

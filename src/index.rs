@@ -139,6 +139,10 @@ pub struct Index {
     unresolved_bases: Vec<FrameRef>,
     /// Old names of frames that a repack moved (`pack::MovedFrame`), with their frame numbers.
     moved: Vec<(FrameRef, u32)>,
+    /// Where one of two claims was chosen: (chosen frame, other frame), for a chunk stored
+    /// more than once and for a base frame that a repack moved. Prune verifies the chosen
+    /// claim before it lets the other pack go. Not kept by [`Index::frames_only`].
+    alternatives: Vec<(u32, u32)>,
     sorted: bool,
 }
 
@@ -153,6 +157,7 @@ impl Default for Index {
             bases: Vec::new(),
             unresolved_bases: Vec::new(),
             moved: Vec::new(),
+            alternatives: Vec::new(),
             sorted: false,
         }
     }
@@ -260,9 +265,20 @@ impl Index {
             let best = if end - at == 1 {
                 at
             } else {
-                (at..end)
+                let best = (at..end)
                     .find(|&i| decodable(self.chunks[i].1))
-                    .unwrap_or(at)
+                    .unwrap_or(at);
+                if self.offsets.is_some() {
+                    let frame_of = |number: u32| {
+                        (frames.partition_point(|f| f.first_chunk <= number) - 1) as u32
+                    };
+                    let chosen = frame_of(self.chunks[best].1);
+                    for other in (at..end).filter(|&i| i != best) {
+                        self.alternatives
+                            .push((chosen, frame_of(self.chunks[other].1)));
+                    }
+                }
+                best
             };
             self.chunks[kept] = self.chunks[best];
             kept += 1;
@@ -298,10 +314,7 @@ impl Index {
             .filter(|&&(_, number)| is_base(number))
             .copied()
             .collect();
-        let resolve = |base: &FrameRef| -> u32 {
-            if let Some(&number) = moved.get(base) {
-                return number;
-            }
+        let direct = |base: &FrameRef| -> u32 {
             let Some(&first) = first_frame.get(&base.pack) else {
                 return MISSING_BASE;
             };
@@ -317,7 +330,24 @@ impl Index {
                 _ => MISSING_BASE,
             }
         };
+        let track = self.offsets.is_some();
+        let mut alternatives = Vec::new();
+        let resolve = |base: &FrameRef| -> u32 {
+            let original = direct(base);
+            match moved.get(base) {
+                Some(&number) => {
+                    if track && original != MISSING_BASE {
+                        alternatives.push((number, original));
+                    }
+                    number
+                }
+                None => original,
+            }
+        };
         self.bases = self.unresolved_bases.iter().map(resolve).collect();
+        alternatives.sort_unstable();
+        alternatives.dedup();
+        self.alternatives.extend(alternatives);
         self.unresolved_bases = Vec::new();
         self.moved = Vec::new();
     }
@@ -391,6 +421,12 @@ impl Index {
             pack: self.packs[f.pack as usize].id,
             frame: f.number_in_pack,
         }
+    }
+
+    /// (chosen frame, other frame) for every chunk stored more than once and every moved base
+    /// frame whose old place is indexed too.
+    pub fn alternatives(&self) -> &[(u32, u32)] {
+        &self.alternatives
     }
 
     /// Every pack, in the order added (a pack named by two index files appears twice).

@@ -68,7 +68,7 @@ pub use index::{IndexFile, IndexedPack};
 pub use keys::{KeyInfo, add_key, change_password, find_key, list_keys, remove_key};
 pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
-pub use snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
+pub use snapshot::{AddedBytes, MAX_CLOCK_SKEW, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
 pub use stats::{SnapshotStats, Stats, stats};
 pub use store::{Durability, ObjectInfo, Store};

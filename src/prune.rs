@@ -25,7 +25,7 @@ use crate::id::Id;
 use crate::index::{Index, IndexedPack, MISSING_BASE};
 use crate::pack_reader::FrameReader;
 use crate::repack::{self, PackToRepack};
-use crate::repo::{ObsoleteList, Repository, id_of, pack_name};
+use crate::repo::{ObsoleteList, Repository, StoredObsoleteList, id_of, pack_name};
 use crate::walk::for_each_chunk;
 
 /// The default grace period: longer than any backup runs.
@@ -107,7 +107,7 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     let lists = repo.obsolete_lists()?;
     let listed: HashSet<Id> = lists
         .iter()
-        .flat_map(|(_, l)| l.packs.iter().copied())
+        .flat_map(|l| l.list.packs.iter().copied())
         .collect();
     let index = repo.load_index_with_last(&listed)?;
     let snapshots = repo.snapshots(&[])?;
@@ -129,7 +129,14 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         .filter(|&f| needed_frames[f])
         .map(|f| index.pack(index.frame(f as u32).pack).id)
         .collect();
-    let due = |list: &ObsoleteList| now.duration_since(list.time).is_ok_and(|age| age >= grace);
+    // A list is due a grace period after the time sealed in it and after the time the storage
+    // gives it: a list written by a prune whose clock was behind, or stored again later
+    // (replayed), is not due before a grace period has passed for everyone.
+    let older_than_grace =
+        |time: SystemTime| now.duration_since(time).is_ok_and(|age| age >= grace);
+    let due = |stored: &StoredObsoleteList| {
+        older_than_grace(stored.list.time) && older_than_grace(stored.stored)
+    };
     let mut report = PruneReport {
         snapshots: snapshots.len(),
         packs: sizes.len(),
@@ -138,9 +145,9 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         ..PruneReport::default()
     };
     let mut deletable: BTreeSet<Id> = BTreeSet::new();
-    for (_, list) in &lists {
-        for pack in &list.packs {
-            if !due(list) {
+    for stored in &lists {
+        for pack in &stored.list.packs {
+            if !due(stored) {
                 report.pending += 1;
             } else if needed.contains(pack) {
                 report.needed_again += 1;
@@ -158,18 +165,20 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     report.newly_marked = newly_marked.len();
     // A running backup names its packs only at its end, and one being uploaded is a staging
     // file: both are left alone for the grace period after they were last written.
-    let old = |modified: SystemTime| now.duration_since(modified).is_ok_and(|age| age >= grace);
-    let mut unindexed: Vec<(String, u64)> = store
-        .list("packs")?
-        .into_iter()
-        .filter(|o| old(o.modified) && id_of(&o.name).is_some_and(|id| !sizes.contains_key(&id)))
-        .map(|o| (o.name, o.size))
+    let stored_packs = store.list("packs")?;
+    let mut unindexed: Vec<(String, u64)> = stored_packs
+        .iter()
+        .filter(|o| {
+            older_than_grace(o.modified)
+                && id_of(&o.name).is_some_and(|id| !sizes.contains_key(&id))
+        })
+        .map(|o| (o.name.clone(), o.size))
         .collect();
     let abandoned = store.abandoned_uploads()?;
     unindexed.extend(
         abandoned
             .into_iter()
-            .filter(|o| old(o.modified))
+            .filter(|o| older_than_grace(o.modified))
             .map(|o| (o.name, o.size)),
     );
     report.deleted_unindexed = unindexed.len();
@@ -177,6 +186,51 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     report.deleted_bytes = deletable.iter().filter_map(|id| sizes.get(id)).sum::<u64>()
         + unindexed.iter().map(|(_, size)| size).sum::<u64>();
     report.repacked_packs = to_repack.len();
+
+    // Nothing goes on the word of an index file alone (docs/FORMAT.md §10): every pack that
+    // snapshots need is stored, at its indexed size, and where the index chose a pack that
+    // stays over a copy in one that goes, that pack's own header must say what its index
+    // entry says. Otherwise a damaged or planted index file could make prune delete the only
+    // copy of live data.
+    let stored: HashMap<Id, u64> = stored_packs
+        .iter()
+        .filter_map(|o| Some((id_of(&o.name)?, o.size)))
+        .collect();
+    let mut needed_sorted: Vec<&Id> = needed.iter().collect();
+    needed_sorted.sort_unstable();
+    for id in needed_sorted {
+        let indexed = sizes[id];
+        match stored.get(id) {
+            Some(&size) if size == indexed => {}
+            found => {
+                let what = match found {
+                    None => "it is not in the store".to_string(),
+                    Some(size) => format!("it is {size} bytes, its index entry says {indexed}"),
+                };
+                return Err(Error::corrupt(
+                    pack_name(id),
+                    format!(
+                        "snapshots need it and {what}; prune deletes nothing while data is missing: run `bkp check`"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut dropping: HashSet<Id> = deletable.iter().chain(&newly_marked).copied().collect();
+    dropping.extend(to_repack.iter().map(|p| index.pack(p.pack).id));
+    let pack_of = |frame: u32| index.pack(index.frame(frame).pack).id;
+    let verify: HashSet<Id> = index
+        .alternatives()
+        .iter()
+        .filter(|&&(chosen, other)| {
+            needed_frames[chosen as usize]
+                && dropping.contains(&pack_of(other))
+                && pack_of(chosen) != pack_of(other)
+        })
+        .map(|&(chosen, _)| pack_of(chosen))
+        .collect();
+    verify_index_claims(repo, &index_names, &verify, &stored)?;
+
     if dry_run {
         report.repacked_frames = to_repack.iter().map(|p| p.keep.len()).sum();
         report.repack_bytes_written = to_repack.iter().map(|p| p.keep_bytes).sum();
@@ -210,8 +264,8 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     repo.delete_objects(&gone)?;
     let due_lists: Vec<String> = lists
         .iter()
-        .filter(|(_, list)| due(list))
-        .map(|(name, _)| name.clone())
+        .filter(|stored| due(stored))
+        .map(|stored| stored.name.clone())
         .collect();
     repo.delete_objects(&due_lists)?;
     if !to_repack.is_empty() {
@@ -230,6 +284,49 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         })?;
     }
     Ok(report)
+}
+
+/// Checks every index entry of the packs in `verify` against the pack's own header, failing on
+/// the first that disagrees (naming the index file).
+fn verify_index_claims(
+    repo: &Repository,
+    index_names: &[String],
+    verify: &HashSet<Id>,
+    stored: &HashMap<Id, u64>,
+) -> Result<()> {
+    if verify.is_empty() {
+        return Ok(());
+    }
+    let store = repo.store();
+    let mut real: HashMap<Id, ([u8; 32], crate::pack::PackHeader)> = HashMap::new();
+    for name in index_names {
+        let Some(file) = repo.skip_damaged(repo.read_index_file(name))? else {
+            continue;
+        };
+        for entry in file.packs.iter().filter(|p| verify.contains(&p.id)) {
+            if !real.contains_key(&entry.id) {
+                let pack = pack_name(&entry.id);
+                let header = crate::pack::read_header_with(
+                    stored[&entry.id],
+                    &repo.key().metadata,
+                    &pack,
+                    |range| store.get_range(&pack, range).map(|b| b.to_vec()),
+                )?;
+                real.insert(entry.id, header);
+            }
+            let (ephemeral, header) = &real[&entry.id];
+            if *ephemeral != entry.data_ephemeral || *header != entry.header {
+                return Err(Error::corrupt(
+                    name,
+                    format!(
+                        "it says pack {} holds what the pack's own header does not (a damaged or planted index file); prune deletes nothing: run `bkp check`",
+                        entry.id.short()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Marks as needed the bases of every frame in a pack that stays (one holding a needed frame

@@ -38,6 +38,14 @@ pub struct ObsoleteList {
     pub time: SystemTime,
     pub packs: Vec<Id>,
 }
+/// An obsolete list as listed: its object name, when the storage says it was written (which a
+/// replayed or back-dated list cannot fake), and its content.
+pub(crate) struct StoredObsoleteList {
+    pub name: String,
+    pub stored: SystemTime,
+    pub list: ObsoleteList,
+}
+
 const CONFIG_NAME: &str = "config";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,7 +299,7 @@ impl Repository {
         Ok(self
             .obsolete_lists()?
             .into_iter()
-            .flat_map(|(_, list)| list.packs)
+            .flat_map(|stored| stored.list.packs)
             .collect())
     }
 
@@ -360,13 +368,14 @@ impl Repository {
         skip_damaged_into(&mut damaged, read)
     }
 
-    /// The damaged objects that listings skipped and that were not taken yet, with what is
-    /// wrong with each: tell the operator (`bkp check` reports them too).
-    pub fn take_damaged_objects(&self) -> Vec<(String, String)> {
+    /// The damaged objects under `prefix` (`""`: all) that listings skipped and that were not
+    /// taken yet, with what is wrong with each: tell the operator (`bkp check` reports them
+    /// too).
+    pub fn take_damaged_objects(&self, prefix: &str) -> Vec<(String, String)> {
         let mut damaged = self.damaged.lock().expect("damage lock");
         damaged
             .iter_mut()
-            .filter(|(_, error)| !error.is_empty())
+            .filter(|(object, error)| object.starts_with(prefix) && !error.is_empty())
             .map(|(object, error)| (object.clone(), std::mem::take(error)))
             .collect()
     }
@@ -376,15 +385,19 @@ impl Repository {
         IndexFile::open(&self.key.metadata, &bytes, name)
     }
 
-    /// Every obsolete list (prune's marks), with its name.
-    pub(crate) fn obsolete_lists(&self) -> Result<Vec<(String, ObsoleteList)>> {
+    /// Every obsolete list (prune's marks), with its name and the storage's time for it.
+    pub(crate) fn obsolete_lists(&self) -> Result<Vec<StoredObsoleteList>> {
         let mut lists = Vec::new();
         for object in self.store.list("obsolete")? {
             let read = get_named(&self.store, &object.name).and_then(|bytes| {
                 envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)
             });
             if let Some(list) = self.skip_damaged(read)? {
-                lists.push((object.name, list));
+                lists.push(StoredObsoleteList {
+                    name: object.name,
+                    stored: object.modified,
+                    list,
+                });
             }
         }
         Ok(lists)
@@ -413,7 +426,8 @@ impl Repository {
         self.read_snapshot(id)
     }
 
-    fn read_snapshot(&self, id: Id) -> Result<SnapshotEntry> {
+    /// Reads snapshot `id`.
+    pub fn read_snapshot(&self, id: Id) -> Result<SnapshotEntry> {
         let name = snapshot_name(&id);
         let snapshot = envelope::open(
             SNAPSHOT_MAGIC,
@@ -448,14 +462,24 @@ impl Repository {
         if query == "latest" {
             return self.find_latest(tags).map(|(entry, _)| entry);
         }
-        let not_found = || Error::SnapshotNotFound {
-            query: with_tags(query, tags),
-        };
-        let prefix = query.to_ascii_lowercase();
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let entry = self.read_snapshot(self.find_snapshot_id(query, tags)?)?;
+        if entry.has_tags(tags) {
+            Ok(entry)
+        } else {
+            Err(Error::SnapshotNotFound {
+                query: with_tags(query, tags),
+            })
+        }
+    }
+
+    /// The id of the one snapshot object whose id starts with `prefix`, whether or not it can
+    /// be read (`bkp forget ID` removes a damaged one). `tags` is for the message only.
+    pub fn find_snapshot_id(&self, prefix: &str, tags: &[String]) -> Result<Id> {
+        let lower = prefix.to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::invalid(
                 "snapshot",
-                format!("{query:?} is neither `latest` nor a hex snapshot id prefix"),
+                format!("{prefix:?} is neither `latest` nor a hex snapshot id prefix"),
             ));
         }
         let matches: Vec<Id> = self
@@ -463,66 +487,69 @@ impl Repository {
             .list("snapshots")?
             .iter()
             .filter_map(|o| id_of(&o.name))
-            .filter(|id| id.to_hex().starts_with(&prefix))
+            .filter(|id| id.to_hex().starts_with(&lower))
             .collect();
         match matches.as_slice() {
-            [] => Err(not_found()),
-            [id] => {
-                let entry = self.read_snapshot(*id)?;
-                if entry.has_tags(tags) {
-                    Ok(entry)
-                } else {
-                    Err(not_found())
-                }
-            }
+            [] => Err(Error::SnapshotNotFound {
+                query: with_tags(prefix, tags),
+            }),
+            [id] => Ok(*id),
             many => Err(Error::AmbiguousSnapshot {
-                prefix: query.to_string(),
+                prefix: prefix.to_string(),
                 matches: many.len(),
             }),
         }
     }
 
-    /// The newest snapshot with all `tags` whose dump is not flagged incomplete, and the newer
-    /// ones it passed over because they are (still restorable by id). A restore of `latest`
-    /// never silently gets a truncated dump; if only incomplete ones match, that is an error
-    /// naming the newest. If none matches but damaged snapshot objects were skipped, the error
-    /// is that damage.
-    pub fn find_latest(&self, tags: &[String]) -> Result<(SnapshotEntry, Vec<SnapshotEntry>)> {
-        let mut matching = self.snapshots(tags)?;
-        let complete = matching
-            .iter()
-            .rposition(|e| e.snapshot.dump_complete() != Some(false));
-        match complete {
-            Some(at) => {
-                let skipped = matching.split_off(at + 1);
-                Ok((matching.pop().expect("at is an index"), skipped))
-            }
-            None => {
-                if let Some(newest) = matching.last() {
-                    return Err(Error::SnapshotNotFound {
-                        query: format!(
-                            "{} whose dump is complete (the newest, {}, is flagged INCOMPLETE; restore it by id if you need it)",
-                            with_tags("latest", tags),
-                            newest.id.short()
-                        ),
-                    });
-                }
-                let damaged = self.damaged.lock().expect("damage lock");
-                if let Some((object, _)) = damaged.iter().find(|(o, _)| o.starts_with("snapshots/"))
-                {
-                    return Err(Error::corrupt(
-                        object,
-                        format!(
-                            "it cannot be read, and no readable snapshot matches {}",
-                            with_tags("latest", tags)
-                        ),
-                    ));
-                }
-                Err(Error::SnapshotNotFound {
-                    query: with_tags("latest", tags),
-                })
-            }
+    /// The newest snapshot with all `tags` whose dump is not flagged incomplete and that is not
+    /// dated in the future ([`Snapshot::is_future_dated`]), and the newer ones it passed over,
+    /// each with why (they are still restorable by id). A restore of `latest` never silently
+    /// gets a truncated dump, nor one a host with a wrong clock wrote; if only such ones match,
+    /// that is an error naming the newest. If none matches but damaged snapshot objects were
+    /// skipped, the error is that damage.
+    pub fn find_latest(
+        &self,
+        tags: &[String],
+    ) -> Result<(SnapshotEntry, Vec<(SnapshotEntry, String)>)> {
+        let now = SystemTime::now();
+        let mut skipped = Vec::new();
+        for entry in self.snapshots(tags)?.into_iter().rev() {
+            let reason = if entry.snapshot.is_future_dated(now) {
+                format!(
+                    "it is dated {}, more than {} after this host's clock: the clock of the host that wrote it ({}) or of this one is wrong",
+                    humantime::format_rfc3339_seconds(entry.snapshot.time),
+                    humantime::format_duration(crate::snapshot::MAX_CLOCK_SKEW),
+                    entry.snapshot.hostname
+                )
+            } else if entry.snapshot.dump_complete() == Some(false) {
+                "its dump is flagged INCOMPLETE".to_string()
+            } else {
+                return Ok((entry, skipped));
+            };
+            skipped.push((entry, reason));
         }
+        if let Some((newest, reason)) = skipped.first() {
+            return Err(Error::SnapshotNotFound {
+                query: format!(
+                    "{} that is complete and not dated in the future (the newest, {}, was passed over: {reason}; restore it by id if you need it)",
+                    with_tags("latest", tags),
+                    newest.id.short()
+                ),
+            });
+        }
+        let damaged = self.damaged.lock().expect("damage lock");
+        if let Some((object, _)) = damaged.iter().find(|(o, _)| o.starts_with("snapshots/")) {
+            return Err(Error::corrupt(
+                object,
+                format!(
+                    "it cannot be read, and no readable snapshot matches {}",
+                    with_tags("latest", tags)
+                ),
+            ));
+        }
+        Err(Error::SnapshotNotFound {
+            query: with_tags("latest", tags),
+        })
     }
 
     // Writes. The repository alone orders them (docs/FORMAT.md §2, §10): nothing is written

@@ -3,7 +3,7 @@
 //! needs, so a visible snapshot is always complete.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +53,19 @@ pub mod annotation {
     pub const COMMAND: &str = "command";
 }
 
+/// How far ahead of the reader's clock a snapshot's time may be and still count as the newest
+/// (`latest`, retention). Beyond it the writer's clock was wrong (or the time was planted): a
+/// snapshot dated ten years ahead must not become `latest` for ten years.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
 impl Snapshot {
+    /// Whether this snapshot is dated more than [`MAX_CLOCK_SKEW`] after `now`.
+    pub fn is_future_dated(&self, now: SystemTime) -> bool {
+        self.time
+            .duration_since(now)
+            .is_ok_and(|ahead| ahead > MAX_CLOCK_SKEW)
+    }
+
     /// `Some(false)` when the dump's header promised a trailer that never came.
     pub fn dump_complete(&self) -> Option<bool> {
         self.annotations

@@ -217,7 +217,7 @@ fn forget_op(id: Id) -> Op {
                 .into_iter()
                 .find(|e| e.id == id)
                 .unwrap();
-            bkp::forget::remove(repo, &[&entry])?;
+            bkp::forget::remove(repo, &[entry.id])?;
             world.snapshots.remove(&id);
             Ok(())
         }),
@@ -275,7 +275,7 @@ fn a_crash_while_prune_replaces_an_index_file_loses_nothing() {
     );
     let both = backup(&repo, &[kept.clone(), dropped].concat()).unwrap();
     let only = backup(&repo, &kept).unwrap();
-    bkp::forget::remove(&repo, &[&both.snapshot]).unwrap();
+    bkp::forget::remove(&repo, &[both.snapshot.id]).unwrap();
     prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
     let world = World {
         objects: crash.objects(),
@@ -355,7 +355,7 @@ fn a_crash_at_any_step_of_a_repack_and_of_deleting_the_repacked_pack_loses_nothi
     let big = run(&whole);
     let kept = whole[..300_000].to_vec();
     let small = run(&kept);
-    bkp::forget::remove(&repo, &[&big.snapshot]).unwrap();
+    bkp::forget::remove(&repo, &[big.snapshot.id]).unwrap();
     let world = World {
         objects: crash.objects(),
         snapshots: BTreeMap::from([(small.snapshot.id, kept)]),

@@ -29,7 +29,7 @@ fn restore(repo: &Repository, entry: &bkp::SnapshotEntry) -> Vec<u8> {
 }
 
 fn forget(repo: &Repository, entry: &bkp::SnapshotEntry) {
-    bkp::forget::remove(repo, &[entry]).unwrap();
+    bkp::forget::remove(repo, &[entry.id]).unwrap();
 }
 
 fn pack_count(repo: &Repository) -> usize {

@@ -95,19 +95,42 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
     let time =
         |entry: &SnapshotEntry| humantime::format_rfc3339_seconds(entry.snapshot.time).to_string();
     if !args.snapshots.is_empty() {
-        let entries = args
-            .snapshots
-            .iter()
-            .map(|query| repo.find_snapshot(query, &args.tags))
-            .collect::<bkp::Result<Vec<_>>>()?;
+        // (id, what is shown: its time, or that it is damaged)
+        let mut chosen = Vec::new();
+        for query in &args.snapshots {
+            if query == "latest" {
+                let entry = repo.find_snapshot(query, &args.tags)?;
+                chosen.push((entry.id, time(&entry)));
+                continue;
+            }
+            let id = repo.find_snapshot_id(query, &args.tags)?;
+            match repo.read_snapshot(id) {
+                Ok(entry) if entry.has_tags(&args.tags) => chosen.push((id, time(&entry))),
+                Ok(_) => {
+                    return Err(Error::SnapshotNotFound {
+                        query: format!("{query} with tags {}", args.tags.join(",")),
+                    }
+                    .into());
+                }
+                // A damaged snapshot object can still be removed by its id.
+                Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                    if !args.tags.is_empty() {
+                        bail!("{e}; its tags cannot be checked: forget it by id without --tag");
+                    }
+                    chosen.push((id, "(damaged)".to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         if !args.dry_run {
-            bkp::forget::remove(repo, &entries.iter().collect::<Vec<_>>())?;
+            let ids: Vec<_> = chosen.iter().map(|(id, _)| *id).collect();
+            bkp::forget::remove(repo, &ids)?;
         }
         if !quiet {
-            for entry in &entries {
-                writeln!(out, "forget  {}  {}", entry.id.short(), time(entry))?;
+            for (id, shown) in &chosen {
+                writeln!(out, "forget  {}  {shown}", id.short())?;
             }
-            done_line(&mut out, entries.len(), args.dry_run)?;
+            done_line(&mut out, chosen.len(), args.dry_run)?;
         }
         return Ok(());
     }
@@ -130,6 +153,19 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
         std::time::SystemTime::now(),
         &tz,
     )?;
+    for (entry, _) in groups
+        .iter()
+        .flat_map(|g| &g.snapshots)
+        .filter(|(_, d)| d.reasons.contains(&bkp::forget::FUTURE_DATED))
+    {
+        eprintln!(
+            "bkp: warning: snapshot {} is dated {}, in the future (the clock of {} is wrong?): kept, and not counted by the --keep rules; `bkp forget {}` removes it",
+            entry.id.short(),
+            time(entry),
+            entry.snapshot.hostname,
+            entry.id.short()
+        );
+    }
     let forgotten: Vec<&SnapshotEntry> = groups
         .iter()
         .flat_map(|g| &g.snapshots)
@@ -137,7 +173,8 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
         .map(|(entry, _)| entry)
         .collect();
     if !args.dry_run {
-        bkp::forget::remove(repo, &forgotten)?;
+        let ids: Vec<_> = forgotten.iter().map(|e| e.id).collect();
+        bkp::forget::remove(repo, &ids)?;
     }
     if args.json {
         let groups: Vec<_> = groups

@@ -486,7 +486,7 @@ impl OpenRepository {
     /// Warns about the damage found so far (before a restore starts writing, so that the
     /// operator sees it first), once each.
     fn warn_now(&self) {
-        for (object, error) in self.repo.take_damaged_objects() {
+        for (object, error) in self.repo.take_damaged_objects("") {
             let _ = object; // named in the error
             eprintln!(
                 "bkp: warning: skipped a damaged object: {error}; `bkp check` lists all damage"
@@ -714,10 +714,10 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(location)?;
     let entry = if args.snapshot == "latest" {
         let (entry, skipped) = repo.find_latest(&args.tags)?;
-        for newer in &skipped {
+        for (newer, reason) in &skipped {
             // Said even with --quiet: the operator asked for the newest and gets an older one.
             eprintln!(
-                "bkp: note: skipped the newer snapshot {} ({}): its dump is flagged INCOMPLETE; restore it by id if you need it",
+                "bkp: note: skipped the newer snapshot {} ({}): {reason}; restore it by id if you need it",
                 newer.id.short(),
                 humantime::format_rfc3339_seconds(newer.snapshot.time)
             );
@@ -869,27 +869,41 @@ fn snapshot_json(entry: &SnapshotEntry) -> serde_json::Value {
         "database": s.annotations.get(bkp::annotation::DATABASE),
         "server_version": s.annotations.get(bkp::annotation::SERVER_VERSION),
         "command": s.annotations.get(bkp::annotation::COMMAND),
+        "future_dated": s.is_future_dated(std::time::SystemTime::now()),
     })
 }
 
-/// The dump kind, marked when the dump was found incomplete.
+/// The dump kind, marked when the dump was found incomplete or the time is in the future.
 fn dump_column(s: &bkp::Snapshot) -> String {
-    let kind = s
+    let mut column = s
         .annotations
         .get(bkp::annotation::DUMP_KIND)
-        .map_or("-", String::as_str);
-    match s.dump_complete() {
-        Some(false) => format!("{kind} INCOMPLETE"),
-        _ => kind.to_string(),
+        .map_or("-", String::as_str)
+        .to_string();
+    if s.dump_complete() == Some(false) {
+        column.push_str(" INCOMPLETE");
     }
+    if s.is_future_dated(std::time::SystemTime::now()) {
+        column.push_str(" FUTURE");
+    }
+    column
 }
 
 fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     let repo = open_repository(location)?;
     let list = repo.snapshots(&args.tags)?;
+    // Shown as such (with their tags unknown: they cannot be read), not only warned about.
+    let damaged = repo.take_damaged_objects("snapshots/");
     let mut out = io::stdout().lock();
     if args.json {
-        let array: Vec<_> = list.iter().map(snapshot_json).collect();
+        let mut array: Vec<_> = list.iter().map(snapshot_json).collect();
+        array.extend(damaged.iter().map(|(object, error)| {
+            json!({
+                "id": object.rsplit('/').next(),
+                "object": object,
+                "damaged": error,
+            })
+        }));
         writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
         return Ok(());
     }
@@ -898,7 +912,8 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
         "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {:<16}  name",
         "id", "time", "host", "size", "new data", "tags", "dump"
     )?;
-    let mut incomplete = 0;
+    let now = std::time::SystemTime::now();
+    let (mut incomplete, mut future) = (0, 0);
     for entry in &list {
         let s = &entry.snapshot;
         writeln!(
@@ -914,12 +929,31 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
             s.name
         )?;
         incomplete += usize::from(s.dump_complete() == Some(false));
+        future += usize::from(s.is_future_dated(now));
+    }
+    for (object, error) in &damaged {
+        let id = object.rsplit('/').next().unwrap_or(object);
+        writeln!(out, "{:<8}  DAMAGED: {error}", id.get(..8).unwrap_or(id))?;
     }
     write!(out, "{} snapshot(s)", list.len())?;
     if incomplete > 0 {
         write!(
             out,
             ", {incomplete} INCOMPLETE (their dumps lack the completion trailer)"
+        )?;
+    }
+    if future > 0 {
+        write!(
+            out,
+            ", {future} FUTURE (dated more than {} ahead of this host's clock: `latest` and retention pass over them)",
+            humantime::format_duration(bkp::MAX_CLOCK_SKEW)
+        )?;
+    }
+    if !damaged.is_empty() {
+        write!(
+            out,
+            ", {} DAMAGED (unreadable; `bkp forget ID` removes one)",
+            damaged.len()
         )?;
     }
     writeln!(out)?;
