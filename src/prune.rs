@@ -304,17 +304,18 @@ fn verify_index_claims(
             continue;
         };
         for entry in file.packs.iter().filter(|p| verify.contains(&p.id)) {
-            if !real.contains_key(&entry.id) {
-                let pack = pack_name(&entry.id);
-                let header = crate::pack::read_header_with(
-                    stored[&entry.id],
-                    &repo.key().metadata,
-                    &pack,
-                    |range| store.get_range(&pack, range).map(|b| b.to_vec()),
-                )?;
-                real.insert(entry.id, header);
-            }
-            let (ephemeral, header) = &real[&entry.id];
+            let (ephemeral, header) = match real.entry(entry.id) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let pack = pack_name(&entry.id);
+                    slot.insert(crate::pack::read_header_with(
+                        stored[&entry.id],
+                        &repo.key().metadata,
+                        &pack,
+                        |range| store.get_range(&pack, range).map(|b| b.to_vec()),
+                    )?)
+                }
+            };
             if *ephemeral != entry.data_ephemeral || *header != entry.header {
                 return Err(Error::corrupt(
                     name,
@@ -411,4 +412,243 @@ fn needed_frames(
         }
     }
     Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Prune against what it reads: planted index files, a missing pack, a back-dated list.
+    use super::*;
+    use crate::snapshot::SnapshotEntry;
+    use crate::{BackupOptions, InitOptions, KdfParams, Source, Store};
+
+    const GRACE: Duration = Duration::from_secs(3600);
+
+    fn repo() -> Repository {
+        let options = InitOptions {
+            kdf: KdfParams::INSECURE_FAST,
+            ..InitOptions::default()
+        };
+        Repository::init(Store::memory(), b"pw", &options).unwrap()
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        blake3::Hasher::new_keyed(&[seed; 32])
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    fn backup(repo: &Repository, data: &[u8]) -> SnapshotEntry {
+        let source = Source::spawn(std::io::Cursor::new(data.to_vec()));
+        crate::backup(repo, source, &BackupOptions::default(), &mut |_| {})
+            .unwrap()
+            .snapshot
+    }
+
+    fn restores(repo: &Repository, entry: &SnapshotEntry, data: &[u8]) -> bool {
+        let mut out = Vec::new();
+        crate::restore(repo, entry, &mut out, &mut |_| {}).is_ok() && out == data
+    }
+
+    fn hours_from_now(hours: u64) -> SystemTime {
+        SystemTime::now() + Duration::from_secs(hours * 3600)
+    }
+
+    fn names(repo: &Repository, dir: &str) -> Vec<String> {
+        repo.store()
+            .list(dir)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect()
+    }
+
+    /// The index entries of the packs a backup wrote (in the index file it wrote).
+    fn packs_written(repo: &Repository, before: &[String]) -> Vec<IndexedPack> {
+        names(repo, "index")
+            .iter()
+            .filter(|n| !before.contains(n))
+            .flat_map(|n| repo.read_index_file(n).unwrap().packs)
+            .collect()
+    }
+
+    /// `pack`'s header without the frames holding chunk-tree nodes of `snapshots` (prune reads
+    /// the trees first: a false claim about a node fails there, as safely), so that a planted
+    /// claim reaches prune's own checks.
+    fn data_frames_only(
+        repo: &Repository,
+        snapshots: &[&SnapshotEntry],
+        mut pack: IndexedPack,
+    ) -> IndexedPack {
+        let index = repo.load_index().unwrap();
+        let mut reader = FrameReader::new(repo, &index);
+        let mut nodes = HashSet::new();
+        for entry in snapshots {
+            for_each_chunk(
+                repo,
+                &index,
+                &mut reader,
+                &entry.snapshot.tree,
+                &mut |id, node| {
+                    if node {
+                        nodes.insert(id);
+                    }
+                },
+            )
+            .unwrap();
+        }
+        pack.header
+            .frames
+            .retain(|f| !f.chunks.iter().any(|c| nodes.contains(&c.id)));
+        assert!(!pack.header.frames.is_empty());
+        pack
+    }
+
+    /// Plants an index file naming `packs` under a name that sorts first, so that the index
+    /// prefers its claims over the true ones; returns its name.
+    fn plant_first(repo: &Repository, packs: &[IndexedPack]) -> String {
+        loop {
+            let before = names(repo, "index");
+            repo.commit_packs(packs.to_vec()).unwrap();
+            let after = names(repo, "index");
+            let planted = after.iter().find(|n| !before.contains(n)).unwrap().clone();
+            if after[0] == planted {
+                return planted;
+            }
+            repo.store().delete(&planted).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_index_file_placing_live_chunks_in_a_pack_that_does_not_exist_stops_prune() {
+        let repo = repo();
+        let original = data(2_000_000, 1);
+        let live = backup(&repo, &original);
+        let fake: Vec<IndexedPack> = packs_written(&repo, &[])
+            .into_iter()
+            .map(|p| IndexedPack {
+                id: Id([0xab; 32]),
+                ..data_frames_only(&repo, &[&live], p)
+            })
+            .collect();
+        let planted = plant_first(&repo, &fake);
+        let packs = names(&repo, "packs");
+        for now in [SystemTime::now(), hours_from_now(2), hours_from_now(4)] {
+            let err = prune(&repo, &PruneOptions::new(GRACE, now)).unwrap_err();
+            assert!(
+                matches!(&err, Error::Corrupt { object, .. } if object == &pack_name(&Id([0xab; 32]))),
+                "{err}"
+            );
+            assert!(err.to_string().contains("not in the store"), "{err}");
+        }
+        assert_eq!(names(&repo, "packs"), packs);
+        assert!(names(&repo, "obsolete").is_empty());
+        repo.store().delete(&planted).unwrap();
+        assert!(restores(&repo, &live, &original));
+    }
+
+    #[test]
+    fn an_index_file_placing_live_chunks_in_another_existing_pack_stops_prune() {
+        let repo = repo();
+        let (a_data, b_data) = (data(2_000_000, 1), data(2_000_000, 2));
+        let a = backup(&repo, &a_data);
+        let after_a = names(&repo, "index");
+        let b = backup(&repo, &b_data);
+        let (pa, pb) = (
+            packs_written(&repo, &[])
+                .into_iter()
+                .find(|p| !packs_written(&repo, &after_a).contains(p))
+                .unwrap(),
+            packs_written(&repo, &after_a).remove(0),
+        );
+        // "b's pack holds a's data chunks": a's pack would look mostly unneeded (repacked).
+        let lie = IndexedPack {
+            header: data_frames_only(&repo, &[&a, &b], pa.clone()).header,
+            ..pb.clone()
+        };
+        let planted = plant_first(&repo, &[lie]);
+        let packs = names(&repo, "packs");
+        for now in [SystemTime::now(), hours_from_now(2), hours_from_now(4)] {
+            let err = prune(&repo, &PruneOptions::new(GRACE, now)).unwrap_err();
+            assert!(
+                matches!(&err, Error::Corrupt { object, .. } if object == &planted),
+                "{err}"
+            );
+        }
+        assert_eq!(names(&repo, "packs"), packs);
+        assert!(names(&repo, "obsolete").is_empty());
+        // Once the operator removes the file `bkp check` names, everything is there.
+        repo.store().delete(&planted).unwrap();
+        assert!(restores(&repo, &a, &a_data));
+        assert!(restores(&repo, &b, &b_data));
+    }
+
+    #[test]
+    fn a_missing_pack_stops_prune_before_it_deletes_anything() {
+        let repo = repo();
+        let keep_data = data(4_000_000, 1);
+        let small_packs = BackupOptions {
+            group_size: 256 << 10,
+            pack_size: 512 << 10,
+            ..BackupOptions::default()
+        };
+        let source = Source::spawn(std::io::Cursor::new(keep_data.clone()));
+        let keep = crate::backup(&repo, source, &small_packs, &mut |_| {})
+            .unwrap()
+            .snapshot;
+        let written = packs_written(&repo, &[]);
+        assert!(written.len() > 2, "{}", written.len());
+        // A pack of data chunks only: the snapshot's tree still reads, so prune's own check
+        // is what finds it gone.
+        let lost = written
+            .iter()
+            .find(|p| data_frames_only(&repo, &[&keep], (*p).clone()).header == p.header)
+            .unwrap()
+            .clone();
+        let after = names(&repo, "index");
+        let gone = backup(&repo, &data(2_000_000, 2));
+        let unneeded = packs_written(&repo, &after).remove(0);
+        crate::forget::remove(&repo, &[gone.id]).unwrap();
+        prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
+        assert_eq!(
+            names(&repo, "obsolete").len(),
+            1,
+            "the unneeded pack is marked"
+        );
+
+        repo.store().delete(&pack_name(&lost.id)).unwrap();
+        let err = prune(&repo, &PruneOptions::new(GRACE, hours_from_now(2))).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { object, .. } if object == &pack_name(&lost.id)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not in the store"), "{err}");
+        assert!(repo.store().exists(&pack_name(&unneeded.id)).unwrap());
+        assert_eq!(names(&repo, "obsolete").len(), 1);
+        assert!(!restores(&repo, &keep, &keep_data));
+    }
+
+    #[test]
+    fn an_obsolete_list_is_due_only_a_grace_period_after_the_storage_got_it() {
+        let repo = repo();
+        backup(&repo, &data(2_000_000, 1));
+        let after = names(&repo, "index");
+        let gone = backup(&repo, &data(2_000_000, 2));
+        let unneeded = packs_written(&repo, &after).remove(0);
+        crate::forget::remove(&repo, &[gone.id]).unwrap();
+        // Sealed three days ago (a prune host whose clock was behind, or a list replayed from
+        // an old copy), stored now.
+        repo.commit_obsolete_list(&ObsoleteList {
+            time: SystemTime::now() - Duration::from_secs(3 * 24 * 3600),
+            packs: vec![unneeded.id],
+        })
+        .unwrap();
+        let report = prune(&repo, &PruneOptions::new(GRACE, SystemTime::now())).unwrap();
+        assert_eq!((report.deleted_packs, report.pending), (0, 1), "{report:?}");
+        assert!(repo.store().exists(&pack_name(&unneeded.id)).unwrap());
+        let report = prune(&repo, &PruneOptions::new(GRACE, hours_from_now(2))).unwrap();
+        assert_eq!(report.deleted_packs, 1, "{report:?}");
+        assert!(!repo.store().exists(&pack_name(&unneeded.id)).unwrap());
+    }
 }
