@@ -152,6 +152,9 @@ impl Checker<'_> {
                 HashSet::new()
             }
         };
+        for (object, reason) in self.repo.take_damaged_objects("obsolete/") {
+            self.problem(object, reason);
+        }
         let marked = &self.marked;
         let (mut indexed, last): (Vec<_>, Vec<_>) =
             indexed.into_iter().partition(|p| !marked.contains(&p.id));

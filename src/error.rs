@@ -45,13 +45,13 @@ pub enum Error {
     },
 
     /// Stored bytes failed authentication, did not parse, or decoded to the wrong content.
-    #[error("{object} is corrupt: {reason} (the repository is damaged; use another copy of it)")]
+    #[error(
+        "{object} is corrupt: {reason} (that object is damaged; `bkp check` lists what it affects)"
+    )]
     Corrupt { object: String, reason: String },
 
     /// Something that metadata references is not in the store.
-    #[error(
-        "{object} is missing from the repository (the repository is damaged; use another copy of it)"
-    )]
+    #[error("{object} is missing from the repository (`bkp check` lists what it affects)")]
     Missing { object: String },
 
     #[error("no snapshot matches {query}")]

@@ -124,15 +124,17 @@ fn skip_damaged_into<T>(
 ) -> Result<Option<T>> {
     match read {
         Ok(value) => Ok(Some(value)),
-        Err(e) => match &e {
-            Error::Corrupt { object, .. } | Error::Missing { object } => {
-                damaged
-                    .entry(object.clone())
-                    .or_insert_with(|| e.to_string());
-                Ok(None)
-            }
-            _ => Err(e),
-        },
+        Err(Error::Corrupt { object, reason }) => {
+            damaged.entry(object).or_insert(reason);
+            Ok(None)
+        }
+        Err(Error::Missing { object }) => {
+            damaged
+                .entry(object)
+                .or_insert_with(|| "it was listed but cannot be read any more".to_string());
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -369,7 +371,8 @@ impl Repository {
     }
 
     /// The damaged objects under `prefix` (`""`: all) that listings skipped and that were not
-    /// taken yet, with what is wrong with each: tell the operator (`bkp check` reports them
+    /// taken yet, with what is wrong with each (`its name is not the hash of its bytes`): tell
+    /// the operator (`bkp check` reports them
     /// too).
     pub fn take_damaged_objects(&self, prefix: &str) -> Vec<(String, String)> {
         let mut damaged = self.damaged.lock().expect("damage lock");

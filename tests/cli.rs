@@ -194,7 +194,10 @@ fn assert_restore_names_damage(repo: &std::path::Path, object: &str) {
         .args(["restore", "latest"])
         .assert()
         .code(5)
-        .stderr(predicate::str::contains(object).and(predicate::str::contains("corrupt")));
+        .stderr(
+            predicate::str::contains(object)
+                .and(predicate::str::contains("corrupt").or(predicate::str::contains("damaged"))),
+        );
 }
 
 #[test]

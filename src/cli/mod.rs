@@ -486,10 +486,9 @@ impl OpenRepository {
     /// Warns about the damage found so far (before a restore starts writing, so that the
     /// operator sees it first), once each.
     fn warn_now(&self) {
-        for (object, error) in self.repo.take_damaged_objects("") {
-            let _ = object; // named in the error
+        for (object, reason) in self.repo.take_damaged_objects("") {
             eprintln!(
-                "bkp: warning: skipped a damaged object: {error}; `bkp check` lists all damage"
+                "bkp: warning: skipped {object}, which is damaged: {reason} (`bkp check` lists all damage)"
             );
         }
     }
