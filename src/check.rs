@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexedPack};
 use crate::pack;
-use crate::pack_reader::{BaseCache, FrameReader, bases_of};
+use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repo::{Repository, get_named, pack_name};
 use crate::walk::for_each_chunk;
 
@@ -192,7 +192,7 @@ impl Checker<'_> {
                 continue;
             }
             let header = pack::read_header_with(size, &self.repo.key().metadata, &name, |r| {
-                store.get_range(&name, r).map(|b| b.to_vec())
+                read_range_aligned(store, &name, size, r)
             });
             match header {
                 Ok((ephemeral, header))

@@ -2,8 +2,8 @@
 //!
 //! Layout: `magic[8] || ephemeral_public[32] || nonce[24] || ciphertext || tag[16]`. The
 //! plaintext is `postcard(value) || zeros`, padded so that the whole object is
-//! [`padding::padded_len`] of its unpadded size. The magic (which also carries the format
-//! version) is the AAD. Everything after the magic is authenticated: a changed ephemeral key
+//! [`padding::padded_len`] of its unpadded size. The magic (which also carries the object
+//! kind's version) is the AAD. Everything after the magic is authenticated: a changed ephemeral key
 //! derives another session key and fails the tag check.
 
 use serde::Serialize;
@@ -16,7 +16,20 @@ use crate::padding;
 const HEADER_LEN: usize = 8 + 32;
 
 pub fn seal<T: Serialize>(magic: &[u8; 8], recipient: &SealingKey, value: &T) -> Vec<u8> {
-    let mut plain = postcard::to_allocvec(value).expect("metadata serializes");
+    seal_plaintext(
+        magic,
+        recipient,
+        postcard::to_allocvec(value).expect("metadata serializes"),
+    )
+}
+
+/// Seals an encoded value (padding it): [`seal`] after serialization; fuzzing seals arbitrary
+/// plaintexts with it, to reach the decoders behind the authentication.
+pub(crate) fn seal_plaintext(
+    magic: &[u8; 8],
+    recipient: &SealingKey,
+    mut plain: Vec<u8>,
+) -> Vec<u8> {
     let unpadded = (HEADER_LEN + SEAL_OVERHEAD + plain.len()) as u64;
     plain.resize(
         plain.len() + (padding::padded_len(unpadded) - unpadded) as usize,
@@ -61,21 +74,31 @@ pub fn open<T: DeserializeOwned>(
     Ok(value)
 }
 
-/// Magics are `BKP` + three letters of kind + two digits of format version.
+/// Magics are `BKP` + three letters of object kind + two digits of that kind's layout version
+/// (per kind: `BKPSNP01` is current in repository format 2; docs/FORMAT.md §5). A known kind
+/// with a version this bkp does not know was written by a newer bkp.
 pub fn check_magic(expected: &[u8; 8], found: &[u8], object: &str) -> Result<()> {
     if found == expected {
         return Ok(());
     }
-    if found.len() == 8 && found[..6] == expected[..6] {
-        let version = std::str::from_utf8(&found[6..])
+    let version = |magic: &[u8]| {
+        std::str::from_utf8(&magic[6..])
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        return Err(Error::UnsupportedFormat {
-            object: object.to_string(),
-            found: version,
-            supported: crate::FORMAT_VERSION,
-        });
+            .unwrap_or(0)
+    };
+    if found.len() == 8 && found[..6] == expected[..6] {
+        if version(found) > version(expected) {
+            return Err(Error::UnsupportedFormat {
+                object: object.to_string(),
+                found: version(found),
+                supported: version(expected),
+            });
+        }
+        return Err(Error::corrupt(
+            object,
+            format!("version {} of its kind does not exist", version(found)),
+        ));
     }
     Err(Error::corrupt(object, "unexpected object type (bad magic)"))
 }
@@ -104,7 +127,16 @@ mod tests {
         assert!(open::<Vec<u32>>(b"BKPTST01", &other.metadata, &sealed, "t").is_err());
         assert!(matches!(
             open::<Vec<u32>>(b"BKPTST02", &key.metadata, &sealed, "t"),
-            Err(Error::UnsupportedFormat { found: 1, .. })
+            Err(Error::Corrupt { .. })
+        ));
+        let newer = seal(b"BKPTST03", key.metadata.sealing(), &vec![1u32]);
+        assert!(matches!(
+            open::<Vec<u32>>(b"BKPTST02", &key.metadata, &newer, "t"),
+            Err(Error::UnsupportedFormat {
+                found: 3,
+                supported: 2,
+                ..
+            })
         ));
     }
 }

@@ -35,8 +35,10 @@ pub enum Error {
     )]
     NoKeys { location: String },
 
+    /// `found` and `supported` are versions of the object's kind (its magic's digits), or of
+    /// the repository format for `config`.
     #[error(
-        "{object} uses repository format {found}, this bkp reads formats up to {supported}; upgrade bkp"
+        "{object} was written by a newer bkp (version {found} of its layout; this bkp reads up to {supported}): upgrade bkp"
     )]
     UnsupportedFormat {
         object: String,

@@ -39,6 +39,8 @@ mod envelope;
 mod error;
 pub mod forget;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod id;
 mod index;
 mod keys;

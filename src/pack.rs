@@ -214,6 +214,22 @@ fn serialized_size(value: &impl Serialize) -> usize {
     postcard::experimental::serialized_size(value).expect("header entries serialize")
 }
 
+/// A pack holding `frames` (arbitrary bytes) and a sealed header whose plaintext is `header`
+/// (arbitrary too): for fuzzing the header decoder behind its authentication.
+pub(crate) fn pack_around(session: &PackSession, frames: &[u8], header: &[u8]) -> Vec<u8> {
+    let mut out = PACK_MAGIC.to_vec();
+    out.extend_from_slice(&session.data_ephemeral);
+    out.extend_from_slice(&session.metadata_ephemeral);
+    out.extend_from_slice(frames);
+    let sealed = session.metadata_key.seal(HEADER_AAD, header);
+    let mut trailer = [0u8; 16];
+    trailer[..8].copy_from_slice(&(out.len() as u64).to_le_bytes());
+    trailer[8..].copy_from_slice(&(sealed.len() as u64).to_le_bytes());
+    out.extend(sealed);
+    out.extend(session.metadata_key.seal(TRAILER_AAD, &trailer));
+    out
+}
+
 /// Reads a pack's header from the pack's bytes alone (for index rebuilds).
 /// Returns the data ephemeral key (needed to open its frames) and the header.
 pub fn read_header(

@@ -106,14 +106,40 @@ pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetc
             "frame lies outside the pack",
         ));
     }
-    let aligned_start = frame.offset / READ_ALIGNMENT * READ_ALIGNMENT;
-    let aligned_end = end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
-    let range = aligned_start..aligned_end.min(pack.len);
+    let range = aligned(frame.offset..end, pack.len);
     Ok(Fetch {
         frame: frame_number,
+        start: (frame.offset - range.start) as usize,
         bytes: repo.store().get_range_soon(&name, range),
-        start: (frame.offset - aligned_start) as usize,
     })
+}
+
+/// `range` widened to [`READ_ALIGNMENT`] boundaries, within an object `len` bytes long.
+fn aligned(range: std::ops::Range<u64>, len: u64) -> std::ops::Range<u64> {
+    let start = range.start / READ_ALIGNMENT * READ_ALIGNMENT;
+    let end = range.end.div_ceil(READ_ALIGNMENT) * READ_ALIGNMENT;
+    start..end.min(len)
+}
+
+/// Reads `range` of pack `name` (`len` bytes long) through an aligned read, so that the store
+/// does not learn exact offsets (where a pack's header starts says how many frame bytes it
+/// holds, finer than its padded size).
+pub fn read_range_aligned(
+    store: &crate::store::Store,
+    name: &str,
+    len: u64,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>> {
+    let wide = aligned(range.clone(), len);
+    let bytes = store.get_range(name, wide.clone())?;
+    let (from, to) = (
+        (range.start - wide.start) as usize,
+        (range.end - wide.start) as usize,
+    );
+    bytes
+        .get(from..to)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| Error::corrupt(name, "shorter than its listed size"))
 }
 
 /// Recently decoded base frames, shared by threads: consecutive delta frames mostly share their

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexedPack, MISSING_BASE};
-use crate::pack_reader::FrameReader;
+use crate::pack_reader::{FrameReader, read_range_aligned};
 use crate::repack::{self, PackToRepack};
 use crate::repo::{ObsoleteList, Repository, StoredObsoleteList, id_of, pack_name};
 use crate::walk::for_each_chunk;
@@ -312,7 +312,7 @@ fn verify_index_claims(
                         stored[&entry.id],
                         &repo.key().metadata,
                         &pack,
-                        |range| store.get_range(&pack, range).map(|b| b.to_vec()),
+                        |range| read_range_aligned(store, &pack, stored[&entry.id], range),
                     )?)
                 }
             };

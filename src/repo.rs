@@ -370,6 +370,15 @@ impl Repository {
         skip_damaged_into(&mut damaged, read)
     }
 
+    /// Every damaged object that listings skipped so far, with what is wrong with each.
+    pub fn damaged_objects(&self) -> Vec<(String, String)> {
+        let damaged = self.damaged.lock().expect("damage lock");
+        damaged
+            .iter()
+            .map(|(object, reason)| (object.clone(), reason.clone()))
+            .collect()
+    }
+
     /// The damaged objects under `prefix` (`""`: all) that listings skipped and that were not
     /// taken yet, with what is wrong with each (`its name is not the hash of its bytes`): tell
     /// the operator (`bkp check` reports them

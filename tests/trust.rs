@@ -188,6 +188,15 @@ fn planted_empty_garbage_foreign_and_misnamed_objects_block_nothing() {
             .count()
     );
 
+    let stats = common::run_json(bkp(&repo).args(["stats", "--json"]));
+    let reported = stats["damaged_objects"].as_array().unwrap();
+    for object in planted.iter().filter(|o| o.starts_with("index/")) {
+        assert!(
+            reported.iter().any(|d| d["object"] == object.as_str()),
+            "{object}: {stats}"
+        );
+    }
+
     // Restore gets the newest intact dump; backups, forget and prune work.
     let restored = bkp(&repo)
         .args(["restore", "latest", "--tag", "shop"])

@@ -192,7 +192,11 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
             .collect();
         let report =
             json!({"dry_run": args.dry_run, "forgotten": forgotten.len(), "groups": groups});
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&with_damage(repo, report)?)?
+        )?;
         return Ok(());
     }
     if quiet {
@@ -251,7 +255,11 @@ fn prune_open(repo: &Repository, quiet: bool, args: PruneArgs) -> Result<()> {
     let report = bkp::prune::prune(repo, &options)?;
     let mut out = io::stdout().lock();
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&with_damage(repo, &report)?)?
+        )?;
     } else if !quiet {
         let (delete, repack) = if args.dry_run {
             ("would delete", "would repack")
@@ -284,7 +292,11 @@ pub(super) fn stats(location: &str, args: SnapshotsArgs) -> Result<()> {
     let stats = bkp::stats(&repo, &args.tags)?;
     let mut out = io::stdout().lock();
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&with_damage(&repo, &stats)?)?
+        )?;
         return Ok(());
     }
     let bytes = |n: u64| HumanBytes(n).to_string();

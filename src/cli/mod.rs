@@ -494,6 +494,21 @@ impl OpenRepository {
     }
 }
 
+/// `report` (a JSON object) with the damaged objects the command skipped, if any, as
+/// `damaged_objects: [{object, reason}]` (they are also warned about on stderr).
+fn with_damage(repo: &Repository, report: impl serde::Serialize) -> Result<serde_json::Value> {
+    let mut value = serde_json::to_value(report)?;
+    let damaged = repo.damaged_objects();
+    if let (Some(map), false) = (value.as_object_mut(), damaged.is_empty()) {
+        let list: Vec<_> = damaged
+            .iter()
+            .map(|(object, reason)| json!({"object": object, "reason": reason}))
+            .collect();
+        map.insert("damaged_objects".to_string(), list.into());
+    }
+    Ok(value)
+}
+
 fn init(location: &str, quiet: bool) -> Result<()> {
     let password = read_password(true)?;
     if password.is_empty() {
@@ -647,7 +662,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         );
     }
     if args.json {
-        println!("{}", backup_json(&summary));
+        println!("{}", with_damage(&repo, backup_json(&summary))?);
     } else if !quiet {
         println!("{}", backup_line(&summary));
     }
