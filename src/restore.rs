@@ -335,6 +335,14 @@ pub fn restore(
             run.slot.with_raw(|raw| {
                 for slice in &run.slices {
                     let chunk = verified_chunk(repo, raw, slice)?;
+                    // A tree that names chunks over and over (damaged, or written to hang a
+                    // restore) stops here, not after an endless stream.
+                    if written + chunk.len() as u64 > size {
+                        return Err(Error::corrupt(
+                            format!("snapshot {}", entry.id.short()),
+                            format!("its chunk tree yields more than its {size} bytes"),
+                        ));
+                    }
                     out.write_all(chunk).map_err(Error::Sink)?;
                     hasher.update(chunk);
                     written += chunk.len() as u64;
@@ -374,4 +382,48 @@ pub fn restore(
         bytes_written: written,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BackupOptions, InitOptions, KdfParams, Source, Store};
+
+    /// Counts what a restore wrote, to show it stopped early.
+    struct Counting(u64);
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tree_that_yields_more_than_the_snapshot_size_stops_at_that_size() {
+        let options = InitOptions {
+            kdf: KdfParams::INSECURE_FAST,
+            ..InitOptions::default()
+        };
+        let repo = Repository::init(Store::memory(), b"pw", &options).unwrap();
+        let data = b"INSERT INTO t VALUES (1, 'x');\n".repeat(40_000);
+        let source = Source::spawn(std::io::Cursor::new(data.clone()));
+        let summary = crate::backup(&repo, source, &BackupOptions::default(), &mut |_| {}).unwrap();
+        // The same tree, its ids repeated many times over: a writer could record this.
+        let mut snapshot = summary.snapshot.snapshot.clone();
+        let ids = snapshot.tree.ids.clone();
+        assert_eq!(snapshot.tree.height, 0);
+        for _ in 0..200 {
+            snapshot.tree.ids.extend_from_slice(&ids);
+        }
+        let (id, _) = repo.commit_snapshot(&snapshot, &[]).unwrap();
+        let entry = repo.read_snapshot(id).unwrap();
+        let mut out = Counting(0);
+        let err = restore(&repo, &entry, &mut out, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("yields more than"), "{err}");
+        assert!(out.0 <= data.len() as u64, "{} written", out.0);
+    }
 }
