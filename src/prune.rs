@@ -418,18 +418,11 @@ fn needed_frames(
 mod tests {
     //! Prune against what it reads: planted index files, a missing pack, a back-dated list.
     use super::*;
+    use crate::repo::test_repository as repo;
     use crate::snapshot::SnapshotEntry;
-    use crate::{BackupOptions, InitOptions, KdfParams, Source, Store};
+    use crate::{BackupOptions, Source};
 
     const GRACE: Duration = Duration::from_secs(3600);
-
-    fn repo() -> Repository {
-        let options = InitOptions {
-            kdf: KdfParams::INSECURE_FAST,
-            ..InitOptions::default()
-        };
-        Repository::init(Store::memory(), b"pw", &options).unwrap()
-    }
 
     fn data(len: usize, seed: u8) -> Vec<u8> {
         let mut out = vec![0u8; len];

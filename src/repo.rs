@@ -157,6 +157,16 @@ pub(crate) fn unix_seconds(time: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// A repository in memory with a trivial KDF, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_repository() -> Repository {
+    let options = InitOptions {
+        kdf: KdfParams::INSECURE_FAST,
+        ..InitOptions::default()
+    };
+    Repository::init(Store::memory(), b"pw", &options).expect("a memory repository")
+}
+
 impl Repository {
     /// Creates a repository in an empty store.
     pub fn init(store: Store, password: &[u8], options: &InitOptions) -> Result<Repository> {

@@ -387,7 +387,7 @@ pub fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackupOptions, InitOptions, KdfParams, Source, Store};
+    use crate::{BackupOptions, Source};
 
     /// Counts what a restore wrote, to show it stopped early.
     struct Counting(u64);
@@ -404,11 +404,7 @@ mod tests {
 
     #[test]
     fn a_tree_that_yields_more_than_the_snapshot_size_stops_at_that_size() {
-        let options = InitOptions {
-            kdf: KdfParams::INSECURE_FAST,
-            ..InitOptions::default()
-        };
-        let repo = Repository::init(Store::memory(), b"pw", &options).unwrap();
+        let repo = crate::repo::test_repository();
         let data = b"INSERT INTO t VALUES (1, 'x');\n".repeat(40_000);
         let source = Source::spawn(std::io::Cursor::new(data.clone()));
         let summary = crate::backup(&repo, source, &BackupOptions::default(), &mut |_| {}).unwrap();
