@@ -550,10 +550,39 @@ struct BackupPhase {
     deferred_signal: Option<i32>,
 }
 
+/// What the signal handler does about `signal`.
+#[derive(Debug, PartialEq, Eq)]
+enum OnSignal {
+    /// Stop the dump command, say this, exit with 128 + signal.
+    Exit(String),
+    /// Say this and let the snapshot be written.
+    Defer(String),
+}
+
+impl BackupPhase {
+    fn on_signal(&mut self, signal: i32) -> OnSignal {
+        if !self.recording {
+            return OnSignal::Exit(format!(
+                "bkp: interrupted by signal {signal}; the backup stopped and nothing was recorded"
+            ));
+        }
+        if self.deferred_signal.is_some() {
+            return OnSignal::Exit(format!(
+                "bkp: interrupted by signal {signal} while the snapshot was being written: it may or may not be recorded (`bkp snapshots` shows it if it is)"
+            ));
+        }
+        self.deferred_signal = Some(signal);
+        OnSignal::Defer(format!(
+            "bkp: signal {signal}: the snapshot is being written; stopping once it is (signal again to stop at once)"
+        ))
+    }
+}
+
 /// On SIGINT, SIGTERM or SIGHUP: stop the dump command, say so, and exit without recording.
 /// A snapshot is the last object a backup writes, atomically, so exiting at any point before
 /// it leaves nothing recorded. A signal while the snapshot is being written waits for it (a
-/// second one does not), so that what bkp says is true.
+/// second one does not), so that what bkp says is true: the phase is decided under the lock
+/// that the backup takes to enter the recording phase.
 fn stop_on_signals(
     dump_command: Option<bkp::command::DumpStopper>,
 ) -> Result<std::sync::Arc<std::sync::Mutex<BackupPhase>>> {
@@ -565,25 +594,16 @@ fn stop_on_signals(
     std::thread::spawn(move || {
         for signal in signals.forever() {
             let mut phase = shared.lock().unwrap_or_else(|e| e.into_inner());
-            if !phase.recording {
-                if let Some(dump) = &dump_command {
-                    dump.stop();
+            match phase.on_signal(signal) {
+                OnSignal::Exit(message) => {
+                    if let Some(dump) = &dump_command {
+                        dump.stop();
+                    }
+                    eprintln!("{message}");
+                    std::process::exit(128 + signal);
                 }
-                eprintln!(
-                    "bkp: interrupted by signal {signal}; the backup stopped and nothing was recorded"
-                );
-                std::process::exit(128 + signal);
+                OnSignal::Defer(message) => eprintln!("{message}"),
             }
-            if phase.deferred_signal.is_some() {
-                eprintln!(
-                    "bkp: interrupted by signal {signal} while the snapshot was being written: it may or may not be recorded (`bkp snapshots` shows it if it is)"
-                );
-                std::process::exit(128 + signal);
-            }
-            phase.deferred_signal = Some(signal);
-            eprintln!(
-                "bkp: signal {signal}: the snapshot is being written; stopping once it is (signal again to stop at once)"
-            );
         }
     });
     Ok(phase)
@@ -972,4 +992,29 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     }
     writeln!(out)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_never_claims_nothing_was_recorded_once_the_snapshot_is_being_written() {
+        let mut phase = BackupPhase::default();
+        assert!(
+            matches!(phase.on_signal(15), OnSignal::Exit(m) if m.contains("nothing was recorded"))
+        );
+        phase.recording = true;
+        let first = phase.on_signal(15);
+        assert!(
+            matches!(&first, OnSignal::Defer(m) if !m.contains("nothing")),
+            "{first:?}"
+        );
+        assert_eq!(phase.deferred_signal, Some(15));
+        let second = phase.on_signal(2);
+        assert!(
+            matches!(&second, OnSignal::Exit(m) if m.contains("may or may not") && !m.contains("nothing was recorded")),
+            "{second:?}"
+        );
+    }
 }
