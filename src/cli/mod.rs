@@ -44,7 +44,12 @@ With `-- COMMAND`, bkp runs the dump itself (no shell): if it exits non-zero or 
 snapshot is recorded and bkp exits with 7, showing the command's status and last stderr lines.
 A pg_dump or mysqldump stream whose completion trailer is missing is saved, flagged INCOMPLETE,
 and bkp exits with 6. Compressed input (gzip, zstd, pg_dump -Fc without -Z0) is backed up with
-a warning: it cannot be deduplicated.";
+a warning: it cannot be deduplicated.
+
+A dump command carrying a password (`--password X`, `-pX`, `password=X`, a URL with one,
+`env PGPASSWORD=X`, also inside `sh -c`) is refused (exit 2): every local user could read it in
+the process list. Use ~/.pgpass, an option file (--defaults-extra-file), or PGPASSWORD/MYSQL_PWD
+in the environment of the cron job or service unit; BKP_*PASSWORD* never reaches the dump.";
 
 const EXIT_DAMAGED: u8 = 5;
 const EXIT_DUMP_INCOMPLETE: u8 = 6;
@@ -63,7 +68,8 @@ Environment:
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
   BKP_NEW_PASSWORD_FILE, BKP_NEW_PASSWORD_COMMAND, BKP_NEW_PASSWORD
                          the new password for `bkp key add` and `bkp key passwd`
-  Without any of these, bkp asks on the terminal.";
+  Without any of these, bkp asks on the terminal.
+  BKP_INSECURE_FAST_KDF  tests only: new keys get a trivial key derivation (bkp warns)";
 
 #[derive(Parser)]
 #[command(
@@ -275,7 +281,7 @@ struct BackupArgs {
 struct RestoreArgs {
     /// Snapshot id (a unique prefix is enough) or `latest`
     snapshot: String,
-    /// With `latest`: the newest snapshot having all these tags
+    /// With `latest`: the newest snapshot having all these tags (complete, readable, not dated more than an hour ahead; skipped newer ones are named on stderr)
     #[arg(short, long = "tag", value_name = "TAG")]
     tags: Vec<String>,
     /// Write to this new file instead of standard output (removed again if the restore fails)
