@@ -150,12 +150,22 @@ fn postgres_custom(head: &[u8]) -> DumpInfo {
         return info;
     };
     let mut at = 11;
+    // pg_dump writes 4-byte ints; anything wider than i64 is not a pg_dump header.
+    if !(1..=8).contains(&int_size) {
+        return info;
+    }
     let read_int = |at: &mut usize| -> Option<i64> {
         let sign = *head.get(*at)?;
         let bytes = head.get(*at + 1..*at + 1 + int_size as usize)?;
         *at += 1 + int_size as usize;
         let magnitude = bytes.iter().rev().fold(0i64, |v, &b| (v << 8) | b as i64);
-        Some(if sign == 0 { magnitude } else { -magnitude })
+        // (A crafted header's magnitude can be i64::MIN, whose negation overflows: found by
+        // fuzzing, fuzz/fuzz_targets/dump_header.rs.)
+        Some(if sign == 0 {
+            magnitude
+        } else {
+            magnitude.checked_neg()?
+        })
     };
     let compressed = if minor >= 15 {
         let algorithm = head.get(at).copied();
