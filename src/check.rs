@@ -210,6 +210,15 @@ impl Checker<'_> {
     fn snapshots(&mut self, index: &Index) -> Result<()> {
         let store = self.repo.store();
         let mut reader = FrameReader::new(self.repo, index);
+        let markers: HashSet<String> = if self.repo.has_series_markers() {
+            self.repo
+                .markers()?
+                .into_iter()
+                .map(|(_, o)| o.name)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for object in store.list("snapshots")? {
             self.report.snapshots += 1;
             let entry = match self.repo.read_snapshot_named(&object.name) {
@@ -219,6 +228,15 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            if self.repo.has_series_markers()
+                && !markers.contains(&self.repo.marker_of(&entry.id, &entry.snapshot))
+            {
+                self.report.problems.push(Problem {
+                    object: object.name.clone(),
+                    problem: "it has no series marker, so `latest` and --tag do not find it (written by an older bkp during an upgrade?): run `bkp upgrade` to add it".to_string(),
+                    snapshots: vec![entry.id.to_hex()],
+                });
+            }
             let mut packs = BTreeSet::new();
             let mut missing = 0u64;
             let mut base_error = None;

@@ -114,8 +114,21 @@ pub fn plan(
         .collect())
 }
 
-/// Removes snapshots (their snapshot objects), damaged ones too.
+/// Removes snapshots (their snapshot objects), damaged ones too, then their series markers
+/// (a marker without its snapshot is passed over by readers; the other way round, `latest`
+/// would not see a snapshot that is still there).
 pub fn remove(repo: &Repository, snapshots: &[Id]) -> Result<()> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
     let names: Vec<String> = snapshots.iter().map(snapshot_name).collect();
-    repo.delete_objects(&names)
+    repo.delete_objects(&names)?;
+    let gone: std::collections::HashSet<&Id> = snapshots.iter().collect();
+    let markers: Vec<String> = repo
+        .markers()?
+        .into_iter()
+        .filter(|(id, _)| gone.contains(id))
+        .map(|(_, object)| object.name)
+        .collect();
+    repo.delete_objects(&markers)
 }

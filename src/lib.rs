@@ -52,10 +52,13 @@ mod repack;
 mod repo;
 mod restore;
 pub mod retention;
+mod series;
 mod snapshot;
 pub mod source;
 mod stats;
 mod store;
+#[doc(hidden)]
+pub mod synthetic;
 mod tree;
 mod walk;
 
@@ -73,7 +76,7 @@ pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, MAX_CLOCK_SKEW, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
 pub use stats::{SnapshotStats, Stats, stats};
-pub use store::{Durability, ObjectInfo, Store};
+pub use store::{Durability, ObjectInfo, RequestKind, Store};
 
 /// The repository format this bkp writes (docs/FORMAT.md); it reads every earlier version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;

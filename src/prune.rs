@@ -79,6 +79,9 @@ pub struct PruneReport {
     pub repacked_frames: usize,
     /// The new packs and their index file (in a dry run: the frame bytes that would be copied).
     pub repack_bytes_written: u64,
+    /// Series markers whose snapshot is gone (a forget or backup cut short), older than the
+    /// grace period.
+    pub deleted_markers: usize,
     pub dry_run: bool,
 }
 
@@ -230,6 +233,19 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         .map(|&(chosen, _)| pack_of(chosen))
         .collect();
     verify_index_claims(repo, &index_names, &verify, &stored)?;
+    // A backup writes its marker just before its snapshot: only old ones are orphans.
+    let snapshot_ids: HashSet<Id> = store
+        .list("snapshots")?
+        .iter()
+        .filter_map(|o| id_of(&o.name))
+        .collect();
+    let orphan_markers: Vec<String> = repo
+        .markers()?
+        .into_iter()
+        .filter(|(id, o)| !snapshot_ids.contains(id) && older_than_grace(o.modified))
+        .map(|(_, o)| o.name)
+        .collect();
+    report.deleted_markers = orphan_markers.len();
 
     if dry_run {
         report.repacked_frames = to_repack.iter().map(|p| p.keep.len()).sum();
@@ -268,6 +284,7 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         .map(|stored| stored.name.clone())
         .collect();
     repo.delete_objects(&due_lists)?;
+    repo.delete_objects(&orphan_markers)?;
     if !to_repack.is_empty() {
         // The copies are indexed before their originals are marked: from then on the index
         // prefers them, and the originals go the way of any unneeded pack.

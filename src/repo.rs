@@ -25,8 +25,9 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
 use crate::pack;
+use crate::series::{self, SeriesKeys};
 use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
-use crate::store::{Pending, Store};
+use crate::store::{ObjectInfo, Pending, Store};
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
 pub const OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS01";
@@ -77,6 +78,7 @@ pub struct Repository {
     /// The key file that opened (or created) the repository.
     key_id: Id,
     config: Config,
+    series: SeriesKeys,
     /// Objects that listings found damaged and skipped ([`Repository::skip_damaged`]).
     damaged: Mutex<BTreeMap<String, String>>,
 }
@@ -137,6 +139,9 @@ fn skip_damaged_into<T>(
         Err(e) => Err(e),
     }
 }
+
+/// A series marker as listed: its time (nanoseconds), snapshot id and object name.
+type MarkerEntry = (u64, Id, String);
 
 /// "latest with tags a,b", for messages.
 fn with_tags(query: &str, tags: &[String]) -> String {
@@ -199,6 +204,7 @@ impl Repository {
         store.barrier()?;
         Ok(Repository {
             store,
+            series: SeriesKeys::new(&key),
             key,
             key_id,
             config,
@@ -275,6 +281,7 @@ impl Repository {
         config.chunker.validate()?;
         Ok(Repository {
             store,
+            series: SeriesKeys::new(&key),
             key,
             key_id,
             config,
@@ -460,14 +467,41 @@ impl Repository {
         Ok(SnapshotEntry { id, snapshot })
     }
 
-    /// All snapshots carrying every tag in `tags`, oldest first.
+    /// All snapshots carrying every tag in `tags`, oldest first. With tags, in a repository of
+    /// format 3, only the snapshots of the series whose tags include them are read.
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotEntry>> {
+        let ids: Vec<Id> = if tags.is_empty() || !self.has_series_markers() {
+            let mut ids = Vec::new();
+            for object in self.store.list("snapshots")? {
+                match id_of(&object.name) {
+                    Some(id) => ids.push(id),
+                    None => {
+                        self.skip_damaged::<()>(Err(Error::corrupt(
+                            &object.name,
+                            "not named by a snapshot id",
+                        )))?;
+                    }
+                }
+            }
+            ids
+        } else {
+            let mut ids = Vec::new();
+            for series in self.series_with(tags)? {
+                let markers = self.store.list(&series::series_dir(&series))?;
+                ids.extend(
+                    markers
+                        .iter()
+                        .filter_map(|m| series::parse_marker(&m.name))
+                        .map(|m| m.id),
+                );
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
         let mut out = Vec::new();
-        for object in self.store.list("snapshots")? {
-            let read = id_of(&object.name)
-                .ok_or_else(|| Error::corrupt(&object.name, "not named by a snapshot id"))
-                .and_then(|id| self.read_snapshot(id));
-            let Some(entry) = self.skip_damaged(read)? else {
+        for id in ids {
+            let Some(entry) = self.skip_damaged(self.read_snapshot(id))? else {
                 continue;
             };
             if entry.has_tags(tags) {
@@ -476,6 +510,80 @@ impl Repository {
         }
         out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+
+    /// Whether every snapshot has a series marker (format 3: written since, or upgraded), so
+    /// that `latest` and `--tag` read only their series.
+    pub fn has_series_markers(&self) -> bool {
+        self.config.format_version >= 3
+    }
+
+    /// The names of the series whose tags include all of `tags`.
+    fn series_with(&self, tags: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for name in self.store.list_folders(series::SERIES_DIR)? {
+            match self.series.tags(&name) {
+                Some(series_tags) if tags.iter().all(|t| series_tags.contains(t)) => out.push(name),
+                Some(_) => {}
+                None => {
+                    self.skip_damaged::<()>(Err(Error::corrupt(
+                        series::series_dir(&name),
+                        "not a series of this repository (planted, or damaged)",
+                    )))?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The snapshots of the series matching `tags`, newest first, as their markers list them,
+    /// each read and checked against its marker, lazily: `latest` reads one or two.
+    /// Also says whether a series has more markers than were listed.
+    fn newest_first(&self, tags: &[String]) -> Result<(Vec<MarkerEntry>, bool)> {
+        // A marker listing of up to a page per series is what `latest` needs; a series whose
+        // first page holds nothing usable is listed whole by the caller's second pass.
+        const PAGE: usize = 1000;
+        let mut markers = Vec::new();
+        let mut truncated = false;
+        for series in self.series_with(tags)? {
+            let page = self.store.list_first(&series::series_dir(&series), PAGE)?;
+            truncated |= page.len() == PAGE;
+            for object in page {
+                match series::parse_marker(&object.name) {
+                    Some(marker) => markers.push((marker.nanos, marker.id, object.name.clone())),
+                    None => {
+                        self.skip_damaged::<()>(Err(Error::corrupt(
+                            &object.name,
+                            "not a snapshot marker",
+                        )))?;
+                    }
+                }
+            }
+        }
+        markers.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+        Ok((markers, truncated))
+    }
+
+    /// Reads the snapshot a marker names and checks that it is what the marker says (its series
+    /// and time); `None` for a marker whose snapshot is gone (a forget or a backup cut short
+    /// between the two writes) or damaged (recorded).
+    fn read_marked(&self, nanos: u64, id: Id, marker: &str) -> Result<Option<SnapshotEntry>> {
+        let entry = match self.read_snapshot(id) {
+            Err(Error::Missing { .. }) => return Ok(None),
+            read => self.skip_damaged(read)?,
+        };
+        let Some(entry) = entry else { return Ok(None) };
+        let series = self.series.name(&entry.snapshot.tags);
+        if series::marker_name(&series, entry.snapshot.time, &id) != marker
+            || series::unix_nanos(entry.snapshot.time) != nanos
+        {
+            self.skip_damaged::<()>(Err(Error::corrupt(
+                marker,
+                "its snapshot has other tags or another time (planted, or renamed)",
+            )))?;
+            return Ok(None);
+        }
+        Ok(Some(entry))
     }
 
     /// `latest` (the newest complete snapshot with all `tags`, [`Repository::find_latest`]) or
@@ -535,7 +643,7 @@ impl Repository {
     ) -> Result<(SnapshotEntry, Vec<(SnapshotEntry, String)>)> {
         let now = SystemTime::now();
         let mut skipped = Vec::new();
-        for entry in self.snapshots(tags)?.into_iter().rev() {
+        let mut consider = |entry: SnapshotEntry| {
             let reason = if entry.snapshot.is_future_dated(now) {
                 format!(
                     "it is dated {}, more than {} after this host's clock: the clock of the host that wrote it ({}) or of this one is wrong",
@@ -546,9 +654,45 @@ impl Repository {
             } else if entry.snapshot.dump_complete() == Some(false) {
                 "its dump is flagged INCOMPLETE".to_string()
             } else {
-                return Ok((entry, skipped));
+                return Some(entry);
             };
             skipped.push((entry, reason));
+            None
+        };
+        if self.has_series_markers() {
+            // Newest first, by the markers: usually one listing per series and one read.
+            let (markers, truncated) = self.newest_first(tags)?;
+            let mut seen = HashSet::new();
+            for (nanos, id, marker) in markers {
+                if !seen.insert(id) {
+                    continue;
+                }
+                if let Some(entry) = self.read_marked(nanos, id, &marker)?
+                    && let Some(entry) = consider(entry)
+                {
+                    return Ok((entry, skipped));
+                }
+            }
+            // Only if a series has more than a page of markers and none of that page would
+            // do: every snapshot of the series, the slow way.
+            let rest = if truncated {
+                self.snapshots(tags)?
+            } else {
+                Vec::new()
+            };
+            for entry in rest.into_iter().rev() {
+                if !seen.contains(&entry.id)
+                    && let Some(entry) = consider(entry)
+                {
+                    return Ok((entry, skipped));
+                }
+            }
+        } else {
+            for entry in self.snapshots(tags)?.into_iter().rev() {
+                if let Some(entry) = consider(entry) {
+                    return Ok((entry, skipped));
+                }
+            }
         }
         if let Some((newest, reason)) = skipped.first() {
             return Err(Error::SnapshotNotFound {
@@ -629,6 +773,11 @@ impl Repository {
         let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
         let id = Id::of_object(&sealed);
         let len = sealed.len() as u64;
+        // The marker first: a crash between the two leaves a marker without its snapshot,
+        // which readers pass over, never a snapshot that `latest` does not find.
+        self.store
+            .put_new(&self.marker_of(&id, snapshot), Vec::new())?;
+        self.store.barrier()?;
         self.store.put_new(&snapshot_name(&id), sealed)?;
         // Written but perhaps not durable: saying "nothing was recorded" would be wrong.
         self.store.barrier().map_err(|cause| Error::NotDurable {
@@ -636,6 +785,48 @@ impl Repository {
             cause: cause.to_string(),
         })?;
         Ok((id, len))
+    }
+
+    /// The series marker of snapshot `id`.
+    pub(crate) fn marker_of(&self, id: &Id, snapshot: &Snapshot) -> String {
+        series::marker_name(&self.series.name(&snapshot.tags), snapshot.time, id)
+    }
+
+    /// Every series marker, with the storage's time for it.
+    pub(crate) fn markers(&self) -> Result<Vec<(Id, ObjectInfo)>> {
+        Ok(self
+            .store
+            .list(series::SERIES_DIR)?
+            .into_iter()
+            .filter_map(|o| Some((series::parse_marker(&o.name)?.id, o)))
+            .collect())
+    }
+
+    /// Brings the repository to format 3: every snapshot gets its series marker, then the
+    /// config says format 3 (the one object ever replaced). Returns how many markers it wrote.
+    /// Snapshots that cannot be read get none (`bkp check` reports them).
+    pub fn upgrade(&mut self) -> Result<usize> {
+        let mut written = 0;
+        for entry in self.snapshots(&[])? {
+            if self
+                .store
+                .put_new(&self.marker_of(&entry.id, &entry.snapshot), Vec::new())?
+            {
+                written += 1;
+            }
+        }
+        self.store.barrier()?;
+        if self.config.format_version < crate::FORMAT_VERSION {
+            let config = Config {
+                format_version: crate::FORMAT_VERSION,
+                ..self.config.clone()
+            };
+            let sealed = envelope::seal(CONFIG_MAGIC, self.key.metadata.sealing(), &config);
+            self.store.replace(CONFIG_NAME, sealed)?;
+            self.store.barrier()?;
+            self.config = config;
+        }
+        Ok(written)
     }
 
     /// Replaces index file `old` by one naming only `keep` (none: no new file): the new file is
@@ -662,6 +853,40 @@ impl Repository {
         let sealed = envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list);
         let name = format!("obsolete/{}", Id::of_object(&sealed).to_hex());
         self.store.put_new(&name, sealed)?;
+        self.store.barrier()
+    }
+
+    /// Stores a synthetic index file (the scale benchmark's filler), durably; its packs do not
+    /// exist, so this skips the barrier before it that [`Repository::commit_packs`] makes.
+    pub(crate) fn commit_synthetic_index(&self, packs: Vec<IndexedPack>) -> Result<()> {
+        let sealed = envelope::seal(
+            INDEX_MAGIC,
+            self.key.metadata.sealing(),
+            &IndexFile { packs },
+        );
+        self.store
+            .put_new(&index_name(&Id::of_object(&sealed)), sealed)?;
+        self.store.barrier()
+    }
+
+    /// Stores synthetic snapshots (the scale benchmark's filler) and their markers at once,
+    /// durably: they name no packs, so there is nothing to wait for before them.
+    pub(crate) fn commit_synthetic_snapshots(&self, snapshots: &[Snapshot]) -> Result<()> {
+        let puts: Vec<_> = snapshots
+            .iter()
+            .flat_map(|snapshot| {
+                let sealed = envelope::seal(SNAPSHOT_MAGIC, self.key.metadata.sealing(), snapshot);
+                let id = Id::of_object(&sealed);
+                [
+                    self.store
+                        .put_new_soon(&self.marker_of(&id, snapshot), Vec::new()),
+                    self.store.put_new_soon(&snapshot_name(&id), sealed),
+                ]
+            })
+            .collect();
+        for put in puts {
+            self.store.wait(put)?;
+        }
         self.store.barrier()
     }
 

@@ -47,6 +47,85 @@ pub struct Store {
     durability: Option<Arc<dyn Durability>>,
     retry: Retry,
     runtime: tokio::runtime::Runtime,
+    requests: Arc<RequestLog>,
+}
+
+/// Every request a store made, counted by kind, and traced to a file when `BKP_TRACE_REQUESTS`
+/// names one (a line per request: microseconds since the store opened, kind, object, bytes):
+/// the figure that carries from a local benchmark to S3, where each costs 20-50 ms.
+#[derive(Default)]
+struct RequestLog {
+    counts: [std::sync::atomic::AtomicU64; RequestKind::COUNT],
+    trace: Option<(std::time::Instant, std::sync::Mutex<std::fs::File>)>,
+}
+
+/// The kinds of store request, for [`Store::request_counts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Get,
+    GetRange,
+    Head,
+    /// One page of a listing (S3 lists up to 1,000 objects a request).
+    List,
+    Put,
+    Delete,
+}
+
+impl RequestKind {
+    const COUNT: usize = 6;
+    const ALL: [RequestKind; RequestKind::COUNT] = [
+        RequestKind::Get,
+        RequestKind::GetRange,
+        RequestKind::Head,
+        RequestKind::List,
+        RequestKind::Put,
+        RequestKind::Delete,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Get => "get",
+            RequestKind::GetRange => "get-range",
+            RequestKind::Head => "head",
+            RequestKind::List => "list",
+            RequestKind::Put => "put",
+            RequestKind::Delete => "delete",
+        }
+    }
+}
+
+impl RequestLog {
+    fn from_env() -> RequestLog {
+        let trace = std::env::var_os("BKP_TRACE_REQUESTS").and_then(|path| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()?;
+            Some((std::time::Instant::now(), std::sync::Mutex::new(file)))
+        });
+        RequestLog {
+            trace,
+            ..RequestLog::default()
+        }
+    }
+
+    fn note(&self, kind: RequestKind, name: &str, bytes: u64) {
+        self.note_many(kind, name, bytes, 1);
+    }
+
+    fn note_many(&self, kind: RequestKind, name: &str, bytes: u64, requests: u64) {
+        self.counts[kind as usize].fetch_add(requests, std::sync::atomic::Ordering::Relaxed);
+        if let Some((opened, file)) = &self.trace {
+            use std::io::Write;
+            let line = format!(
+                "{} {} {name} {bytes} {requests}\n",
+                opened.elapsed().as_micros(),
+                kind.name()
+            );
+            let _ = file.lock().expect("trace lock").write_all(line.as_bytes());
+        }
+    }
 }
 
 /// What a store does at a write barrier ([`Store::barrier`]) beyond what its puts and deletes
@@ -159,13 +238,31 @@ impl Store {
                 first_wait: Retry::FIRST_WAIT,
             },
             runtime,
+            requests: Arc::new(RequestLog::from_env()),
         }
+    }
+
+    /// How many requests of each kind this store has made so far.
+    pub fn request_counts(&self) -> Vec<(RequestKind, u64)> {
+        RequestKind::ALL
+            .iter()
+            .map(|&kind| {
+                let count = &self.requests.counts[kind as usize];
+                (kind, count.load(std::sync::atomic::Ordering::Relaxed))
+            })
+            .collect()
+    }
+
+    /// All requests this store has made so far.
+    pub fn request_count(&self) -> u64 {
+        self.request_counts().iter().map(|(_, n)| n).sum()
     }
 
     /// One listing request, so that a missing bucket, refused credentials or an unreachable
     /// endpoint are reported as such before anything else (some S3-compatible servers would
     /// otherwise create a missing bucket on the first write).
     fn check_bucket(&self) -> Result<()> {
+        self.requests.note(RequestKind::List, "", 0);
         self.runtime
             .block_on(self.retry.run(|| self.inner.list_with_delimiter(None)))
             .map(drop)
@@ -204,6 +301,8 @@ impl Store {
             .as_ref()
             .map(|(root, syncer)| (root.join(&name), syncer.requests.clone()));
         let retry = self.retry;
+        self.requests
+            .note(RequestKind::Put, &name, bytes.len() as u64);
         let payload = PutPayload::from(bytes);
         Pending(self.runtime.spawn(async move {
             let path = Path::from(name.as_str());
@@ -262,12 +361,16 @@ impl Store {
     }
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
-        self.runtime
+        let bytes = self
+            .runtime
             .block_on(
                 self.retry
                     .run(|| async { self.inner.get(&Path::from(name)).await?.bytes().await }),
             )
-            .map_err(|e| self.error(name, e))
+            .map_err(|e| self.error(name, e));
+        let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
+        self.requests.note(RequestKind::Get, name, len);
+        bytes
     }
 
     pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
@@ -279,6 +382,8 @@ impl Store {
     pub fn get_range_soon(&self, name: &str, range: Range<u64>) -> Pending<Bytes> {
         let (inner, location, name) = (self.inner.clone(), self.location.clone(), name.to_string());
         let retry = self.retry;
+        self.requests
+            .note(RequestKind::GetRange, &name, range.end - range.start);
         Pending(self.runtime.spawn(async move {
             let path = Path::from(name.as_str());
             retry
@@ -294,6 +399,7 @@ impl Store {
 
     /// The object's size, or `None` if there is no such object.
     pub fn size(&self, name: &str) -> Result<Option<u64>> {
+        self.requests.note(RequestKind::Head, name, 0);
         let path = Path::from(name);
         match self
             .runtime
@@ -309,6 +415,7 @@ impl Store {
     pub fn sizes(&self, names: &[String]) -> Result<Vec<Option<u64>>> {
         const IN_FLIGHT: usize = 16;
         let heads = names.iter().map(|name| async move {
+            self.requests.note(RequestKind::Head, name, 0);
             let path = Path::from(name.as_str());
             match self.retry.run(|| self.inner.head(&path)).await {
                 Ok(meta) => Ok(Some(meta.size)),
@@ -341,7 +448,81 @@ impl Store {
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        // S3 lists 1,000 objects a request.
+        let pages = out.len() as u64 / 1000 + 1;
+        self.requests.note_many(RequestKind::List, dir, 0, pages);
         Ok(out)
+    }
+
+    /// The names of the folders directly under `dir` (`series/` → `["abc...", ...]`).
+    pub fn list_folders(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = Path::from(dir);
+        let listing = self
+            .runtime
+            .block_on(
+                self.retry
+                    .run(|| self.inner.list_with_delimiter(Some(&prefix))),
+            )
+            .map_err(|e| self.error(dir, e))?;
+        let found = listing.common_prefixes.len() + listing.objects.len();
+        self.requests
+            .note_many(RequestKind::List, dir, 0, found as u64 / 1000 + 1);
+        let mut out: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The first `n` objects under `dir` in name order, reading no more of the listing than it
+    /// takes (on S3, which lists in name order, one request for up to 1,000).
+    pub fn list_first(&self, dir: &str, n: usize) -> Result<Vec<ObjectInfo>> {
+        if self.local.is_some() {
+            // A directory listing is not in name order: read it all (it is local).
+            let mut all = self.list(dir)?;
+            all.truncate(n);
+            return Ok(all);
+        }
+        let prefix = Path::from(dir);
+        let first = self
+            .runtime
+            .block_on(self.retry.run(|| {
+                self.inner
+                    .list(Some(&prefix))
+                    .take(n)
+                    .try_collect::<Vec<_>>()
+            }))
+            .map_err(|e| self.error(dir, e))?;
+        self.requests
+            .note_many(RequestKind::List, dir, 0, n.div_ceil(1000).max(1) as u64);
+        let mut out: Vec<ObjectInfo> = first
+            .into_iter()
+            .map(|meta| ObjectInfo {
+                name: meta.location.to_string(),
+                size: meta.size,
+                modified: SystemTime::from(meta.last_modified),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Replaces an object's content at once (readers see the old or the new bytes). Only
+    /// `bkp upgrade` does this, to the `config`; every other object is create-only.
+    pub fn replace(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.requests
+            .note(RequestKind::Put, name, bytes.len() as u64);
+        let path = Path::from(name);
+        let payload = PutPayload::from(bytes);
+        self.runtime
+            .block_on(self.retry.run(|| self.inner.put(&path, payload.clone())))
+            .map_err(|e| self.error(name, e))?;
+        if let Some((root, syncer)) = &self.local {
+            let _ = syncer.requests.send(SyncRequest::File(root.join(name)));
+        }
+        Ok(())
     }
 
     /// Files that a local store's uploads left behind when the process writing them was killed
@@ -413,6 +594,12 @@ impl Store {
             }
         }
         let names: Vec<String> = names.into_iter().cloned().collect();
+        // S3 deletes 1,000 objects a request.
+        let batches = names.len().div_ceil(1000) as u64;
+        if let Some(first) = names.first() {
+            self.requests
+                .note_many(RequestKind::Delete, first, 0, batches);
+        }
         let batch = || async {
             let paths: Vec<object_store::Result<Path>> =
                 names.iter().map(|n| Ok(Path::from(n.as_str()))).collect();

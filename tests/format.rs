@@ -481,3 +481,55 @@ fn format_v1_fixture_restores_with_bkp() {
         assert_eq!(blake3::hash(&out).to_hex().as_str(), blake3_hex);
     }
 }
+
+/// A repository written by bkp 0.2 (format version 2): three days of a generated plain pg_dump
+/// (`gen_dump 600000 DAY`), days 2 and 3 stored as delta frames; made before format version 3.
+const FIXTURE_V2: &str = "tests/fixtures/repo-v2";
+/// (snapshot id prefix, stream length, BLAKE3 of the stream), oldest first.
+const STREAMS_V2: [(&str, usize, &str); 3] = [
+    (
+        "bfb3a57c",
+        625_752,
+        "edc81286d5c735475bf78ff7ea7aff731f4f64a71a6a6ab57244b9c8c6a94938",
+    ),
+    (
+        "4c1de557",
+        627_708,
+        "277e21aebcaece15bb25a6a9fcf825bd10781efd39e16980f262a41cca3d1444",
+    ),
+    (
+        "9125e467",
+        630_121,
+        "8b52dc18ff17da84ca5f3c0067e3282bf2a95ba73bbff19bfee50e9c6aa56de4",
+    ),
+];
+
+#[test]
+fn format_v2_fixture_restores_and_checks_with_bkp() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE_V2);
+    for (id, len, blake3_hex) in STREAMS_V2 {
+        let out = common::stdout_of(
+            bkp(&root)
+                .env("BKP_PASSWORD", PASSWORD)
+                .args(["restore", id]),
+        );
+        assert_eq!(out.len(), len, "{id}");
+        assert_eq!(blake3::hash(&out).to_hex().as_str(), blake3_hex, "{id}");
+    }
+    let latest = common::stdout_of(
+        bkp(&root)
+            .env("BKP_PASSWORD", PASSWORD)
+            .args(["restore", "latest", "--tag", "fixture"]),
+    );
+    assert_eq!(
+        blake3::hash(&latest).to_hex().as_str(),
+        STREAMS_V2[2].2,
+        "latest is day 3"
+    );
+    let check = bkp(&root)
+        .env("BKP_PASSWORD", PASSWORD)
+        .args(["check", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}

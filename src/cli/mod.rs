@@ -128,7 +128,19 @@ enum Commands {
     /// Reclaim the space of forgotten snapshots, safely while backups run (no lock)
     #[command(after_help = PRUNE_HELP)]
     Prune(PruneArgs),
+    /// Bring a repository made by an older bkp to the current format (safe to run again)
+    #[command(after_help = UPGRADE_HELP)]
+    Upgrade,
 }
+
+const UPGRADE_HELP: &str = "\
+Format 3 gives every snapshot a series marker (its tag set, encrypted, and its time), so that
+`latest` and `--tag` read only their own series instead of every snapshot in the repository.
+`bkp upgrade` writes the markers of the snapshots an older bkp wrote, then records format 3 in
+the repository's config: the one object bkp ever replaces, so it needs storage credentials that
+may overwrite it, once. Stop backups by older bkp versions first: they cannot open a format 3
+repository, and a snapshot one of them writes during the upgrade gets no marker (run upgrade
+again). Repositories of format 2 work without it; every command reads them as before.";
 
 const PRUNE_HELP: &str = "\
 Prune works in two steps a grace period apart, so that it never needs a lock and never deletes
@@ -345,6 +357,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Prune(args) => prune(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
+        Commands::Upgrade => upgrade(&location, cli.quiet).map(|()| ExitCode::SUCCESS),
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
@@ -453,6 +466,19 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
     } else {
         Store::open_with_options(location, &options)?
     })
+}
+
+fn upgrade(location: &str, quiet: bool) -> Result<()> {
+    let mut open = open_repository(location)?;
+    let before = open.repo.config().format_version;
+    let written = open.repo.upgrade()?;
+    if !quiet {
+        println!(
+            "repository at format {} (was {before}); {written} series marker(s) written",
+            open.repo.config().format_version
+        );
+    }
+    Ok(())
 }
 
 fn open_repository(location: &str) -> Result<OpenRepository> {

@@ -1,0 +1,246 @@
+//! Series markers (format 3, docs/FORMAT.md §11.1): `latest` and `--tag` read their own series
+//! only, whatever else the repository holds; markers that lie are passed over; forget, prune,
+//! check and upgrade keep markers and snapshots in step.
+
+mod common;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use bkp::{BackupOptions, Repository, SnapshotEntry};
+use common::{bkp, dumpgen, memory_repo};
+
+fn backup(repo: &Repository, data: &[u8], tags: &[&str]) -> SnapshotEntry {
+    let options = BackupOptions {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..BackupOptions::default()
+    };
+    let source = bkp::Source::spawn(Cursor::new(data.to_vec()));
+    bkp::backup(repo, source, &options, &mut |_| {})
+        .unwrap()
+        .snapshot
+}
+
+fn tags(list: &[&str]) -> Vec<String> {
+    list.iter().map(|t| t.to_string()).collect()
+}
+
+fn dump(day: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    dumpgen::write_dump(&mut out, 200_000, day).unwrap();
+    out
+}
+
+/// Snapshots in a known order, even on a coarse clock.
+fn backup_later(repo: &Repository, data: &[u8], tags: &[&str]) -> SnapshotEntry {
+    std::thread::sleep(Duration::from_millis(5));
+    backup(repo, data, tags)
+}
+
+/// Store requests `f` makes.
+fn requests<T>(repo: &Repository, f: impl FnOnce() -> T) -> (T, u64) {
+    let before = repo.store().request_count();
+    let out = f();
+    (out, repo.store().request_count() - before)
+}
+
+fn fill_snapshots(repo: &Repository, snapshots: u64) {
+    let filler = bkp::synthetic::Filler {
+        chunks: 0,
+        chunks_per_index_file: 1,
+        snapshots,
+        series: 20,
+        seed: 1,
+    };
+    bkp::synthetic::fill(repo, &filler, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn latest_and_tag_listings_read_only_their_series_whatever_the_repository_holds() {
+    let repo = memory_repo();
+    backup(&repo, &dump(1), &["bench"]);
+    let newest = backup_later(&repo, &dump(2), &["bench"]);
+    let bench = tags(&["bench"]);
+    let latest = |repo: &Repository| requests(repo, || repo.find_latest(&bench).unwrap().0.id);
+    let listing = |repo: &Repository| requests(repo, || repo.snapshots(&bench).unwrap().len());
+    let (id, few) = latest(&repo);
+    assert_eq!(id, newest.id);
+    let (listed, few_listing) = listing(&repo);
+    assert_eq!(listed, 2);
+
+    fill_snapshots(&repo, 2_000);
+    assert_eq!(repo.snapshots(&[]).unwrap().len(), 2_002);
+    let (id, many) = latest(&repo);
+    assert_eq!(id, newest.id);
+    let (listed, many_listing) = listing(&repo);
+    assert_eq!(listed, 2);
+    assert_eq!(
+        (few, few_listing),
+        (many, many_listing),
+        "2,000 more snapshots in other series cost `latest` and `snapshots --tag` no request"
+    );
+    assert!(
+        few <= 4,
+        "a listing of series, one of the series, a read: {few}"
+    );
+}
+
+#[test]
+fn latest_with_a_tag_is_the_newest_of_every_series_that_has_it() {
+    let repo = memory_repo();
+    backup(&repo, &dump(1), &["shop"]);
+    let weekly = backup_later(&repo, &dump(2), &["shop", "weekly"]);
+    let crm = backup_later(&repo, b"crm dump\n", &["crm"]);
+    let latest = |t: &[&str]| repo.find_latest(&tags(t)).unwrap().0.id;
+    assert_eq!(latest(&["shop"]), weekly.id);
+    assert_eq!(latest(&["weekly"]), weekly.id);
+    assert_eq!(latest(&["shop", "weekly"]), weekly.id);
+    assert_eq!(latest(&[]), crm.id);
+    assert!(matches!(
+        repo.find_latest(&tags(&["shop", "crm"])),
+        Err(bkp::Error::SnapshotNotFound { .. })
+    ));
+    let shop: Vec<_> = repo.snapshots(&tags(&["shop"])).unwrap();
+    assert_eq!(shop.len(), 2);
+}
+
+/// The markers of a repository, by name.
+fn markers(repo: &Repository) -> Vec<String> {
+    repo.store()
+        .list("series")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect()
+}
+
+#[test]
+fn markers_that_lie_or_point_nowhere_are_passed_over() {
+    let repo = memory_repo();
+    let old = backup(&repo, &dump(1), &["shop"]);
+    let new = backup_later(&repo, &dump(2), &["shop"]);
+    let [newer_marker, older_marker] = markers(&repo).try_into().unwrap();
+    assert!(newer_marker.ends_with(&new.id.to_hex()));
+    assert!(older_marker.ends_with(&old.id.to_hex()));
+    let (folder, _) = newer_marker.rsplit_once('/').unwrap();
+    let store = repo.store();
+    let future = u64::MAX
+        - SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+        - 60_000_000_000;
+    // A planted marker claiming the old snapshot is the newest; one naming no snapshot.
+    let lying = format!("{folder}/{future:016x}-{}", old.id);
+    store.put_new(&lying, Vec::new()).unwrap();
+    let nowhere = format!("{folder}/{:016x}-{}", future - 1, "ab".repeat(32));
+    store.put_new(&nowhere, Vec::new()).unwrap();
+    // A series folder that is not this repository's.
+    store
+        .put_new(&format!("series/{}/x", "00".repeat(32)), Vec::new())
+        .unwrap();
+
+    let (latest, skipped) = repo.find_latest(&tags(&["shop"])).unwrap();
+    assert_eq!(latest.id, new.id);
+    assert!(skipped.is_empty());
+    let damaged: Vec<String> = repo.damaged_objects().into_iter().map(|(o, _)| o).collect();
+    assert!(damaged.contains(&lying), "{damaged:?}");
+    assert!(
+        damaged.iter().any(|o| o.starts_with("series/0000")),
+        "{damaged:?}"
+    );
+    assert!(
+        !damaged.contains(&nowhere),
+        "a marker whose snapshot is gone is not damage"
+    );
+}
+
+#[test]
+fn forget_and_prune_remove_markers_with_their_snapshots() {
+    let repo = memory_repo();
+    let old = backup(&repo, &dump(1), &["shop"]);
+    let new = backup_later(&repo, &dump(2), &["shop"]);
+    bkp::forget::remove(&repo, &[old.id]).unwrap();
+    let left = markers(&repo);
+    assert_eq!(left.len(), 1);
+    assert!(left[0].ends_with(&new.id.to_hex()));
+
+    // A marker whose snapshot went without it (a forget cut short): prune removes it once it is
+    // a grace period old, never a young one (a backup writes its marker just before its
+    // snapshot).
+    repo.store()
+        .delete_many(&[format!("snapshots/{}", new.id)])
+        .unwrap();
+    let prune = |now| {
+        let options = bkp::prune::PruneOptions::new(bkp::prune::MIN_GRACE, now);
+        bkp::prune::prune(&repo, &options).unwrap()
+    };
+    assert_eq!(prune(SystemTime::now()).deleted_markers, 0);
+    assert_eq!(markers(&repo).len(), 1);
+    let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+    assert_eq!(prune(later).deleted_markers, 1);
+    assert!(markers(&repo).is_empty());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn run(repo: &Path, args: &[&str]) -> std::process::Output {
+    bkp(repo)
+        .env("BKP_PASSWORD", "fixture")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn upgrade_brings_v1_and_v2_repositories_to_format_3() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (fixture, snapshots) in [("repo-v1", 2), ("repo-v2", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join(fixture);
+        copy_dir(&fixtures.join(fixture), &repo);
+        let before = run(&repo, &["restore", "latest"]).stdout;
+        assert!(!before.is_empty());
+
+        let upgraded = run(&repo, &["upgrade"]);
+        assert!(upgraded.status.success(), "{upgraded:?}");
+        let said = String::from_utf8_lossy(&upgraded.stdout).to_string();
+        assert!(
+            said.contains("format 3") && said.contains(&format!("{snapshots} series marker")),
+            "{said}"
+        );
+        assert_eq!(common::files_under(&repo, "series").len(), snapshots);
+        let check = run(&repo, &["check", "--read-data"]);
+        assert!(check.status.success(), "{fixture}: {check:?}");
+        assert_eq!(run(&repo, &["restore", "latest"]).stdout, before);
+        let again = run(&repo, &["upgrade"]);
+        assert!(String::from_utf8_lossy(&again.stdout).contains(" 0 series marker"));
+
+        // A snapshot without its marker (one an older bkp wrote meanwhile) is reported by
+        // check and given one by upgrade.
+        let marker = common::files_under(&repo, "series").pop().unwrap();
+        std::fs::remove_file(&marker).unwrap();
+        let check = run(&repo, &["check"]);
+        assert!(!check.status.success());
+        assert!(
+            String::from_utf8_lossy(&check.stdout).contains("no series marker")
+                || String::from_utf8_lossy(&check.stderr).contains("no series marker"),
+            "{check:?}"
+        );
+        assert!(run(&repo, &["upgrade"]).status.success());
+        assert!(marker.exists());
+        assert!(run(&repo, &["check"]).status.success());
+    }
+}
