@@ -29,7 +29,7 @@ use crate::index::{Index, IndexedPack, MISSING_BASE};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::{BaseCache, FrameReader};
 use crate::repo::{Repository, hostname};
-use crate::snapshot::{AddedBytes, Snapshot, SnapshotEntry, annotation};
+use crate::snapshot::{AddedBytes, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::tree::{TreeBuilder, TreeRoot};
 
@@ -409,7 +409,7 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
-    let index = repo.load_index_for_backup()?;
+    let index = repo.load_index_for_series(&options.tags)?;
     let session = PackSession::new(key);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -467,10 +467,22 @@ pub fn backup(
         let stream = facts
             .recv()
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
-        let mut depends_on: Vec<Id> = packs.iter().map(|p| p.id).collect();
-        depends_on.extend(dedup.used_packs.iter().map(|&p| index.pack(p).id));
-        depends_on.sort_unstable();
-        depends_on.dedup();
+        let mut depends_on: Vec<PackRef> = packs
+            .iter()
+            .map(|p| PackRef {
+                id: p.id,
+                len: p.len,
+            })
+            .collect();
+        depends_on.extend(dedup.used_packs.iter().map(|&p| {
+            let pack = index.pack(p);
+            PackRef {
+                id: pack.id,
+                len: pack.len,
+            }
+        }));
+        depends_on.sort_unstable_by_key(|p| p.id);
+        depends_on.dedup_by_key(|p| p.id);
         Ok::<_, Error>((root, stream, dedup.added, packs, depends_on))
     })?;
 
@@ -493,9 +505,10 @@ pub fn backup(
         tree: root,
         added,
         annotations: annotations(options, &stream.dump),
+        packs: depends_on,
     };
     progress(BackupEvent::Recording);
-    let (id, snapshot_len) = repo.commit_snapshot(&snapshot, &depends_on)?;
+    let (id, snapshot_len) = repo.commit_snapshot(&snapshot)?;
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,
         snapshot: SnapshotEntry { id, snapshot },

@@ -26,7 +26,7 @@ use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
 use crate::pack;
 use crate::series::{self, SeriesKeys};
-use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
+use crate::snapshot::{PackRef, SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
 use crate::store::{ObjectInfo, Pending, Store};
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
@@ -334,6 +334,125 @@ impl Repository {
         Ok(index)
     }
 
+    /// The index a backup of a series deduplicates against: that of the packs its parent
+    /// snapshot (the series' newest) named, read from their headers, so that a backup reads
+    /// what its parent needs and not every index file of the repository. If the parent names
+    /// none (a series' first backup, a repository of format 2), or one of its packs is marked
+    /// obsolete (a prune repacked it), gone or damaged, every index file instead
+    /// ([`Repository::load_index_for_backup`]): the chunks moved elsewhere, and the next
+    /// backup's parent names where.
+    pub(crate) fn load_index_for_series(&self, tags: &[String]) -> Result<Index> {
+        let Some(parent) = self.parent_of(tags)? else {
+            return self.load_index_for_backup();
+        };
+        let obsolete = self.marked_packs()?;
+        if parent
+            .snapshot
+            .packs
+            .iter()
+            .any(|p| obsolete.contains(&p.id))
+        {
+            return self.load_index_for_backup();
+        }
+        let mut index = Index::frames_only();
+        for pack in self.read_pack_headers(&parent.snapshot.packs) {
+            match pack {
+                Ok(pack) => index.add(&pack),
+                Err(Error::Missing { .. } | Error::Corrupt { .. }) => {
+                    return self.load_index_for_backup();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        index.finish_decodable_only();
+        Ok(index)
+    }
+
+    /// The index a restore of `snapshot` reads: that of the packs it names, read from their
+    /// headers, if they hold every chunk of its tree and every base those chunks' frames need
+    /// (checked by a walk of the tree, whose nodes are a small part of the stream); otherwise
+    /// (a prune repacked one since, or a snapshot from before format 3) every index file.
+    pub(crate) fn load_index_for_restore(&self, snapshot: &Snapshot) -> Result<Index> {
+        if snapshot.packs.is_empty() {
+            return self.load_index();
+        }
+        let mut index = Index::default();
+        for pack in self.read_pack_headers(&snapshot.packs) {
+            match pack {
+                Ok(pack) => index.add(&pack),
+                Err(Error::Missing { .. } | Error::Corrupt { .. }) => return self.load_index(),
+                Err(e) => return Err(e),
+            }
+        }
+        index.finish();
+        let mut complete = true;
+        let mut reader = crate::pack_reader::FrameReader::new(self, &index);
+        let walked =
+            crate::walk::for_each_chunk(self, &index, &mut reader, &snapshot.tree, &mut |id, _| {
+                let decodable = index
+                    .chunk_frame(&id)
+                    .is_some_and(|frame| crate::pack_reader::bases_of(&index, frame).is_ok());
+                complete &= decodable;
+            });
+        match walked {
+            Ok(()) if complete => Ok(index),
+            Ok(()) | Err(Error::Missing { .. } | Error::Corrupt { .. }) => self.load_index(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The newest snapshot of the series `tags` (exactly those tags) that names its packs.
+    fn parent_of(&self, tags: &[String]) -> Result<Option<SnapshotEntry>> {
+        if !self.has_series_markers() {
+            return Ok(None);
+        }
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        let dir = series::series_dir(&self.series.name(&tags));
+        for object in self.store.list_first(&dir, 16)? {
+            let Some(marker) = series::parse_marker(&object.name) else {
+                continue;
+            };
+            if let Some(entry) = self.read_marked(marker.nanos, marker.id, &object.name)?
+                && !entry.snapshot.packs.is_empty()
+            {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The headers of `packs`, read with aligned ranged reads, several packs at a time; each
+    /// is checked against its id and length.
+    pub(crate) fn read_pack_headers(&self, packs: &[PackRef]) -> Vec<Result<IndexedPack>> {
+        const THREADS: usize = 8;
+        let read = |pack: &PackRef| -> Result<IndexedPack> {
+            let name = pack_name(&pack.id);
+            let (data_ephemeral, header) =
+                pack::read_header_with(pack.len, &self.key.metadata, &name, |range| {
+                    crate::pack_reader::read_range_aligned(&self.store, &name, pack.len, range)
+                })?;
+            Ok(IndexedPack {
+                id: pack.id,
+                len: pack.len,
+                data_ephemeral,
+                header,
+            })
+        };
+        let per_thread = packs.len().div_ceil(THREADS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = packs
+                .chunks(per_thread)
+                .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("a header reader does not panic"))
+                .collect()
+        })
+    }
+
     /// One index file at a time: only the compact in-memory index grows with the repository.
     fn add_index_files(&self, index: &mut Index, skip: &HashSet<Id>) -> Result<()> {
         for object in self.store.list("index")? {
@@ -458,12 +577,8 @@ impl Repository {
     /// Reads snapshot `id`.
     pub fn read_snapshot(&self, id: Id) -> Result<SnapshotEntry> {
         let name = snapshot_name(&id);
-        let snapshot = envelope::open(
-            SNAPSHOT_MAGIC,
-            &self.key.metadata,
-            &get_named(&self.store, &name)?,
-            &name,
-        )?;
+        let bytes = get_named(&self.store, &name)?;
+        let snapshot = Snapshot::open(&self.key.metadata, &bytes, &name)?;
         Ok(SnapshotEntry { id, snapshot })
     }
 
@@ -757,13 +872,9 @@ impl Repository {
     /// refuses if a pack in `depends_on` is gone (a prune deleted it while the backup ran, which
     /// happens only to a backup that took longer than the prune's grace period). Returns the
     /// snapshot's id and stored size.
-    pub(crate) fn commit_snapshot(
-        &self,
-        snapshot: &Snapshot,
-        depends_on: &[Id],
-    ) -> Result<(Id, u64)> {
+    pub(crate) fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<(Id, u64)> {
         self.store.barrier()?;
-        let names: Vec<String> = depends_on.iter().map(pack_name).collect();
+        let names: Vec<String> = snapshot.packs.iter().map(|p| pack_name(&p.id)).collect();
         let sizes = self.store.sizes(&names)?;
         if let Some((name, _)) = names.iter().zip(sizes).find(|(_, size)| size.is_none()) {
             return Err(Error::DependencyDeleted {

@@ -288,7 +288,7 @@ pub fn restore(
     progress: &mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_restore(&entry.snapshot)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let size = entry.snapshot.size;
     let mut written = 0u64;
@@ -415,7 +415,7 @@ mod tests {
         for _ in 0..200 {
             snapshot.tree.ids.extend_from_slice(&ids);
         }
-        let (id, _) = repo.commit_snapshot(&snapshot, &[]).unwrap();
+        let (id, _) = repo.commit_snapshot(&snapshot).unwrap();
         let entry = repo.read_snapshot(id).unwrap();
         let mut out = Counting(0);
         let err = restore(&repo, &entry, &mut out, &mut |_| {}).unwrap_err();

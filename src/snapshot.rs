@@ -7,10 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::OpeningKey;
+use crate::envelope;
+use crate::error::Result;
 use crate::id::Id;
 use crate::tree::TreeRoot;
 
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP01";
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP02";
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"BKPSNP01";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -29,6 +33,71 @@ pub struct Snapshot {
     pub added: AddedBytes,
     /// Room for later, typed facts about the stream (dump kind, command) without a new format.
     pub annotations: BTreeMap<String, String>,
+    /// Every pack holding a chunk of the stream or of its tree, or a base frame of a frame
+    /// that does, as the backup found them (sorted by id): a restore, and the next backup of
+    /// the series, read these packs' headers instead of every index file. Empty in snapshots
+    /// written before format 3 (`BKPSNP01`); a pack that a prune has since repacked away sends
+    /// the reader to the index files.
+    pub packs: Vec<PackRef>,
+}
+
+/// A pack by id and stored length (what an aligned read of its header needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRef {
+    pub id: Id,
+    pub len: u64,
+}
+
+impl Snapshot {
+    /// Opens a sealed snapshot of either layout (`BKPSNP02`, or `BKPSNP01` without `packs`).
+    pub fn open(metadata: &OpeningKey, bytes: &[u8], object: &str) -> Result<Snapshot> {
+        if bytes.starts_with(SNAPSHOT_MAGIC_V1) {
+            let v1: v1::Snapshot = envelope::open(SNAPSHOT_MAGIC_V1, metadata, bytes, object)?;
+            return Ok(v1.into());
+        }
+        envelope::open(SNAPSHOT_MAGIC, metadata, bytes, object)
+    }
+}
+
+/// Layout version 1 (bkp 0.1 and 0.2): the same without `packs`.
+mod v1 {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use serde::Deserialize;
+
+    use super::AddedBytes;
+    use crate::tree::TreeRoot;
+
+    #[derive(Deserialize)]
+    pub struct Snapshot {
+        time: SystemTime,
+        hostname: String,
+        tags: Vec<String>,
+        name: String,
+        size: u64,
+        stream_hash: [u8; 32],
+        tree: TreeRoot,
+        added: AddedBytes,
+        annotations: BTreeMap<String, String>,
+    }
+
+    impl From<Snapshot> for super::Snapshot {
+        fn from(s: Snapshot) -> Self {
+            super::Snapshot {
+                time: s.time,
+                hostname: s.hostname,
+                tags: s.tags,
+                name: s.name,
+                size: s.size,
+                stream_hash: s.stream_hash,
+                tree: s.tree,
+                added: s.added,
+                annotations: s.annotations,
+                packs: Vec::new(),
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

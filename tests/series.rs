@@ -244,3 +244,43 @@ fn upgrade_brings_v1_and_v2_repositories_to_format_3() {
         assert!(run(&repo, &["check"]).status.success());
     }
 }
+
+#[test]
+fn backup_and_restore_requests_do_not_grow_with_the_repository() {
+    let repo = memory_repo();
+    let mut day1 = Vec::new();
+    dumpgen::write_dump(&mut day1, 3_000_000, 1).unwrap();
+    let mut day2 = Vec::new();
+    dumpgen::write_dump(&mut day2, 3_000_000, 2).unwrap();
+    backup(&repo, &day1, &["bench"]);
+    backup_later(&repo, &day2, &["bench"]);
+    let bench = tags(&["bench"]);
+    // The nightly backup of an unchanged database, and `restore latest` of it.
+    let measure = |repo: &Repository| {
+        let (_, backup_requests) = requests(repo, || backup_later(repo, &day2, &["bench"]));
+        let (restored, restore_requests) = requests(repo, || {
+            let (latest, _) = repo.find_latest(&bench).unwrap();
+            let mut out = Vec::new();
+            bkp::restore(repo, &latest, &mut out, &mut |_| {}).unwrap();
+            out
+        });
+        assert!(restored == day2);
+        (backup_requests, restore_requests)
+    };
+    let small = measure(&repo);
+    // 400 index files of other backups (of packs that are never read) and 2,000 snapshots.
+    let filler = bkp::synthetic::Filler {
+        chunks: 400_000,
+        chunks_per_index_file: 1_000,
+        snapshots: 2_000,
+        series: 20,
+        seed: 2,
+    };
+    bkp::synthetic::fill(&repo, &filler, &mut |_, _| {}).unwrap();
+    assert!(repo.store().list("index").unwrap().len() > 400);
+    let large = measure(&repo);
+    assert_eq!(
+        small, large,
+        "(backup, restore) requests with 400 more index files and 2,000 more snapshots"
+    );
+}
