@@ -31,6 +31,7 @@ use crate::pack_reader::{BaseCache, FrameReader};
 use crate::repo::{Repository, hostname};
 use crate::snapshot::{AddedBytes, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
+use crate::store::Pending;
 use crate::tree::{TreeBuilder, TreeRoot};
 
 #[derive(Clone, Debug)]
@@ -208,11 +209,39 @@ impl BaseFrames<'_> {
     }
 }
 
+/// The chunks this backup stored, the most recent [`RecentChunks::KEPT`] of them: a chunk that
+/// repeats within a dump is stored once if it repeats within that window (~4 GiB of new data),
+/// and memory does not grow with the dump (beyond it, a repeat is stored again).
+#[derive(Default)]
+struct RecentChunks {
+    /// 128-bit prefixes of keyed ids, as in the index ([`crate::index`]).
+    set: HashSet<[u8; 16]>,
+    order: VecDeque<[u8; 16]>,
+}
+
+impl RecentChunks {
+    const KEPT: usize = 1 << 18;
+
+    /// Records `id`; false if it was recorded already.
+    fn insert(&mut self, id: &Id) -> bool {
+        let prefix: [u8; 16] = id.0[..16].try_into().expect("16 bytes");
+        if !self.set.insert(prefix) {
+            return false;
+        }
+        self.order.push_back(prefix);
+        if self.order.len() > Self::KEPT {
+            let oldest = self.order.pop_front().expect("not empty");
+            self.set.remove(&oldest);
+        }
+        true
+    }
+}
+
 /// Decides what is new and batches it into groups for the workers.
 struct Deduper<'a> {
     repo: &'a Repository,
     index: &'a Index,
-    stored_this_session: HashSet<Id>,
+    stored_this_session: RecentChunks,
     /// Packs (numbers in the index) holding known chunks or their frames' bases: the snapshot
     /// depends on them.
     used_packs: HashSet<u32>,
@@ -253,7 +282,7 @@ impl Deduper<'_> {
             }
             return Ok(());
         }
-        if !self.stored_this_session.insert(id) {
+        if !self.stored_this_session.insert(&id) {
             return Ok(());
         }
         if !is_tree_node && self.data.chunks.is_empty() {
@@ -360,43 +389,77 @@ fn compress_worker(
 /// the page cache absorbs; overlapping it gains nothing and costs a pack of memory.
 const PACKS_UPLOADING: usize = 1;
 
-/// Fills packs with frames and stores each as it fills; returns what it stored.
+/// Stored packs named by one index file. A backup writes an index file every so many packs
+/// rather than one at its end, so that what it holds of its packs' headers stays bounded
+/// (~1.5 MB) however large the dump; an index file names only packs already durable.
+const PACKS_PER_INDEX_FILE: usize = 64;
+
+/// What the pack writer stored.
+#[derive(Default)]
+struct Stored {
+    packs: Vec<PackRef>,
+    /// Bytes of packs and index files.
+    bytes: u64,
+    /// The last packs, stored and durable but not yet in an index file: named once the
+    /// backup has read its stream to the end (a failed one leaves them to prune, unindexed).
+    unindexed: Vec<IndexedPack>,
+}
+
+/// Fills packs with frames, stores each as it fills, and names them in index files as they
+/// become durable; returns what it stored.
 fn pack_writer(
     repo: &Repository,
     session: &PackSession,
     frames: Receiver<Frame>,
     pack_size: usize,
-) -> Result<Vec<IndexedPack>> {
-    let mut stored = Vec::new();
-    let mut uploads = VecDeque::new();
-    let mut writer = PackWriter::new(session, pack_size);
-    let mut finish = |writer: PackWriter, uploads: &mut VecDeque<_>| -> Result<()> {
-        let (pack, bytes) = writer.finish(session);
-        uploads.push_back(repo.put_pack_soon(&pack.id, bytes));
-        stored.push(pack);
-        let in_flight = if repo.store().is_local() {
-            0
-        } else {
-            PACKS_UPLOADING
-        };
-        while uploads.len() > in_flight {
-            repo.wait_for_pack(uploads.pop_front().expect("an upload"))?;
+) -> Result<Stored> {
+    let in_flight = if repo.store().is_local() {
+        0
+    } else {
+        PACKS_UPLOADING
+    };
+    let mut stored = Stored::default();
+    let mut uploads: VecDeque<(Pending<bool>, IndexedPack)> = VecDeque::new();
+    // Uploaded, not yet named by an index file.
+    let mut durable: Vec<IndexedPack> = Vec::new();
+    // Waits until at most `keep` uploads are in flight, then indexes the uploaded packs if
+    // there are at least `batch`.
+    let mut settle = |uploads: &mut VecDeque<(Pending<bool>, IndexedPack)>,
+                      durable: &mut Vec<IndexedPack>,
+                      keep: usize,
+                      batch: usize|
+     -> Result<()> {
+        while uploads.len() > keep {
+            let (upload, pack) = uploads.pop_front().expect("an upload");
+            repo.wait_for_pack(upload)?;
+            stored.packs.push(PackRef {
+                id: pack.id,
+                len: pack.len,
+            });
+            stored.bytes += pack.len;
+            durable.push(pack);
+        }
+        if durable.len() >= batch {
+            stored.bytes += repo.commit_packs(std::mem::take(durable))?;
         }
         Ok(())
     };
+    let mut writer = PackWriter::new(session, pack_size);
     for frame in frames {
         if writer.is_full_before(&frame, &[]) {
             let full = std::mem::replace(&mut writer, PackWriter::new(session, pack_size));
-            finish(full, &mut uploads)?;
+            let (pack, bytes) = full.finish(session);
+            uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack));
+            settle(&mut uploads, &mut durable, in_flight, PACKS_PER_INDEX_FILE)?;
         }
         writer.add(frame, &[]);
     }
     if !writer.is_empty() {
-        finish(writer, &mut uploads)?;
+        let (pack, bytes) = writer.finish(session);
+        uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack));
     }
-    for upload in uploads {
-        repo.wait_for_pack(upload)?;
-    }
+    settle(&mut uploads, &mut durable, 0, PACKS_PER_INDEX_FILE)?;
+    stored.unindexed = durable;
     Ok(stored)
 }
 
@@ -444,7 +507,7 @@ pub fn backup(
         let mut dedup = Deduper {
             repo,
             index: &index,
-            stored_this_session: HashSet::new(),
+            stored_this_session: RecentChunks::default(),
             used_packs: HashSet::new(),
             data: Group::default(),
             waiting: None,
@@ -467,13 +530,7 @@ pub fn backup(
         let stream = facts
             .recv()
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
-        let mut depends_on: Vec<PackRef> = packs
-            .iter()
-            .map(|p| PackRef {
-                id: p.id,
-                len: p.len,
-            })
-            .collect();
+        let mut depends_on: Vec<PackRef> = packs.packs.clone();
         depends_on.extend(dedup.used_packs.iter().map(|&p| {
             let pack = index.pack(p);
             PackRef {
@@ -490,8 +547,7 @@ pub fn backup(
         return Err(Error::EmptyInput);
     }
     let mut added = added;
-    added.stored = packs.iter().map(|p| p.len).sum();
-    added.stored += repo.commit_packs(packs)?;
+    added.stored = packs.bytes + repo.commit_packs(packs.unindexed)?;
     let mut tags = options.tags.clone();
     tags.sort();
     tags.dedup();

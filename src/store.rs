@@ -925,6 +925,14 @@ fn store_error(location: &str, name: &str, source: object_store::Error) -> Error
         object_store::Error::NotFound { .. } => Error::Missing {
             object: name.to_string(),
         },
+        // A range past the object's end: it is shorter than whoever asked expected (a pack
+        // cut short). Local: "Requested range was invalid"; S3: 416 InvalidRange.
+        _ if detail.contains("Requested range was invalid")
+            || detail.contains("InvalidRange")
+            || detail.contains("416 Range Not Satisfiable") =>
+        {
+            Error::corrupt(name, "it is shorter than its listed size (cut short?)")
+        }
         cause => Error::Store {
             location: full_name(),
             cause,

@@ -284,3 +284,43 @@ fn backup_and_restore_requests_do_not_grow_with_the_repository() {
         "(backup, restore) requests with 400 more index files and 2,000 more snapshots"
     );
 }
+
+#[test]
+fn two_hosts_backing_up_one_series_at_once_and_a_prune_leave_every_snapshot_restorable() {
+    let repo = memory_repo();
+    let day = |n| {
+        let mut out = Vec::new();
+        dumpgen::write_dump(&mut out, 3_000_000, n).unwrap();
+        out
+    };
+    let first = backup(&repo, &day(1), &["shop"]);
+    backup_later(&repo, &day(2), &["shop"]);
+    // Both hosts take day 2's snapshot as their parent; a prune runs meanwhile, after day 1
+    // was forgotten (its packs hold bases the others still need).
+    bkp::forget::remove(&repo, &[first.id]).unwrap();
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| backup(&repo, &day(3), &["shop"]));
+        let b = scope.spawn(|| backup(&repo, &day(4), &["shop"]));
+        let options = bkp::prune::PruneOptions::new(bkp::prune::MIN_GRACE, SystemTime::now());
+        bkp::prune::prune(&repo, &options).unwrap();
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    // And the prune a grace period later deletes what it marked.
+    let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+    let options = bkp::prune::PruneOptions::new(bkp::prune::MIN_GRACE, later);
+    bkp::prune::prune(&repo, &options).unwrap();
+    for (entry, data) in [(&a, day(3)), (&b, day(4))] {
+        let mut out = Vec::new();
+        bkp::restore(&repo, entry, &mut out, &mut |_| {}).unwrap();
+        assert!(out == data);
+    }
+    // The next backup of the series deduplicates against whichever is newest.
+    let next = backup_later(&repo, &day(4), &["shop"]);
+    assert!(
+        next.snapshot.added.new_raw < 100_000,
+        "{:?}",
+        next.snapshot.added
+    );
+    let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
