@@ -8,7 +8,8 @@ name do not exist and the synthetic snapshots are of empty streams, in 20 series
 then measures:
 
   backup     day 2 of the dump (streamed from the generator through a 4 KiB pipe, so that the
-             first read by bkp is seen): peak RSS, time, time until bkp first read stdin, store
+             first read by bkp is seen): peak RSS, time, time until bkp first read stdin and
+             until it had read 64 MiB (past every buffer: a dump program is not stalled), store
              requests and bytes read before the first new pack was written (base frames for
              delta compression included), requests in all, and requests and bytes read of
              objects other than packs (metadata)
@@ -145,6 +146,7 @@ class Bench:
         os.close(r)
         src = gen.stdout.fileno()
         first = None
+        self.first_64m = None
         sent = 0
         try:
             # The pipe holds 4096 bytes: the write after it returns once bkp has read.
@@ -158,7 +160,9 @@ class Bench:
                     first = time.monotonic() - started
             fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
             while os.splice(src, w, 1 << 20):
-                pass
+                sent += 1 << 20
+                if self.first_64m is None and sent >= 64 << 20:
+                    self.first_64m = time.monotonic() - started
         except BrokenPipeError:
             pass
         os.close(w)
@@ -234,6 +238,7 @@ def measure(bench, location, chunks, snapshots, dump_size):
         "backup_rss": backup.rss_mib,
         "backup_s": backup.elapsed,
         "backup_first_read_ms": (backup.first or 0) * 1000,
+        "backup_64m_ms": (bench.first_64m or 0) * 1000,
         "backup_before_pack": before_n,
         "backup_before_pack_mib": before_bytes / (1 << 20),
         "backup_requests": backup.total_requests(),
@@ -257,6 +262,7 @@ COLUMNS = [
     ("store", "{store}"), ("chunks", "{chunks}"), ("snaps", "{snapshots}"), ("dump", "{dump}"),
     ("backup RSS MiB", "{backup_rss:.0f}"), ("backup s", "{backup_s:.2f}"),
     ("1st stdin read ms", "{backup_first_read_ms:.0f}"),
+    ("64 MiB of stdin read ms", "{backup_64m_ms:.0f}"),
     ("req before 1st pack", "{backup_before_pack}"),
     ("MiB read before 1st pack", "{backup_before_pack_mib:.1f}"),
     ("backup req", "{backup_requests}"),

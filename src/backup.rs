@@ -565,6 +565,8 @@ pub fn backup(
     };
     progress(BackupEvent::Recording);
     let (id, snapshot_len) = repo.commit_snapshot(&snapshot)?;
+    // An optimisation for listings only: the snapshot is recorded whatever happens here.
+    let _ = repo.maintain_catalog(&snapshot.tags);
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,
         snapshot: SnapshotEntry { id, snapshot },

@@ -13,6 +13,7 @@ use crate::envelope;
 use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile};
 use crate::pack::{self, PackSession};
+use crate::repo::{CATALOG_MAGIC, Catalog};
 use crate::repo::{CONFIG_MAGIC, Config, OBSOLETE_MAGIC, ObsoleteList};
 use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot};
 use crate::tree::{TreeRoot, TreeWalker};
@@ -143,6 +144,25 @@ pub fn obsolete_list(bytes: &[u8]) {
     }
 }
 
+/// `catalogs/<series>/<id>`.
+pub fn catalog(bytes: &[u8]) {
+    for object in [bytes.to_vec(), sealed(CATALOG_MAGIC, bytes)] {
+        if let Ok(catalog) = envelope::open::<Catalog>(CATALOG_MAGIC, &key().metadata, &object, "c")
+        {
+            for (_, snapshot) in &catalog.snapshots {
+                let _ = snapshot.dump_complete();
+            }
+        }
+    }
+}
+
+/// A series folder's name (`series/<name>/`, the input as text) and a marker's name.
+pub fn series_name(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let _ = crate::series::SeriesKeys::new(key()).tags(&text);
+    let _ = crate::series::parse_marker(&text);
+}
+
 /// The dump kind, version, database and completeness, from a stream cut into blocks at the
 /// input's first byte.
 pub fn dump_header(bytes: &[u8]) {
@@ -159,7 +179,7 @@ pub fn dump_header(bytes: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("key_file", key_file),
     ("config", config),
     ("envelope", envelope),
@@ -169,6 +189,8 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("tree_node", tree_node),
     ("obsolete_list", obsolete_list),
     ("dump_header", dump_header),
+    ("catalog", catalog),
+    ("series_name", series_name),
 ];
 
 #[cfg(test)]

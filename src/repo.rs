@@ -12,7 +12,7 @@
 //! after the previous one's objects are stored, so a crash leaves at worst unreferenced packs or
 //! an unreferenced index file, never a snapshot that points at nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -31,6 +31,18 @@ use crate::store::{ObjectInfo, Pending, Store};
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
 pub const OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS01";
+pub const CATALOG_MAGIC: &[u8; 8] = b"BKPCAT01";
+
+/// How many of a series' snapshots may be in no catalog before a backup writes one.
+pub const CATALOG_AFTER: usize = 64;
+
+/// The listing facts of a series' snapshots (docs/FORMAT.md §11.3), so that `snapshots --tag`
+/// reads a catalog rather than one object per snapshot. A cache of facts that never change:
+/// which snapshots exist is always taken from the series' markers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub snapshots: Vec<(Id, Snapshot)>,
+}
 
 /// Packs a prune found unneeded at `time`: backups no longer deduplicate against them, and a
 /// prune at least a grace period later deletes those still unneeded (docs/FORMAT.md §10).
@@ -600,19 +612,16 @@ impl Repository {
             }
             ids
         } else {
-            let mut ids = Vec::new();
+            let mut out = Vec::new();
             for series in self.series_with(tags)? {
-                let markers = self.store.list(&series::series_dir(&series))?;
-                ids.extend(
-                    markers
-                        .iter()
-                        .filter_map(|m| series::parse_marker(&m.name))
-                        .map(|m| m.id),
+                out.extend(
+                    self.series_snapshots(&series)?
+                        .into_iter()
+                        .filter(|entry| entry.has_tags(tags)),
                 );
             }
-            ids.sort_unstable();
-            ids.dedup();
-            ids
+            out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
+            return Ok(out);
         };
         let mut out = Vec::new();
         for id in ids {
@@ -625,6 +634,124 @@ impl Repository {
         }
         out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+
+    /// The snapshots of one series: those its markers name, from its catalogs where they have
+    /// them and read one by one where not.
+    fn series_snapshots(&self, series: &str) -> Result<Vec<SnapshotEntry>> {
+        let markers: BTreeMap<Id, (u64, String)> = self
+            .store
+            .list(&series::series_dir(series))?
+            .into_iter()
+            .filter_map(|o| {
+                let marker = series::parse_marker(&o.name)?;
+                Some((marker.id, (marker.nanos, o.name)))
+            })
+            .collect();
+        let (mut known, _) = self.catalog_entries(series, &markers)?;
+        let mut out = Vec::new();
+        for (id, (nanos, marker)) in &markers {
+            match known.remove(id) {
+                Some(snapshot) => out.push(SnapshotEntry { id: *id, snapshot }),
+                None => out.extend(self.read_marked(*nanos, *id, marker)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of a series' catalogs (§11.3) that its `markers` still name, and the names
+    /// of the catalogs read. A catalog with an entry that disagrees with its marker is damaged
+    /// and left out whole.
+    fn catalog_entries(
+        &self,
+        series: &str,
+        markers: &BTreeMap<Id, (u64, String)>,
+    ) -> Result<(HashMap<Id, Snapshot>, Vec<String>)> {
+        let mut entries = HashMap::new();
+        let mut names = Vec::new();
+        for object in self.store.list(&series::catalog_dir(series))? {
+            let read = get_named(&self.store, &object.name).and_then(|bytes| {
+                envelope::open::<Catalog>(CATALOG_MAGIC, &self.key.metadata, &bytes, &object.name)
+            });
+            let Some(catalog) = self.skip_damaged(read)? else {
+                continue;
+            };
+            let agrees = |(id, snapshot): &(Id, Snapshot)| {
+                self.series.name(&snapshot.tags) == series
+                    && markers
+                        .get(id)
+                        .is_none_or(|(nanos, _)| series::unix_nanos(snapshot.time) == *nanos)
+            };
+            if !catalog.snapshots.iter().all(agrees) {
+                self.skip_damaged::<()>(Err(Error::corrupt(
+                    &object.name,
+                    "an entry disagrees with its snapshot's series marker",
+                )))?;
+                continue;
+            }
+            names.push(object.name);
+            entries.extend(
+                catalog
+                    .snapshots
+                    .into_iter()
+                    .filter(|(id, _)| markers.contains_key(id)),
+            );
+        }
+        Ok((entries, names))
+    }
+
+    /// After a backup of series `tags`: once at least [`CATALOG_AFTER`] of the series'
+    /// snapshots are in no catalog, writes one catalog of every snapshot the series' markers
+    /// name, then deletes the catalogs it read (their live entries are all in the new one, so
+    /// a concurrent writer doing the same loses nothing). Returns whether it wrote one.
+    pub(crate) fn maintain_catalog(&self, tags: &[String]) -> Result<bool> {
+        if !self.has_series_markers() {
+            return Ok(false);
+        }
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        let series = self.series.name(&tags);
+        let markers: BTreeMap<Id, (u64, String)> = self
+            .store
+            .list(&series::series_dir(&series))?
+            .into_iter()
+            .filter_map(|o| {
+                let marker = series::parse_marker(&o.name)?;
+                Some((marker.id, (marker.nanos, o.name)))
+            })
+            .collect();
+        if markers.len() < CATALOG_AFTER {
+            return Ok(false);
+        }
+        let (mut known, read) = self.catalog_entries(&series, &markers)?;
+        let missing = markers.keys().filter(|id| !known.contains_key(id)).count();
+        if missing < CATALOG_AFTER {
+            return Ok(false);
+        }
+        for (id, (nanos, marker)) in &markers {
+            if !known.contains_key(id)
+                && let Some(entry) = self.read_marked(*nanos, *id, marker)?
+            {
+                known.insert(entry.id, entry.snapshot);
+            }
+        }
+        let mut snapshots: Vec<(Id, Snapshot)> = known.into_iter().collect();
+        snapshots.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        let sealed = envelope::seal(
+            CATALOG_MAGIC,
+            self.key.metadata.sealing(),
+            &Catalog { snapshots },
+        );
+        let name = format!(
+            "{}/{}",
+            series::catalog_dir(&series),
+            Id::of_object(&sealed)
+        );
+        self.store.put_new(&name, sealed)?;
+        self.store.barrier()?;
+        self.delete_objects(&read)?;
+        Ok(true)
     }
 
     /// Whether every snapshot has a series marker (format 3: written since, or upgraded), so

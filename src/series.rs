@@ -79,6 +79,13 @@ impl SeriesKeys {
     }
 }
 
+pub const CATALOG_DIR: &str = "catalogs";
+
+/// The folder of a series' catalogs, `catalogs/<name>/`.
+pub fn catalog_dir(name: &str) -> String {
+    format!("{CATALOG_DIR}/{name}")
+}
+
 /// The folder of a series' markers, `series/<name>/`.
 pub fn series_dir(name: &str) -> String {
     format!("{SERIES_DIR}/{name}")

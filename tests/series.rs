@@ -324,3 +324,54 @@ fn two_hosts_backing_up_one_series_at_once_and_a_prune_leave_every_snapshot_rest
     let report = bkp::check(&repo, bkp::ReadData::All, &mut |_| {}).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
 }
+
+#[test]
+fn a_long_series_is_listed_from_its_catalog_not_one_read_per_snapshot() {
+    let repo = memory_repo();
+    let filler = bkp::synthetic::Filler {
+        chunks: 0,
+        chunks_per_index_file: 1,
+        snapshots: 300,
+        series: 1,
+        seed: 3,
+    };
+    bkp::synthetic::fill(&repo, &filler, &mut |_, _| {}).unwrap();
+    let series = tags(&["synthetic-00"]);
+    let (listed, uncatalogued) = requests(&repo, || repo.snapshots(&series).unwrap());
+    assert_eq!(listed.len(), 300);
+    assert!(uncatalogued > 300, "one read per snapshot: {uncatalogued}");
+
+    // The next backup of the series finds 300 snapshots in no catalog and writes one.
+    let newest = backup(&repo, b"synthetic dump\n", &["synthetic-00"]);
+    assert_eq!(repo.store().list("catalogs").unwrap().len(), 1);
+    let (listed, catalogued) = requests(&repo, || repo.snapshots(&series).unwrap());
+    assert_eq!(listed.len(), 301);
+    assert_eq!(listed.last().unwrap().id, newest.id);
+    assert!(catalogued <= 6, "listings and one catalog: {catalogued}");
+    // What the catalog says is what the snapshots say.
+    for entry in &listed {
+        assert_eq!(
+            repo.read_snapshot(entry.id).unwrap().snapshot,
+            entry.snapshot
+        );
+    }
+
+    // A forgotten snapshot leaves the listing though the catalog still has it.
+    bkp::forget::remove(&repo, &[listed[0].id]).unwrap();
+    let after = repo.snapshots(&series).unwrap();
+    assert_eq!(after.len(), 300);
+    assert!(after.iter().all(|e| e.id != listed[0].id));
+
+    // A planted catalog that disagrees with the markers is damaged and ignored.
+    let catalog_dir = repo.store().list("catalogs").unwrap()[0].name.clone();
+    let (dir, _) = catalog_dir.rsplit_once('/').unwrap();
+    repo.store()
+        .put_new(&format!("{dir}/{}", "cd".repeat(32)), b"junk".to_vec())
+        .unwrap();
+    assert_eq!(repo.snapshots(&series).unwrap().len(), 300);
+    assert!(
+        repo.damaged_objects()
+            .iter()
+            .any(|(o, _)| o.starts_with("catalogs/"))
+    );
+}
