@@ -206,14 +206,15 @@ def seaweedfs(work):
     env = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
                AWS_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
                AWS_ALLOW_HTTP="true")
-    for _ in range(600):
-        probe = subprocess.run(
-            ["curl", "-sf", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user",
-             "bench:bench-secret", "-X", "PUT", "--data", "x",
-             f"http://127.0.0.1:{port}/bench/.ready"])
+    # Ready when bkp can create a repository there (a signed create-only write).
+    probe_env = dict(os.environ, BKP_PASSWORD="probe", BKP_INSECURE_FAST_KDF="1", **env)
+    for attempt in range(300):
+        probe = subprocess.run([BKP, "--repo", f"s3://bench/probe-{attempt}", "init"],
+                               env=probe_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
         if probe.returncode == 0:
             return weed, env
-        time.sleep(0.2)
+        time.sleep(0.5)
     weed.kill()
     sys.exit("SeaweedFS did not start")
 

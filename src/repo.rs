@@ -349,7 +349,7 @@ impl Repository {
     /// The index a backup of a series deduplicates against: that of the packs its parent
     /// snapshot (the series' newest) named, read from their headers, so that a backup reads
     /// what its parent needs and not every index file of the repository. If the parent names
-    /// none (a series' first backup, a repository of format 2), or one of its packs is marked
+    /// none (a series' first backup, or the first by this bkp), or one of its packs is marked
     /// obsolete (a prune repacked it), gone or damaged, every index file instead
     /// ([`Repository::load_index_for_backup`]): the chunks moved elsewhere, and the next
     /// backup's parent names where.
@@ -413,11 +413,10 @@ impl Repository {
         }
     }
 
-    /// The newest snapshot of the series `tags` (exactly those tags) that names its packs.
+    /// The newest snapshot of the series `tags` (exactly those tags) that names its packs, by
+    /// the markers. (In a format 2 repository, an older bkp's newer snapshot may lack one:
+    /// deduplicating against an older snapshot of the series costs bytes, never correctness.)
     fn parent_of(&self, tags: &[String]) -> Result<Option<SnapshotEntry>> {
-        if !self.has_series_markers() {
-            return Ok(None);
-        }
         let mut tags = tags.to_vec();
         tags.sort();
         tags.dedup();
