@@ -44,6 +44,7 @@ pub mod fuzzing;
 mod id;
 mod index;
 mod keys;
+mod listing;
 mod pack;
 mod pack_reader;
 mod padding;
