@@ -192,14 +192,13 @@ impl Repository {
         let key_id = Id::of_object(&key_bytes);
         store.put_new(&key_name(&key_id), key_bytes)?;
         store.barrier()?;
-        Ok(Repository {
+        Ok(Repository::with_key(
             store,
-            series: SeriesKeys::new(&key),
             key,
             key_id,
             config,
-            damaged: Mutex::default(),
-        })
+            BTreeMap::new(),
+        ))
     }
 
     /// Opens a repository with a password, trying each key file in turn.
@@ -269,14 +268,24 @@ impl Repository {
             });
         }
         config.chunker.validate()?;
-        Ok(Repository {
+        Ok(Repository::with_key(store, key, key_id, config, damaged))
+    }
+
+    fn with_key(
+        store: Store,
+        key: MasterKey,
+        key_id: Id,
+        config: Config,
+        damaged: BTreeMap<String, String>,
+    ) -> Repository {
+        Repository {
             store,
             series: SeriesKeys::new(&key),
             key,
             key_id,
             config,
             damaged: Mutex::new(damaged),
-        })
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -355,16 +364,10 @@ impl Repository {
         {
             return self.load_index_for_backup();
         }
-        let mut index = Index::frames_only();
-        for pack in self.read_pack_headers(&parent.snapshot.packs) {
-            match pack {
-                Ok(pack) => index.add(&pack),
-                Err(Error::Missing { .. } | Error::Corrupt { .. }) => {
-                    return self.load_index_for_backup();
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let Some(mut index) = self.index_of_packs(&parent.snapshot.packs, Index::frames_only())?
+        else {
+            return self.load_index_for_backup();
+        };
         index.finish_decodable_only();
         Ok(index)
     }
@@ -377,14 +380,9 @@ impl Repository {
         if snapshot.packs.is_empty() {
             return self.load_index();
         }
-        let mut index = Index::default();
-        for pack in self.read_pack_headers(&snapshot.packs) {
-            match pack {
-                Ok(pack) => index.add(&pack),
-                Err(Error::Missing { .. } | Error::Corrupt { .. }) => return self.load_index(),
-                Err(e) => return Err(e),
-            }
-        }
+        let Some(mut index) = self.index_of_packs(&snapshot.packs, Index::default())? else {
+            return self.load_index();
+        };
         index.finish();
         let mut complete = true;
         let mut reader = crate::pack_reader::FrameReader::new(self, &index);
@@ -402,9 +400,10 @@ impl Repository {
         }
     }
 
-    /// The headers of `packs`, read with aligned ranged reads, several packs at a time; each
-    /// is checked against its id and length.
-    pub(crate) fn read_pack_headers(&self, packs: &[PackRef]) -> Vec<Result<IndexedPack>> {
+    /// Builds an index of `packs` from their headers, read with aligned ranged reads, several
+    /// packs at a time and added as they arrive (memory holds a few headers, not all of them).
+    /// `None` if a pack is gone or damaged: the caller reads the index files instead.
+    fn index_of_packs(&self, packs: &[PackRef], mut index: Index) -> Result<Option<Index>> {
         const THREADS: usize = 8;
         let read = |pack: &PackRef| -> Result<IndexedPack> {
             let name = pack_name(&pack.id);
@@ -419,17 +418,38 @@ impl Repository {
                 header,
             })
         };
-        let per_thread = packs.len().div_ceil(THREADS).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let workers: Vec<_> = packs
-                .chunks(per_thread)
-                .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("a header reader does not panic"))
-                .collect()
+            let (tx, rx) = crossbeam_channel::bounded::<Result<IndexedPack>>(THREADS);
+            for _ in 0..THREADS.min(packs.len()) {
+                let (tx, next, stop, read) = (tx.clone(), &next, &stop, &read);
+                scope.spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(pack) = packs.get(at) else { return };
+                        if tx.send(read(pack)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut outcome = Ok(Some(()));
+            for pack in rx {
+                match pack {
+                    Ok(pack) => index.add(&pack),
+                    Err(Error::Missing { .. } | Error::Corrupt { .. }) => outcome = Ok(None),
+                    Err(e) => outcome = Err(e),
+                }
+                if !matches!(outcome, Ok(Some(()))) {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            }
+            outcome
         })
+        .map(|done| done.map(|()| index))
     }
 
     /// One index file at a time: only the compact in-memory index grows with the repository.

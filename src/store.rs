@@ -432,13 +432,32 @@ impl Store {
 
     /// Every object under `dir` (recursively), sorted by name.
     pub fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        self.list_up_to(dir, usize::MAX)
+    }
+
+    /// The first `n` objects under `dir` in name order, reading no more of the listing than it
+    /// takes (on S3, which lists in name order, one request for up to 1,000).
+    pub fn list_first(&self, dir: &str, n: usize) -> Result<Vec<ObjectInfo>> {
+        if self.local.is_some() {
+            // A directory listing is not in name order: read it all (it is local).
+            let mut all = self.list(dir)?;
+            all.truncate(n);
+            return Ok(all);
+        }
+        self.list_up_to(dir, n)
+    }
+
+    /// Up to `n` objects under `dir`, the first the store lists, sorted by name.
+    fn list_up_to(&self, dir: &str, n: usize) -> Result<Vec<ObjectInfo>> {
         let prefix = Path::from(dir);
         let mut out: Vec<ObjectInfo> = self
             .runtime
-            .block_on(
-                self.retry
-                    .run(|| self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()),
-            )
+            .block_on(self.retry.run(|| {
+                self.inner
+                    .list(Some(&prefix))
+                    .take(n)
+                    .try_collect::<Vec<_>>()
+            }))
             .map_err(|e| self.error(dir, e))?
             .into_iter()
             .map(|meta| ObjectInfo {
@@ -473,39 +492,6 @@ impl Store {
             .filter_map(|p| p.filename().map(str::to_string))
             .collect();
         out.sort();
-        Ok(out)
-    }
-
-    /// The first `n` objects under `dir` in name order, reading no more of the listing than it
-    /// takes (on S3, which lists in name order, one request for up to 1,000).
-    pub fn list_first(&self, dir: &str, n: usize) -> Result<Vec<ObjectInfo>> {
-        if self.local.is_some() {
-            // A directory listing is not in name order: read it all (it is local).
-            let mut all = self.list(dir)?;
-            all.truncate(n);
-            return Ok(all);
-        }
-        let prefix = Path::from(dir);
-        let first = self
-            .runtime
-            .block_on(self.retry.run(|| {
-                self.inner
-                    .list(Some(&prefix))
-                    .take(n)
-                    .try_collect::<Vec<_>>()
-            }))
-            .map_err(|e| self.error(dir, e))?;
-        self.requests
-            .note_many(RequestKind::List, dir, 0, n.div_ceil(1000).max(1) as u64);
-        let mut out: Vec<ObjectInfo> = first
-            .into_iter()
-            .map(|meta| ObjectInfo {
-                name: meta.location.to_string(),
-                size: meta.size,
-                modified: SystemTime::from(meta.last_modified),
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
