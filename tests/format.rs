@@ -1,6 +1,7 @@
-//! Format conformance: decodes the committed format-v1 fixture repository following only
-//! docs/FORMAT.md, with the primitive crates and no bkp code, and checks that bkp itself still
-//! reads it. If either fails, the code and the specification have drifted apart.
+//! Format conformance: decodes the committed fixture repositories (formats 1, 2 and 3)
+//! following only docs/FORMAT.md, with the primitive crates and no bkp code, and checks that
+//! bkp itself still reads them. If either fails, the code and the specification have drifted
+//! apart.
 
 mod common;
 
@@ -273,9 +274,102 @@ fn cut_points(
     lens
 }
 
+/// What a fixture holds, as far as the specification's decoder checks it.
+struct Fixture {
+    dir: &'static str,
+    format_version: u64,
+    chunker: (usize, usize, usize),
+    index_magic: &'static [u8; 8],
+    pack_magic: &'static [u8; 8],
+    /// Pack headers have `moved` (format 2, §6.4).
+    moved: bool,
+    packs: usize,
+    delta_frames: usize,
+    names: &'static [&'static str],
+    /// (length, BLAKE3) of each snapshot's stream, oldest first.
+    streams: &'static [(u64, &'static str)],
+    /// Snapshots are `BKPSNP02`, with `packs` (§11.2), and have series markers (§11.1).
+    format_3: bool,
+}
+
+const V1: Fixture = Fixture {
+    dir: FIXTURE,
+    format_version: 1,
+    chunker: (2048, 8192, 65536),
+    index_magic: b"BKPIDX01",
+    pack_magic: b"BKPPCK01",
+    moved: false,
+    packs: 2,
+    delta_frames: 1,
+    names: &["fixture.sql"],
+    streams: &STREAMS,
+    format_3: false,
+};
+
+const V2: Fixture = Fixture {
+    dir: FIXTURE_V2,
+    format_version: 2,
+    chunker: (4096, 16384, 131072),
+    index_magic: b"BKPIDX02",
+    pack_magic: b"BKPPCK02",
+    moved: true,
+    packs: 3,
+    delta_frames: 2,
+    names: &["day1.sql", "day2.sql", "day3.sql"],
+    streams: &[
+        (STREAMS_V2[0].1 as u64, STREAMS_V2[0].2),
+        (STREAMS_V2[1].1 as u64, STREAMS_V2[1].2),
+        (STREAMS_V2[2].1 as u64, STREAMS_V2[2].2),
+    ],
+    format_3: false,
+};
+
+/// The same three days, backed up by bkp 0.3 into a new (format 3) repository.
+const V3: Fixture = Fixture {
+    dir: "tests/fixtures/repo-v3",
+    format_version: 3,
+    format_3: true,
+    ..V2
+};
+
 #[test]
 fn format_v1_fixture_decodes_from_the_specification_alone() {
-    let root = fixture();
+    decode_from_the_specification(&V1);
+}
+
+#[test]
+fn format_v2_fixture_decodes_from_the_specification_alone() {
+    decode_from_the_specification(&V2);
+}
+
+#[test]
+fn format_v3_fixture_decodes_from_the_specification_alone() {
+    decode_from_the_specification(&V3);
+}
+
+/// §11.1: a series name decrypted with the keys derived from the chunk-id key, checked
+/// against its synthetic IV; the tags it stands for.
+fn series_tags(chunk_id_key: &[u8; 32], name: &str) -> Vec<String> {
+    let bytes = hex::decode(name).unwrap();
+    let (siv, cipher) = bytes.split_at(16);
+    let k_iv = blake3::derive_key("bkp v3 series name iv", chunk_id_key);
+    let k_stream = blake3::derive_key("bkp v3 series name encryption", chunk_id_key);
+    let mut plain = vec![0u8; cipher.len()];
+    blake3::Hasher::new_keyed(&k_stream)
+        .update(siv)
+        .finalize_xof()
+        .fill(&mut plain);
+    plain.iter_mut().zip(cipher).for_each(|(p, c)| *p ^= c);
+    assert_eq!(plain.len() % 16, 0);
+    assert_eq!(&blake3::keyed_hash(&k_iv, &plain).as_bytes()[..16], siv);
+    let mut r = Reader::new(&plain);
+    let tags = (0..r.varint()).map(|_| r.string()).collect();
+    assert!(r.rest_is_zero());
+    tags
+}
+
+fn decode_from_the_specification(fixture: &Fixture) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture.dir);
     let key_files = files_under(&root, "keys");
     assert_eq!(key_files.len(), 1);
     let key_bytes = std::fs::read(&key_files[0]).unwrap();
@@ -290,14 +384,14 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
     assert_eq!(config.len(), 4096);
     let plain = open_metadata(&keys, b"BKPCFG01", &config);
     let mut r = Reader::new(&plain);
-    assert_eq!(r.varint(), 1, "format version");
+    assert_eq!(r.varint(), fixture.format_version, "format version");
     assert_eq!(r.array32(), keys.repository_id);
     let (min, avg, max) = (
         r.varint() as usize,
         r.varint() as usize,
         r.varint() as usize,
     );
-    assert_eq!((min, avg, max), (2048, 8192, 65536));
+    assert_eq!((min, avg, max), fixture.chunker);
     let (_secs, _nanos) = (r.varint(), r.varint());
     assert!(r.rest_is_zero());
 
@@ -309,13 +403,21 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
     }
     let mut packs: Vec<([u8; 32], Pack)> = Vec::new();
     for index_file in files_under(&root, "index") {
-        let plain = open_metadata(&keys, b"BKPIDX01", &std::fs::read(&index_file).unwrap());
+        let plain = open_metadata(
+            &keys,
+            fixture.index_magic,
+            &std::fs::read(&index_file).unwrap(),
+        );
         let mut r = Reader::new(&plain);
         for _ in 0..r.varint() {
             let pack_id = r.array32();
             let pack_len = r.varint();
             let data_ephemeral = r.array32();
             let frames = read_pack_header(&mut r);
+            if fixture.moved {
+                // MovedFrame { frame, from: FrameRef }: no repack in the fixtures.
+                assert_eq!(r.varint(), 0, "moved records");
+            }
 
             // §6.4: the pack, its trailer and header agree with the index.
             let hex_id = hex::encode(pack_id);
@@ -323,7 +425,7 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
             assert_eq!(blake3::hash(&pack).as_bytes(), &pack_id);
             assert_eq!(pack.len() as u64, pack_len);
             assert_eq!(pack_len, padme(pack_len).max(4096));
-            assert_eq!(&pack[..8], b"BKPPCK01");
+            assert_eq!(&pack[..8], fixture.pack_magic);
             assert_eq!(pack[8..40], data_ephemeral);
             let metadata_key = keys.metadata.session_key(&pack[40..72]);
             let trailer = open_sealed(
@@ -349,7 +451,7 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
         }
         assert!(r.rest_is_zero());
     }
-    assert_eq!(packs.len(), 2, "one pack per backup");
+    assert_eq!(packs.len(), fixture.packs, "one pack per backup");
 
     // §6.3: open every frame, base frames first; collect chunks by id, checking their keyed ids.
     let open_frame = |pack: &Pack, frame: &FrameEntry, prefix: &[u8]| -> Vec<u8> {
@@ -383,10 +485,13 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
         .filter(|f| !f.bases.is_empty())
         .count();
     assert_eq!(
-        delta_frames, 1,
-        "the second backup stored its change as a delta"
+        delta_frames, fixture.delta_frames,
+        "the later backups stored their changes as deltas"
     );
     let mut chunks = std::collections::HashMap::new();
+    // Each chunk's pack, and the packs of its frame's bases (§11.2 `packs`).
+    let mut homes: std::collections::HashMap<[u8; 32], Vec<[u8; 32]>> =
+        std::collections::HashMap::new();
     for (pack_id, pack) in &packs {
         for (number, frame) in pack.frames.iter().enumerate() {
             let raw = &plaintexts[&(*pack_id, number as u64)];
@@ -395,6 +500,9 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
                 let chunk = &raw[at..at + *len as usize];
                 assert_eq!(blake3::keyed_hash(&keys.chunk_id_key, chunk).as_bytes(), id);
                 chunks.insert(*id, chunk.to_vec());
+                let mut home = vec![*pack_id];
+                home.extend(frame.bases.iter().map(|(base_pack, _)| *base_pack));
+                homes.entry(*id).or_insert(home);
                 at += *len as usize;
             }
             assert_eq!(at, raw.len());
@@ -403,6 +511,7 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
 
     // §8: the snapshots; a snapshot's name is the hash of the object.
     let mut snapshots = Vec::new();
+    let mut markers_expected = Vec::new();
     for file in files_under(&root, "snapshots") {
         let snapshot = std::fs::read(&file).unwrap();
         assert_eq!(
@@ -410,13 +519,19 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
             blake3::hash(&snapshot).to_hex().as_str()
         );
         assert_eq!(snapshot.len(), 4096);
-        let plain = open_metadata(&keys, b"BKPSNP01", &snapshot);
+        let magic: &[u8; 8] = if fixture.format_3 {
+            b"BKPSNP02"
+        } else {
+            b"BKPSNP01"
+        };
+        let plain = open_metadata(&keys, magic, &snapshot);
+        let id = file.file_name().unwrap().to_str().unwrap().to_string();
         let mut r = Reader::new(&plain);
         let time = (r.varint(), r.varint());
         assert_eq!(r.string(), "fixture-host");
         let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
         assert_eq!(tags, vec!["fixture"]);
-        assert_eq!(r.string(), "fixture.sql");
+        assert!(fixture.names.contains(&r.string().as_str()));
         let size = r.varint();
         let stream_hash = hex::encode(r.array32());
         let height = r.bytes(1)[0];
@@ -425,10 +540,65 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
         let annotations: Vec<(String, String)> =
             (0..r.varint()).map(|_| (r.string(), r.string())).collect();
         assert!(annotations.contains(&("dump.kind".into(), "postgres-plain".into())));
+        let mut listed_packs: Vec<[u8; 32]> = Vec::new();
+        if fixture.format_3 {
+            for _ in 0..r.varint() {
+                let (pack, len) = (r.array32(), r.varint());
+                let hex_id = hex::encode(pack);
+                let stored = root.join("packs").join(&hex_id[..2]).join(&hex_id);
+                assert_eq!(std::fs::metadata(stored).unwrap().len(), len);
+                listed_packs.push(pack);
+            }
+            assert!(listed_packs.is_sorted(), "packs are sorted by id");
+        }
         assert!(r.rest_is_zero());
-        snapshots.push((time, size, stream_hash, height, root_ids));
+        let time_nanos = time.0 as u128 * 1_000_000_000 + time.1 as u128;
+        snapshots.push((time, size, stream_hash, height, root_ids, listed_packs));
+        markers_expected.push((id, tags, time_nanos));
     }
     snapshots.sort();
+
+    // §11.1: each snapshot has its series marker, named by its tags and time.
+    let marker_files = if root.join("series").exists() {
+        files_under(&root, "series")
+    } else {
+        Vec::new()
+    };
+    if fixture.format_3 {
+        assert_eq!(marker_files.len(), markers_expected.len());
+        for (id, tags, time_nanos) in &markers_expected {
+            let marker = marker_files
+                .iter()
+                .find(|m| {
+                    m.file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .ends_with(id.as_str())
+                })
+                .unwrap_or_else(|| panic!("no marker for snapshot {id}"));
+            assert_eq!(
+                std::fs::metadata(marker).unwrap().len(),
+                0,
+                "markers are empty"
+            );
+            let series = marker
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert_eq!(&series_tags(&keys.chunk_id_key, series), tags);
+            let file = marker.file_name().unwrap().to_str().unwrap();
+            let (newest_first, marked) = file.split_once('-').unwrap();
+            assert_eq!(marked, id);
+            let nanos = u64::MAX - u64::from_str_radix(newest_first, 16).unwrap();
+            assert_eq!(nanos as u128, *time_nanos);
+        }
+    } else {
+        assert!(marker_files.is_empty());
+    }
 
     // §8: walk each tree and rebuild its stream.
     fn walk(
@@ -436,8 +606,10 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
         height: u8,
         chunks: &std::collections::HashMap<[u8; 32], Vec<u8>>,
         out: &mut Vec<Vec<u8>>,
+        used: &mut Vec<[u8; 32]>,
     ) {
         for id in ids {
+            used.push(*id);
             let bytes = &chunks[id];
             if height == 0 {
                 out.push(bytes.clone());
@@ -446,15 +618,26 @@ fn format_v1_fixture_decodes_from_the_specification_alone() {
                     .chunks_exact(32)
                     .map(|c| c.try_into().unwrap())
                     .collect();
-                walk(&children, height - 1, chunks, out);
+                walk(&children, height - 1, chunks, out, used);
             }
         }
     }
-    assert_eq!(snapshots.len(), STREAMS.len());
-    for ((_, size, hash, height, root_ids), (len, blake3_hex)) in snapshots.iter().zip(STREAMS) {
+    assert_eq!(snapshots.len(), fixture.streams.len());
+    for ((_, size, hash, height, root_ids, listed_packs), &(len, blake3_hex)) in
+        snapshots.iter().zip(fixture.streams)
+    {
         assert_eq!((*size, hash.as_str()), (len, blake3_hex));
         let mut stream_chunks = Vec::new();
-        walk(root_ids, *height, &chunks, &mut stream_chunks);
+        let mut used = Vec::new();
+        walk(root_ids, *height, &chunks, &mut stream_chunks, &mut used);
+        if fixture.format_3 {
+            // §11.2: `packs` names every pack holding a chunk or node of the snapshot, or a
+            // base of such a chunk's frame.
+            let mut needed: Vec<[u8; 32]> = used.iter().flat_map(|id| homes[id].clone()).collect();
+            needed.sort();
+            needed.dedup();
+            assert_eq!(&needed, listed_packs);
+        }
         let stream = stream_chunks.concat();
         assert_eq!(stream.len() as u64, len);
         assert_eq!(blake3::hash(&stream).to_hex().as_str(), blake3_hex);
@@ -531,5 +714,29 @@ fn format_v2_fixture_restores_and_checks_with_bkp() {
         .args(["check", "--read-data"])
         .output()
         .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn format_v3_fixture_restores_and_checks_with_bkp() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(V3.dir);
+    let run = |args: &[&str]| {
+        bkp(&root)
+            .env("BKP_PASSWORD", PASSWORD)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (id, (len, blake3_hex)) in ["8adf6ef2", "9f6fa936", "e9954a22"]
+        .into_iter()
+        .zip(V3.streams)
+    {
+        let out = run(&["restore", id]).stdout;
+        assert_eq!(out.len() as u64, *len, "{id}");
+        assert_eq!(blake3::hash(&out).to_hex().as_str(), *blake3_hex, "{id}");
+    }
+    let latest = run(&["restore", "latest", "--tag", "fixture"]).stdout;
+    assert_eq!(blake3::hash(&latest).to_hex().as_str(), V3.streams[2].1);
+    let check = run(&["check", "--read-data"]);
     assert!(check.status.success(), "{check:?}");
 }
