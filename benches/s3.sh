@@ -18,9 +18,16 @@ weed=$!
 trap 'kill $weed 2>/dev/null; wait $weed 2>/dev/null; rm -rf "$work"' EXIT
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 \
     AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true
-for _ in $(seq 100); do
-    curl -sf -o /dev/null --aws-sigv4 aws:amz:us-east-1:s3 --user bench:bench-secret \
-        -X PUT --data x "http://127.0.0.1:$port/bench/.ready" && break
-    sleep 0.2
+# Ready when bkp can create a repository there (SeaweedFS answers curl's --aws-sigv4 with 403).
+cargo build --release --bin bkp
+ready=
+for attempt in $(seq 300); do
+    if BKP_PASSWORD=probe BKP_INSECURE_FAST_KDF=1 "$root/target/release/bkp" \
+        --repo "s3://bench/probe-$attempt" init > /dev/null 2>&1; then
+        ready=1
+        break
+    fi
+    sleep 0.5
 done
+[ -n "$ready" ] || { echo "SeaweedFS did not start; see $work/weed.log" >&2; exit 1; }
 BKP_BENCH_REPO="s3://bench/repo-$$" cargo bench --bench pipeline
