@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Fuzzes every decoder (fuzz/fuzz_targets/) for SECONDS each (default 600), two at a time, with
-# the nightly toolchain and cargo-fuzz (installed here if missing). New corpus entries land in
+# Fuzzes every decoder (fuzz/fuzz_targets/), or the TARGETs given, for SECONDS each (default
+# 600), two at a time, with the nightly toolchain and cargo-fuzz (installed here if missing):
+# `scripts/fuzz.sh [SECONDS [TARGET...]]`. New corpus entries land in
 # fuzz/corpus/<target>/ (minimized afterwards: commit them, tests/fuzz_corpora.rs replays
 # them); crashes in fuzz/artifacts/<target>/. Not part of CI: long runs are reported in notes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-600}
+shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-targets=(key_file config envelope pack_header index_file snapshot tree_node obsolete_list dump_header)
+targets=(key_file config envelope pack_header index_file snapshot tree_node obsolete_list dump_header
+    catalog series_name)
+[ $# -gt 0 ] && targets=("$@")
 cargo +nightly fuzz build
 run() {
     local t=$1

@@ -20,8 +20,12 @@ use common::{PASSWORD, dumpgen};
 
 const GRACE: Duration = Duration::from_secs(3600);
 
+/// `n` grace periods from now, and a day more each: the crash store stores its objects anew
+/// for every crash it tries (their storage time is then), and prune counts a grace period from
+/// that time too, so the margin must outlast the whole test on a slow machine (a minute did
+/// not: CI took three).
 fn later(n: u32) -> SystemTime {
-    SystemTime::now() + (GRACE + Duration::from_secs(60)) * n
+    SystemTime::now() + (GRACE + Duration::from_secs(86_400)) * n
 }
 
 fn dump(day: u32) -> Vec<u8> {
