@@ -42,14 +42,32 @@ fn with_tags(query: &str, tags: &[String]) -> String {
 }
 
 impl Repository {
+    /// The series name of a tag set as given on a command line (any order, repeats).
+    fn series_of(&self, tags: &[String]) -> String {
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        self.series_keys().name(&tags)
+    }
+
+    /// A series' markers by snapshot id: (time in nanoseconds, marker name).
+    fn series_markers(&self, series: &str) -> Result<BTreeMap<Id, (u64, String)>> {
+        Ok(self
+            .store()
+            .list(&series::series_dir(series))?
+            .into_iter()
+            .filter_map(|o| {
+                let marker = series::parse_marker(&o.name)?;
+                Some((marker.id, (marker.nanos, o.name)))
+            })
+            .collect())
+    }
+
     /// The newest snapshot of the series `tags` (exactly those tags) that names its packs, by
     /// the markers. (In a format 2 repository, an older bkp's newer snapshot may lack one:
     /// deduplicating against an older snapshot of the series costs bytes, never correctness.)
     pub(crate) fn parent_of(&self, tags: &[String]) -> Result<Option<SnapshotEntry>> {
-        let mut tags = tags.to_vec();
-        tags.sort();
-        tags.dedup();
-        let dir = series::series_dir(&self.series_keys().name(&tags));
+        let dir = series::series_dir(&self.series_of(tags));
         for object in self.store().list_first(&dir, 16)? {
             let Some(marker) = series::parse_marker(&object.name) else {
                 continue;
@@ -108,15 +126,7 @@ impl Repository {
     /// The snapshots of one series: those its markers name, from its catalogs where they have
     /// them and read one by one where not.
     fn series_snapshots(&self, series: &str) -> Result<Vec<SnapshotEntry>> {
-        let markers: BTreeMap<Id, (u64, String)> = self
-            .store()
-            .list(&series::series_dir(series))?
-            .into_iter()
-            .filter_map(|o| {
-                let marker = series::parse_marker(&o.name)?;
-                Some((marker.id, (marker.nanos, o.name)))
-            })
-            .collect();
+        let markers = self.series_markers(series)?;
         let (mut known, _) = self.catalog_entries(series, &markers)?;
         let mut out = Vec::new();
         for (id, (nanos, marker)) in &markers {
@@ -177,19 +187,8 @@ impl Repository {
         if !self.has_series_markers() {
             return Ok(false);
         }
-        let mut tags = tags.to_vec();
-        tags.sort();
-        tags.dedup();
-        let series = self.series_keys().name(&tags);
-        let markers: BTreeMap<Id, (u64, String)> = self
-            .store()
-            .list(&series::series_dir(&series))?
-            .into_iter()
-            .filter_map(|o| {
-                let marker = series::parse_marker(&o.name)?;
-                Some((marker.id, (marker.nanos, o.name)))
-            })
-            .collect();
+        let series = self.series_of(tags);
+        let markers = self.series_markers(&series)?;
         if markers.len() < CATALOG_AFTER {
             return Ok(false);
         }
