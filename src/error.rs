@@ -114,6 +114,12 @@ pub enum Error {
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 
+    /// Prune and check of a large repository sort on local disk ([`crate::spill`]).
+    #[error(
+        "writing temporary files in {dir} failed: {cause} (prune and check of a large repository need about 60 bytes of temporary space per chunk: set TMPDIR to a directory with room)"
+    )]
+    TempFiles { dir: String, cause: io::Error },
+
     #[error("{0}")]
     Internal(String),
 }

@@ -24,6 +24,7 @@ use crate::envelope;
 use crate::error::Result;
 use crate::id::Id;
 use crate::pack::{self, FrameRef, PackHeader};
+use crate::spill::{self, Record, Sorter, Table, TableWriter};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX02";
 const INDEX_MAGIC_V1: &[u8; 8] = b"BKPIDX01";
@@ -86,7 +87,7 @@ mod v1 {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChunkLocation {
     pub frame: u32,
     pub offset: u32,
@@ -117,10 +118,167 @@ pub struct PackLocation {
     pub data_ephemeral: [u8; 32],
 }
 
-type IdPrefix = [u8; 16];
+pub type IdPrefix = [u8; 16];
 
 fn prefix(id: &Id) -> IdPrefix {
     id.0[..16].try_into().expect("16 bytes")
+}
+
+/// A chunk as an index file gives it: its id's prefix, its number in the order added, and where
+/// it is in its frame's plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChunkRecord {
+    pub prefix: IdPrefix,
+    pub number: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// Where a chunk is: the record a lookup in an [`Index`] would give, by id prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocatedChunk {
+    pub prefix: IdPrefix,
+    pub location: ChunkLocation,
+}
+
+fn encode_four(out: &mut [u8], prefix: &IdPrefix, numbers: [u32; 3]) {
+    out[..16].copy_from_slice(prefix);
+    for (n, value) in numbers.iter().enumerate() {
+        out[16 + 4 * n..20 + 4 * n].copy_from_slice(&value.to_be_bytes());
+    }
+}
+
+fn decode_four(bytes: &[u8]) -> (IdPrefix, [u32; 3]) {
+    let number = |n: usize| u32::from_be_bytes(bytes[16 + 4 * n..20 + 4 * n].try_into().expect("4"));
+    (
+        bytes[..16].try_into().expect("16 bytes"),
+        [number(0), number(1), number(2)],
+    )
+}
+
+impl Record for ChunkRecord {
+    const LEN: usize = 28;
+    fn encode(&self, out: &mut [u8]) {
+        encode_four(out, &self.prefix, [self.number, self.offset, self.len]);
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        let (prefix, [number, offset, len]) = decode_four(bytes);
+        ChunkRecord {
+            prefix,
+            number,
+            offset,
+            len,
+        }
+    }
+}
+
+impl Record for LocatedChunk {
+    const LEN: usize = 28;
+    fn encode(&self, out: &mut [u8]) {
+        let l = &self.location;
+        encode_four(out, &self.prefix, [l.frame, l.offset, l.len]);
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        let (prefix, [frame, offset, len]) = decode_four(bytes);
+        LocatedChunk {
+            prefix,
+            location: ChunkLocation { frame, offset, len },
+        }
+    }
+}
+
+/// The index of a repository too large to hold in memory (prune, check): frames, packs and
+/// bases in memory as in an [`Index`], the chunks sorted on disk ([`crate::spill`]) into a
+/// [`ChunkTable`] that is joined with sorted chunk ids instead of searched.
+pub struct SpillingIndex {
+    index: Index,
+    chunks: Sorter<ChunkRecord>,
+}
+
+impl Default for SpillingIndex {
+    fn default() -> Self {
+        SpillingIndex::with_memory(spill::DEFAULT_MEMORY)
+    }
+}
+
+impl SpillingIndex {
+    /// One whose sorting takes `memory` bytes (runs beyond it go to temporary files).
+    pub fn with_memory(memory: usize) -> SpillingIndex {
+        SpillingIndex {
+            index: Index::default(),
+            chunks: Sorter::new(memory, false),
+        }
+    }
+
+    pub fn add(&mut self, pack: &IndexedPack) -> Result<()> {
+        let chunks = &mut self.chunks;
+        self.index.add_frames(pack, &mut |chunk| chunks.push(chunk))
+    }
+
+    /// The index (without chunks: look them up in the table) and the table, by the rules of
+    /// [`Index::finish`]: of the copies of a chunk, the first-added decodable one, the others
+    /// recorded as alternatives.
+    pub fn finish(self) -> Result<(Index, ChunkTable)> {
+        let SpillingIndex { mut index, chunks } = self;
+        index.finish();
+        let sorted = chunks.finish()?;
+        let mut table = TableWriter::new(spill::DEFAULT_MEMORY);
+        let mut group: Vec<ChunkRecord> = Vec::new();
+        let mut close = |group: &mut Vec<ChunkRecord>, index: &mut Index| -> Result<()> {
+            let Some(first) = group.first() else {
+                return Ok(());
+            };
+            let decodable = |record: &&ChunkRecord| {
+                let frame = index.frame_of(record.number);
+                !index.bases(frame).contains(&MISSING_BASE)
+            };
+            let best = *group.iter().find(decodable).unwrap_or(first);
+            let chosen = index.frame_of(best.number);
+            for other in group.iter().filter(|r| r.number != best.number) {
+                let other = index.frame_of(other.number);
+                index.alternatives.push((chosen, other));
+            }
+            group.clear();
+            table.push(LocatedChunk {
+                prefix: best.prefix,
+                location: ChunkLocation {
+                    frame: chosen,
+                    offset: best.offset,
+                    len: best.len,
+                },
+            })
+        };
+        for record in sorted.scan() {
+            let record = record?;
+            if group.first().is_some_and(|first| first.prefix != record.prefix) {
+                close(&mut group, &mut index)?;
+            }
+            group.push(record);
+        }
+        close(&mut group, &mut index)?;
+        drop(close);
+        Ok((
+            index,
+            ChunkTable {
+                table: table.finish()?,
+            },
+        ))
+    }
+}
+
+/// Every chunk of an index, located, in id-prefix order, once each.
+pub struct ChunkTable {
+    table: Table<LocatedChunk>,
+}
+
+impl ChunkTable {
+    pub fn scan(&self) -> impl Iterator<Item = Result<LocatedChunk>> + '_ {
+        self.table.scan()
+    }
+}
+
+pub(crate) fn id_prefix(id: &Id) -> IdPrefix {
+    prefix(id)
 }
 
 /// Build with [`Index::add`], then [`Index::finish`] once before looking anything up.
@@ -174,6 +332,26 @@ impl Index {
     }
 
     pub fn add(&mut self, pack: &IndexedPack) {
+        let mut chunks = std::mem::take(&mut self.chunks);
+        let mut offsets = self.offsets.take();
+        self.add_frames(pack, &mut |chunk| {
+            chunks.push((chunk.prefix, chunk.number));
+            if let Some(offsets) = &mut offsets {
+                offsets.push(chunk.offset);
+            }
+            Ok(())
+        })
+        .expect("pushing to vectors does not fail");
+        self.chunks = chunks;
+        self.offsets = offsets;
+    }
+
+    /// Adds `pack`'s frames, handing each of its chunks to `chunk` instead of keeping it.
+    fn add_frames(
+        &mut self,
+        pack: &IndexedPack,
+        chunk: &mut dyn FnMut(ChunkRecord) -> Result<()>,
+    ) -> Result<()> {
         let pack_number = self.packs.len() as u32;
         let first_frame = self.frames.len() as u32;
         self.moved.extend(
@@ -190,13 +368,15 @@ impl Index {
         for (number_in_pack, frame) in pack.header.frames.iter().enumerate() {
             let first_chunk = self.numbered;
             let mut offset = 0u32;
-            for chunk in &frame.chunks {
-                self.chunks.push((prefix(&chunk.id), self.numbered));
-                if let Some(offsets) = &mut self.offsets {
-                    offsets.push(offset);
-                }
+            for entry in &frame.chunks {
+                chunk(ChunkRecord {
+                    prefix: prefix(&entry.id),
+                    number: self.numbered,
+                    offset,
+                    len: entry.len,
+                })?;
                 self.numbered = self.numbered.checked_add(1).expect("under 2^32 chunks");
-                offset += chunk.len;
+                offset += entry.len;
             }
             self.sorted = false;
             self.frames.push(FrameLocation {
@@ -211,6 +391,7 @@ impl Index {
             });
             self.unresolved_bases.extend_from_slice(&frame.bases);
         }
+        Ok(())
     }
 
     /// Sorts for lookups, keeping the first location of a chunk stored more than once.
@@ -399,7 +580,7 @@ impl Index {
     }
 
     /// The frame whose chunks' numbers include `number` (a frame without chunks holds none).
-    fn frame_of(&self, number: u32) -> u32 {
+    pub(crate) fn frame_of(&self, number: u32) -> u32 {
         (self.frames.partition_point(|f| f.first_chunk <= number) - 1) as u32
     }
 
@@ -642,6 +823,8 @@ mod tests {
         };
         let mut full = Index::default();
         let mut frames_only = Index::frames_only();
+        // The smallest budget: runs of 1,024 records, so this one sorts through files.
+        let mut spilling = SpillingIndex::with_memory(0);
         let mut expected = Vec::new();
         let mut frame_number = 0;
         for pack_number in 0..20u8 {
@@ -681,14 +864,26 @@ mod tests {
             };
             full.add(&pack);
             frames_only.add(&pack);
+            spilling.add(&pack).unwrap();
         }
         full.finish();
         frames_only.finish();
+        let (chunkless, table) = spilling.finish().unwrap();
+        let located: HashMap<IdPrefix, ChunkLocation> = table
+            .scan()
+            .map(|c| c.map(|c| (c.prefix, c.location)))
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(chunkless.frame_count(), full.frame_count());
+        assert_eq!(chunkless.alternatives(), full.alternatives());
+        assert!(!full.alternatives().is_empty());
         assert!(expected.len() > 50, "{}", expected.len());
         for (id, (frame, offset, len)) in expected {
             assert_eq!(full.chunk(&id), Some(ChunkLocation { frame, offset, len }));
             assert_eq!(frames_only.chunk_frame(&id), Some(frame));
+            assert_eq!(located.get(&prefix(&id)), full.chunk(&id).as_ref());
         }
+        assert_eq!(located.len(), full.chunk_count());
         assert_eq!(full.chunk(&Id([2; 32])), None);
         assert_eq!(frames_only.chunk_frame(&Id([2; 32])), None);
     }

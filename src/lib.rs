@@ -55,6 +55,7 @@ mod restore;
 pub mod retention;
 mod series;
 mod snapshot;
+mod spill;
 pub mod source;
 mod stats;
 mod store;

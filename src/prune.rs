@@ -22,11 +22,11 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexedPack, MISSING_BASE};
-use crate::pack_reader::{FrameReader, read_range_aligned};
+use crate::index::{ChunkTable, Index, IndexedPack, MISSING_BASE};
+use crate::pack_reader::read_range_aligned;
 use crate::repack::{self, PackToRepack};
 use crate::repo::{ObsoleteList, Repository, StoredObsoleteList, id_of, pack_name};
-use crate::walk::for_each_chunk;
+use crate::walk::{Reached, walk_trees};
 
 /// The default grace period: longer than any backup runs.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -112,7 +112,7 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
         .iter()
         .flat_map(|l| l.list.packs.iter().copied())
         .collect();
-    let index = repo.load_index_with_last(&listed)?;
+    let (index, chunks) = repo.spilled_index_with_last(&listed)?;
     let snapshots = repo.snapshots(&[])?;
 
     // Packs by id, once each even if two index files name one (a crash between writing a
@@ -124,7 +124,8 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
 
     let marked = &listed;
     let is_marked = |pack: u32| marked.contains(&index.pack(pack).id);
-    let mut needed_frames = needed_frames(repo, &index, &snapshots)?;
+    let mut needed_frames = needed_frames(repo, &index, &chunks, &snapshots)?;
+    drop(chunks);
     let to_repack = keep_bases_of_kept_frames(&index, &mut needed_frames, &|needed| {
         repack::plan(&index, needed, &is_marked, repack_threshold)
     });
@@ -391,42 +392,40 @@ fn keep_bases_of_kept_frames(
 fn needed_frames(
     repo: &Repository,
     index: &Index,
+    chunks: &ChunkTable,
     snapshots: &[crate::snapshot::SnapshotEntry],
 ) -> Result<Vec<bool>> {
     let mut frames = vec![false; index.frame_count()];
-    let mut reader = FrameReader::new(repo, index);
-    for entry in snapshots {
-        let mut missing = None;
-        for_each_chunk(
-            repo,
-            index,
-            &mut reader,
-            &entry.snapshot.tree,
-            &mut |id, _| match index.chunk(&id) {
-                Some(location) => {
-                    frames[location.frame as usize] = true;
-                    for &base in index.bases(location.frame) {
-                        if base == MISSING_BASE {
-                            missing.get_or_insert(id);
-                        } else {
-                            frames[base as usize] = true;
-                        }
-                    }
-                }
-                None => {
-                    missing.get_or_insert(id);
-                }
-            },
-        )?;
-        if let Some(id) = missing {
-            return Err(Error::Missing {
-                object: format!(
-                    "chunk {} of snapshot {} (prune deletes nothing while data is missing; run `bkp check`)",
-                    id.short(),
-                    entry.id.short()
-                ),
-            });
+    let mut missing = None;
+    let mut trees = snapshots.iter().map(|entry| Ok(entry.snapshot.tree.clone()));
+    let problems = walk_trees(repo, index, chunks, &mut trees, &mut |reached| {
+        let (what, location) = match reached {
+            Reached::Node(id, location) => (id.short(), location),
+            Reached::Data(prefix, location) => (hex::encode(&prefix[..4]), location),
+        };
+        let Some(location) = location else {
+            missing.get_or_insert(what);
+            return Ok(());
+        };
+        frames[location.frame as usize] = true;
+        for &base in index.bases(location.frame) {
+            if base == MISSING_BASE {
+                missing.get_or_insert(what.clone());
+            } else {
+                frames[base as usize] = true;
+            }
         }
+        Ok(())
+    })?;
+    if let Some(problem) = problems.into_iter().next() {
+        return Err(problem.into_error());
+    }
+    if let Some(what) = missing {
+        return Err(Error::Missing {
+            object: format!(
+                "chunk {what} of a snapshot (prune deletes nothing while data is missing; run `bkp check`)"
+            ),
+        });
     }
     Ok(frames)
 }
@@ -435,7 +434,9 @@ fn needed_frames(
 mod tests {
     //! Prune against what it reads: planted index files, a missing pack, a back-dated list.
     use super::*;
+    use crate::pack_reader::FrameReader;
     use crate::repo::test_repository as repo;
+    use crate::walk::for_each_chunk;
     use crate::snapshot::SnapshotEntry;
     use crate::{BackupOptions, Source};
 

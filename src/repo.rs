@@ -472,6 +472,31 @@ impl Repository {
     /// a prune that marked most of a repository, they are most of the index.
     pub(crate) fn load_index_with_last(&self, last: &HashSet<Id>) -> Result<Index> {
         let mut index = Index::default();
+        self.for_each_indexed_pack(last, &mut |pack| {
+            index.add(pack);
+            Ok(())
+        })?;
+        index.finish();
+        Ok(index)
+    }
+
+    /// [`Repository::load_index_with_last`] for a repository of any size: the chunks sorted on
+    /// local disk rather than held ([`crate::index::SpillingIndex`]), for prune and check.
+    pub(crate) fn spilled_index_with_last(
+        &self,
+        last: &HashSet<Id>,
+    ) -> Result<(Index, crate::index::ChunkTable)> {
+        let mut index = crate::index::SpillingIndex::default();
+        self.for_each_indexed_pack(last, &mut |pack| index.add(pack))?;
+        index.finish()
+    }
+
+    /// Every indexed pack, those in `last` after all others.
+    fn for_each_indexed_pack(
+        &self,
+        last: &HashSet<Id>,
+        add: &mut dyn FnMut(&IndexedPack) -> Result<()>,
+    ) -> Result<()> {
         let mut deferred = Vec::new();
         for object in self.store.list("index")? {
             let Some(file) = self.skip_damaged(self.read_index_file(&object.name))? else {
@@ -479,7 +504,7 @@ impl Repository {
             };
             let (later, now): (Vec<_>, Vec<_>) =
                 file.packs.iter().partition(|p| last.contains(&p.id));
-            now.into_iter().for_each(|pack| index.add(pack));
+            now.into_iter().try_for_each(&mut *add)?;
             if !later.is_empty() {
                 deferred.push(object.name);
             }
@@ -489,11 +514,10 @@ impl Repository {
                 continue;
             };
             for pack in file.packs.iter().filter(|p| last.contains(&p.id)) {
-                index.add(pack);
+                add(pack)?;
             }
         }
-        index.finish();
-        Ok(index)
+        Ok(())
     }
 
     /// Listings go on past a damaged object (one that fails authentication or parsing, or was
