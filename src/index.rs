@@ -149,7 +149,8 @@ fn encode_four(out: &mut [u8], prefix: &IdPrefix, numbers: [u32; 3]) {
 }
 
 fn decode_four(bytes: &[u8]) -> (IdPrefix, [u32; 3]) {
-    let number = |n: usize| u32::from_be_bytes(bytes[16 + 4 * n..20 + 4 * n].try_into().expect("4"));
+    let number =
+        |n: usize| u32::from_be_bytes(bytes[16 + 4 * n..20 + 4 * n].try_into().expect("4"));
     (
         bytes[..16].try_into().expect("16 bytes"),
         [number(0), number(1), number(2)],
@@ -250,13 +251,15 @@ impl SpillingIndex {
         };
         for record in sorted.scan() {
             let record = record?;
-            if group.first().is_some_and(|first| first.prefix != record.prefix) {
+            if group
+                .first()
+                .is_some_and(|first| first.prefix != record.prefix)
+            {
                 close(&mut group, &mut index)?;
             }
             group.push(record);
         }
         close(&mut group, &mut index)?;
-        drop(close);
         Ok((
             index,
             ChunkTable {

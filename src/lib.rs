@@ -55,8 +55,8 @@ mod restore;
 pub mod retention;
 mod series;
 mod snapshot;
-mod spill;
 pub mod source;
+mod spill;
 mod stats;
 mod store;
 #[doc(hidden)]

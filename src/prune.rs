@@ -397,7 +397,9 @@ fn needed_frames(
 ) -> Result<Vec<bool>> {
     let mut frames = vec![false; index.frame_count()];
     let mut missing = None;
-    let mut trees = snapshots.iter().map(|entry| Ok(entry.snapshot.tree.clone()));
+    let mut trees = snapshots
+        .iter()
+        .map(|entry| Ok(entry.snapshot.tree.clone()));
     let problems = walk_trees(repo, index, chunks, &mut trees, &mut |reached| {
         let (what, location) = match reached {
             Reached::Node(id, location) => (id.short(), location),
@@ -436,8 +438,8 @@ mod tests {
     use super::*;
     use crate::pack_reader::FrameReader;
     use crate::repo::test_repository as repo;
-    use crate::walk::for_each_chunk;
     use crate::snapshot::SnapshotEntry;
+    use crate::walk::for_each_chunk;
     use crate::{BackupOptions, Source};
 
     const GRACE: Duration = Duration::from_secs(3600);

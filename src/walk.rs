@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{ChunkLocation, ChunkTable, Index, IdPrefix, id_prefix};
-use crate::spill::{Record, Sorter, join};
+use crate::index::{ChunkLocation, ChunkTable, IdPrefix, Index, id_prefix};
 use crate::pack_reader::FrameReader;
 use crate::repo::Repository;
+use crate::spill::{Record, Sorter, join};
 use crate::tree::{TreeRoot, TreeWalker};
 
 /// Calls `visit(id, is_tree_node)` for every tree node (before reading it, so a caller learns
@@ -150,7 +150,14 @@ pub fn walk_trees(
     trees: &mut dyn Iterator<Item = Result<TreeRoot>>,
     reached: &mut dyn FnMut(Reached) -> Result<()>,
 ) -> Result<Vec<NodeProblem>> {
-    walk_trees_in(crate::spill::DEFAULT_MEMORY, repo, index, chunks, trees, reached)
+    walk_trees_in(
+        crate::spill::DEFAULT_MEMORY,
+        repo,
+        index,
+        chunks,
+        trees,
+        reached,
+    )
 }
 
 fn walk_trees_in(
@@ -164,9 +171,9 @@ fn walk_trees_in(
     let mut levels: Vec<Option<Sorter<NodeId>>> = Vec::new();
     let mut data: Sorter<DataPrefix> = Sorter::new(memory, true);
     let push = |levels: &mut Vec<Option<Sorter<NodeId>>>,
-                    data: &mut Sorter<DataPrefix>,
-                    height: u8,
-                    id: Id|
+                data: &mut Sorter<DataPrefix>,
+                height: u8,
+                id: Id|
      -> Result<()> {
         if height == 0 {
             return data.push(DataPrefix(id_prefix(&id)));
@@ -233,13 +240,13 @@ fn walk_trees_in(
                     .ok_or_else(|| "decodes to other content".to_string()),
                 Err(e) => Err(e.clone()),
             };
-            let whole = |bytes: &[u8]| !bytes.is_empty() && bytes.len() % Id::LEN == 0;
+            let whole = |bytes: &[u8]| !bytes.is_empty() && bytes.len().is_multiple_of(Id::LEN);
             let bytes = match bytes {
                 Ok(bytes) if whole(bytes) => bytes,
                 failed => {
-                    let error = failed.err().unwrap_or_else(|| {
-                        "its length is not a whole number of ids".to_string()
-                    });
+                    let error = failed
+                        .err()
+                        .unwrap_or_else(|| "its length is not a whole number of ids".to_string());
                     problems.push(NodeProblem {
                         id,
                         error,
@@ -312,7 +319,11 @@ mod tests {
             })
             .unwrap();
         }
-        assert!(trees.iter().any(|t| t.height >= 2), "{:?}", trees.iter().map(|t| t.height));
+        assert!(
+            trees.iter().any(|t| t.height >= 2),
+            "{:?}",
+            trees.iter().map(|t| t.height)
+        );
         assert!(nodes.len() > 100 && data_chunks.len() > 20_000);
         let (chunkless, table) = repo.spilled_index_with_last(&HashSet::new()).unwrap();
         for memory in [0, 1 << 30] {
@@ -337,7 +348,10 @@ mod tests {
             .unwrap();
             assert!(problems.is_empty());
             assert_eq!(met_nodes.keys().copied().collect::<HashSet<_>>(), nodes);
-            assert_eq!(met_data.keys().copied().collect::<HashSet<_>>(), data_chunks);
+            assert_eq!(
+                met_data.keys().copied().collect::<HashSet<_>>(),
+                data_chunks
+            );
             assert!(met_nodes.values().chain(met_data.values()).all(|&n| n == 1));
         }
     }
