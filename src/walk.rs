@@ -81,32 +81,6 @@ impl NodeProblem {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct NodeId(Id);
-
-impl Record for NodeId {
-    const LEN: usize = 32;
-    fn encode(&self, out: &mut [u8]) {
-        out.copy_from_slice(&self.0.0);
-    }
-    fn decode(bytes: &[u8]) -> Self {
-        NodeId(Id::from_slice(bytes).expect("32 bytes"))
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct DataPrefix(IdPrefix);
-
-impl Record for DataPrefix {
-    const LEN: usize = 16;
-    fn encode(&self, out: &mut [u8]) {
-        out.copy_from_slice(&self.0);
-    }
-    fn decode(bytes: &[u8]) -> Self {
-        DataPrefix(bytes.try_into().expect("16 bytes"))
-    }
-}
-
 /// A located tree node, in frame order for reading.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct NodeAt {
@@ -168,15 +142,15 @@ fn walk_trees_in(
     trees: &mut dyn Iterator<Item = Result<TreeRoot>>,
     reached: &mut dyn FnMut(Reached) -> Result<()>,
 ) -> Result<Vec<NodeProblem>> {
-    let mut levels: Vec<Option<Sorter<NodeId>>> = Vec::new();
-    let mut data: Sorter<DataPrefix> = Sorter::new(memory, true);
-    let push = |levels: &mut Vec<Option<Sorter<NodeId>>>,
-                data: &mut Sorter<DataPrefix>,
+    let mut levels: Vec<Option<Sorter<[u8; 32]>>> = Vec::new();
+    let mut data: Sorter<IdPrefix> = Sorter::new(memory, true);
+    let push = |levels: &mut Vec<Option<Sorter<[u8; 32]>>>,
+                data: &mut Sorter<IdPrefix>,
                 height: u8,
                 id: Id|
      -> Result<()> {
         if height == 0 {
-            return data.push(DataPrefix(id_prefix(&id)));
+            return data.push(id_prefix(&id));
         }
         let height = height as usize;
         if levels.len() <= height {
@@ -184,7 +158,7 @@ fn walk_trees_in(
         }
         levels[height]
             .get_or_insert_with(|| Sorter::new(memory, true))
-            .push(NodeId(id))
+            .push(id.0)
     };
     for tree in trees {
         let tree = tree?;
@@ -203,9 +177,10 @@ fn walk_trees_in(
         join(
             nodes.scan(),
             chunks.scan(),
-            |node| id_prefix(&node.0),
+            |node| id_prefix(&Id(*node)),
             |chunk| chunk.prefix,
-            |NodeId(id), hit| {
+            |node, hit| {
+                let id = Id(node);
                 reached(Reached::Node(id, hit.map(|c| c.location)))?;
                 match hit {
                     Some(chunk) => located.push(NodeAt {
@@ -264,9 +239,9 @@ fn walk_trees_in(
     join(
         data.scan(),
         chunks.scan(),
-        |d| d.0,
+        |prefix| *prefix,
         |chunk| chunk.prefix,
-        |DataPrefix(prefix), hit| reached(Reached::Data(prefix, hit.map(|c| c.location))),
+        |prefix, hit| reached(Reached::Data(prefix, hit.map(|c| c.location))),
     )?;
     Ok(problems)
 }
