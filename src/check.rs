@@ -1,11 +1,17 @@
 //! Check: is the repository intact, before the day it is needed?
 //!
-//! Structure: key files parse; index files open; every indexed pack exists with the indexed
-//! size and its header (read by range, not whole) agrees with the index; every snapshot opens
-//! and every chunk of its tree is indexed, with its delta frames' bases. With `read_data`, also
+//! Structure: key files parse; index files open; every snapshot opens and every chunk of its
+//! tree is indexed, with its delta frames' bases; every indexed pack exists with the indexed
+//! size and its header (read by range, not whole) agrees with the index. With `read_data`, also
 //! every frame (or a random sample of frames) is read, opened, decompressed and every chunk in
 //! it re-hashed against its id. Every problem is reported, not just the first, with the
 //! snapshots that a damaged pack affects.
+//!
+//! Memory does not grow with the repository: the index's chunks are sorted on local disk and
+//! every tree is walked at once against them ([`walk_trees`]), as prune does; of each pack only
+//! a digest of its indexed header is held. Which snapshots a problem affects is worked out only
+//! when there are problems, by a second walk of each snapshot's tree, holding the tree nodes'
+//! locations and the damaged chunks (memory in proportion to the damage).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -14,11 +20,12 @@ use serde::Serialize;
 use crate::crypto::KeyFile;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexedPack};
-use crate::pack;
+use crate::index::{ChunkLocation, ChunkTable, IdPrefix, Index, MISSING_BASE, id_prefix};
+use crate::pack::{self, PackHeader};
 use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repo::{Repository, get_named, pack_name};
-use crate::walk::for_each_chunk;
+use crate::snapshot::SnapshotEntry;
+use crate::walk::{Reached, for_each_chunk_located, walk_trees};
 
 /// How much stored data `check` reads back.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,7 +66,8 @@ impl CheckReport {
 }
 
 /// Checks `repo`; `progress` hears what is being checked. Fails only if the repository cannot
-/// be listed at all; damage is reported in the [`CheckReport`].
+/// be listed at all (or local temporary files cannot be written); damage is reported in the
+/// [`CheckReport`].
 pub fn check(
     repo: &Repository,
     read_data: ReadData,
@@ -69,34 +77,78 @@ pub fn check(
         repo,
         report: CheckReport::default(),
         pack_problems: Vec::new(),
-        packs_used_by: HashMap::new(),
         marked: HashSet::new(),
     };
     progress("key files");
     checker.key_files()?;
     progress("index files");
-    let (index, indexed) = checker.index_files()?;
-    progress("packs");
-    checker.packs(&indexed)?;
+    let indexed = checker.index_files()?;
     progress("snapshots");
-    checker.snapshots(&index)?;
-    if read_data != ReadData::None {
-        progress("data");
-        checker.data(&index, &indexed, read_data)?;
-    }
-    Ok(checker.finish())
+    let reached = checker.snapshots(&indexed)?;
+    progress(if read_data == ReadData::None {
+        "packs"
+    } else {
+        "packs and data"
+    });
+    checker.packs(&indexed, &reached, read_data)?;
+    let damaged = !checker.pack_problems.is_empty()
+        || !reached.missing.is_empty()
+        || reached.node_problems
+        || reached.undecodable;
+    let packs_used_by = if damaged {
+        progress("affected snapshots");
+        checker.affected_snapshots(&indexed, &reached)?
+    } else {
+        HashMap::new()
+    };
+    Ok(checker.finish(&packs_used_by))
 }
 
 struct Checker<'a> {
     repo: &'a Repository,
     report: CheckReport,
-    /// Problems with packs (by number in index order), completed at the end with the
-    /// snapshots that use each pack.
-    pack_problems: Vec<(u32, Problem)>,
-    /// Pack number -> snapshots whose restore reads it.
-    packs_used_by: HashMap<u32, BTreeSet<Id>>,
+    /// Problems with packs, completed at the end with the snapshots that use each pack.
+    pack_problems: Vec<(Id, Problem)>,
     /// Packs a prune marked for deletion.
     marked: HashSet<Id>,
+}
+
+/// The repository's index as check holds it.
+struct Indexed {
+    /// Frames, packs and bases; chunks are in `chunks`.
+    index: Index,
+    chunks: ChunkTable,
+    /// By pack number: a digest of the header its index file gives, to compare with the pack's.
+    headers: Vec<[u8; 32]>,
+}
+
+/// What the walk of every snapshot's tree found.
+#[derive(Default)]
+struct Reachable {
+    /// By pack number: some snapshot reads a frame of it (or a base of such a frame).
+    used: Vec<bool>,
+    /// Where every tree node that is indexed is (a few per thousand chunks).
+    nodes: HashMap<Id, ChunkLocation>,
+    /// Stream chunks that no index holds.
+    missing: HashSet<IdPrefix>,
+    /// Some tree node is missing or unreadable.
+    node_problems: bool,
+    /// Some frame that a tree uses has a base that is not indexed.
+    undecodable: bool,
+}
+
+fn header_digest(header: &PackHeader) -> [u8; 32] {
+    let bytes = postcard::to_stdvec(header).expect("a header serializes");
+    *blake3::hash(&bytes).as_bytes()
+}
+
+/// Pack numbers of `frame`'s pack and its bases' packs; an error if a base is not indexed.
+fn packs_of_frame(index: &Index, frame: u32, packs: &mut dyn FnMut(u32)) -> Result<()> {
+    packs(index.frame(frame).pack);
+    for &base in bases_of(index, frame)? {
+        packs(index.frame(base).pack);
+    }
+    Ok(())
 }
 
 impl Checker<'_> {
@@ -108,14 +160,22 @@ impl Checker<'_> {
         });
     }
 
-    /// A problem with pack number `number`: the snapshots using it are filled in at the end.
-    fn pack_problem(&mut self, number: usize, pack: &IndexedPack, problem: impl ToString) {
+    fn snapshot_problem(&mut self, object: &str, snapshot: &Id, problem: String) {
+        self.report.problems.push(Problem {
+            object: object.to_string(),
+            problem,
+            snapshots: vec![snapshot.to_hex()],
+        });
+    }
+
+    /// A problem with pack `pack`: the snapshots using it are filled in at the end.
+    fn pack_problem(&mut self, pack: Id, problem: impl ToString) {
         let problem = Problem {
-            object: pack_name(&pack.id),
+            object: pack_name(&pack),
             problem: problem.to_string(),
             snapshots: Vec::new(),
         };
-        self.pack_problems.push((number as u32, problem));
+        self.pack_problems.push((pack, problem));
     }
 
     fn key_files(&mut self) -> Result<()> {
@@ -130,19 +190,7 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn index_files(&mut self) -> Result<(Index, Vec<IndexedPack>)> {
-        let store = self.repo.store();
-        let mut index = Index::default();
-        let mut indexed = Vec::new();
-        for object in store.list("index")? {
-            self.report.index_files += 1;
-            let file: Result<IndexFile> = get_named(store, &object.name)
-                .and_then(|bytes| IndexFile::open(&self.repo.key().metadata, &bytes, &object.name));
-            match file {
-                Ok(file) => indexed.extend(file.packs),
-                Err(e) => self.problem(&object.name, e),
-            }
-        }
+    fn index_files(&mut self) -> Result<Indexed> {
         // As restore sees it: a chunk in a pack that prune marked is found there only if it
         // is nowhere else ([`Repository::load_index`]).
         self.marked = match self.repo.obsolete_lists() {
@@ -155,18 +203,99 @@ impl Checker<'_> {
         for (object, reason) in self.repo.take_damaged_objects("obsolete/") {
             self.problem(object, reason);
         }
-        let marked = &self.marked;
-        let (mut indexed, last): (Vec<_>, Vec<_>) =
-            indexed.into_iter().partition(|p| !marked.contains(&p.id));
-        indexed.extend(last);
-        for pack in &indexed {
-            index.add(pack);
+        let mut index = crate::index::SpillingIndex::default();
+        let mut headers = Vec::new();
+        let mut unreadable = Vec::new();
+        self.report.index_files = self.repo.for_each_indexed_pack(
+            &self.marked,
+            &mut |pack| {
+                headers.push(header_digest(&pack.header));
+                index.add(pack)
+            },
+            &mut |name, e| {
+                unreadable.push((name.to_string(), e));
+                Ok(())
+            },
+        )?;
+        for (name, e) in unreadable {
+            self.problem(name, e);
         }
-        index.finish();
-        Ok((index, indexed))
+        let (index, chunks) = index.finish()?;
+        Ok(Indexed {
+            index,
+            chunks,
+            headers,
+        })
     }
 
-    fn packs(&mut self, indexed: &[IndexedPack]) -> Result<()> {
+    /// Reads every snapshot and walks every tree at once against the index.
+    fn snapshots(&mut self, indexed: &Indexed) -> Result<Reachable> {
+        let Indexed { index, chunks, .. } = indexed;
+        let repo = self.repo;
+        let markers: HashSet<String> = if repo.has_series_markers() {
+            repo.markers()?.into_iter().map(|(_, o)| o.name).collect()
+        } else {
+            HashSet::new()
+        };
+        let listed = repo.store().list("snapshots")?;
+        self.report.snapshots = listed.len();
+        let mut problems = Vec::new();
+        let mut objects = listed.iter();
+        let mut trees = std::iter::from_fn(|| {
+            for object in objects.by_ref() {
+                match repo.read_snapshot_named(&object.name) {
+                    Ok(entry) => {
+                        if repo.has_series_markers()
+                            && !markers.contains(&repo.marker_of(&entry.id, &entry.snapshot))
+                        {
+                            problems.push((object.name.clone(), Some(entry.id), "it has no series marker, so `latest` and --tag do not find it (written by an older bkp during an upgrade?): run `bkp upgrade` to add it".to_string()));
+                        }
+                        return Some(Ok(entry.snapshot.tree));
+                    }
+                    Err(e) => problems.push((object.name.clone(), None, e.to_string())),
+                }
+            }
+            None
+        });
+        let mut reached = Reachable {
+            used: vec![false; index.pack_count()],
+            ..Reachable::default()
+        };
+        let uses = |reached: &mut Reachable, frame: u32| {
+            let used = &mut reached.used;
+            if packs_of_frame(index, frame, &mut |pack| used[pack as usize] = true).is_err() {
+                reached.undecodable = true;
+            }
+        };
+        let node_problems = walk_trees(repo, index, chunks, &mut trees, &mut |r| {
+            match r {
+                Reached::Node(id, Some(location)) => {
+                    reached.nodes.insert(id, location);
+                    uses(&mut reached, location.frame);
+                }
+                Reached::Data(_, Some(location)) => uses(&mut reached, location.frame),
+                Reached::Data(prefix, None) => {
+                    reached.missing.insert(prefix);
+                }
+                // Returned as a node problem too.
+                Reached::Node(_, None) => {}
+            }
+            Ok(())
+        })?;
+        reached.node_problems = !node_problems.is_empty();
+        for (object, snapshot, problem) in problems {
+            match snapshot {
+                Some(id) => self.snapshot_problem(&object, &id, problem),
+                None => self.problem(object, problem),
+            }
+        }
+        Ok(reached)
+    }
+
+    /// Every indexed pack: stored with its size, its header as indexed; with `read_data`, its
+    /// frames (or a sample of them) decoded and their chunks re-hashed.
+    fn packs(&mut self, indexed: &Indexed, reached: &Reachable, read_data: ReadData) -> Result<()> {
+        let index = &indexed.index;
         let store = self.repo.store();
         let mut stored: HashMap<String, u64> = store
             .list("packs")?
@@ -174,191 +303,247 @@ impl Checker<'_> {
             .map(|o| (o.name, o.size))
             .collect();
         // A pack named by two index files (a prune interrupted between writing a rewritten
-        // index file and deleting the old one) is one pack, checked once.
+        // index file and deleting the old one) is one pack, checked once; it is used if any
+        // of its numbers is.
+        let mut used_ids = HashSet::new();
+        for (number, pack) in index.packs().iter().enumerate() {
+            if reached.used[number] {
+                used_ids.insert(pack.id);
+            }
+        }
+        let mut data = DataCheck::new(self.repo, index, read_data)?;
         let mut seen = HashSet::new();
-        for (number, pack) in indexed.iter().enumerate() {
+        for (number, pack) in index.packs().iter().enumerate() {
             if !seen.insert(pack.id) {
                 continue;
             }
             let name = pack_name(&pack.id);
             self.report.packs += 1;
             let Some(size) = stored.remove(&name) else {
-                self.pack_problem(number, pack, "missing");
+                self.pack_problem(pack.id, "missing");
                 continue;
             };
             if size != pack.len {
                 let problem = format!("{size} bytes long, the index says {}", pack.len);
-                self.pack_problem(number, pack, problem);
+                self.pack_problem(pack.id, problem);
                 continue;
             }
             let header = pack::read_header_with(size, &self.repo.key().metadata, &name, |r| {
                 read_range_aligned(store, &name, size, r)
             });
-            match header {
+            let header = match header {
                 Ok((ephemeral, header))
-                    if ephemeral == pack.data_ephemeral && header == pack.header => {}
-                Ok(_) => {
-                    self.pack_problem(number, pack, "its header does not agree with the index")
+                    if ephemeral == pack.data_ephemeral
+                        && header_digest(&header) == indexed.headers[number] =>
+                {
+                    header
                 }
-                Err(e) => self.pack_problem(number, pack, e),
+                Ok(_) => {
+                    self.pack_problem(pack.id, "its header does not agree with the index");
+                    continue;
+                }
+                Err(e) => {
+                    self.pack_problem(pack.id, e);
+                    continue;
+                }
+            };
+            // A marked pack that no snapshot uses is garbage waiting for the next prune, which
+            // may already have deleted the bases of its delta frames (an interrupted prune).
+            if self.marked.contains(&pack.id) && !used_ids.contains(&pack.id) {
+                continue;
+            }
+            let frames = index.frames_of_pack(number as u32);
+            for (frame, entry) in frames.zip(&header.frames) {
+                if let Err(problem) = data.frame(frame, &entry.chunks) {
+                    self.pack_problem(pack.id, problem);
+                }
             }
         }
+        self.report.frames_read = data.frames_read;
         self.report.unreferenced_packs = stored.len();
         Ok(())
     }
 
-    fn snapshots(&mut self, index: &Index) -> Result<()> {
-        let store = self.repo.store();
-        let mut reader = FrameReader::new(self.repo, index);
-        let markers: HashSet<String> = if self.repo.has_series_markers() {
-            self.repo
-                .markers()?
-                .into_iter()
-                .map(|(_, o)| o.name)
-                .collect()
-        } else {
-            HashSet::new()
+    /// Pack id -> the snapshots whose restore reads it, for the packs with problems; and the
+    /// problems of each snapshot whose tree cannot be walked or whose chunks are not indexed.
+    fn affected_snapshots(
+        &mut self,
+        indexed: &Indexed,
+        reached: &Reachable,
+    ) -> Result<HashMap<Id, BTreeSet<Id>>> {
+        let Indexed { index, chunks, .. } = indexed;
+        let bad_ids: HashSet<Id> = self.pack_problems.iter().map(|(id, _)| *id).collect();
+        let bad: Vec<bool> = index
+            .packs()
+            .iter()
+            .map(|p| bad_ids.contains(&p.id))
+            .collect();
+        // The stream chunks whose frame, or one of whose bases, is in a pack with a problem or
+        // not indexed at all.
+        let frame_is_bad = |frame: u32| {
+            bad[index.frame(frame).pack as usize]
+                || index
+                    .bases(frame)
+                    .iter()
+                    .any(|&b| b == MISSING_BASE || bad[index.frame(b).pack as usize])
         };
-        for object in store.list("snapshots")? {
-            self.report.snapshots += 1;
-            let entry = match self.repo.read_snapshot_named(&object.name) {
-                Ok(entry) => entry,
-                Err(e) => {
-                    self.problem(&object.name, e);
-                    continue;
+        let mut damaged: HashMap<IdPrefix, u32> = HashMap::new();
+        if !bad_ids.is_empty() || reached.undecodable {
+            for chunk in chunks.scan() {
+                let chunk = chunk?;
+                if frame_is_bad(chunk.location.frame) {
+                    damaged.insert(chunk.prefix, chunk.location.frame);
                 }
-            };
-            if self.repo.has_series_markers()
-                && !markers.contains(&self.repo.marker_of(&entry.id, &entry.snapshot))
-            {
-                self.report.problems.push(Problem {
-                    object: object.name.clone(),
-                    problem: "it has no series marker, so `latest` and --tag do not find it (written by an older bkp during an upgrade?): run `bkp upgrade` to add it".to_string(),
-                    snapshots: vec![entry.id.to_hex()],
-                });
             }
+        }
+        let mut used_by: HashMap<Id, BTreeSet<Id>> = HashMap::new();
+        let mut reader = FrameReader::new(self.repo, index);
+        for object in self.repo.store().list("snapshots")? {
+            // Unreadable snapshots are reported already.
+            let Ok(SnapshotEntry { id, snapshot }) = self.repo.read_snapshot_named(&object.name)
+            else {
+                continue;
+            };
             let mut packs = BTreeSet::new();
             let mut missing = 0u64;
             let mut base_error = None;
-            let walked = for_each_chunk(
-                self.repo,
-                index,
-                &mut reader,
-                &entry.snapshot.tree,
-                &mut |id, is_node| match index.chunk(&id) {
-                    Some(loc) => {
-                        packs.insert(index.frame(loc.frame).pack);
-                        match bases_of(index, loc.frame) {
-                            Ok(bases) => packs.extend(bases.iter().map(|&b| index.frame(b).pack)),
-                            Err(e) => {
-                                base_error.get_or_insert(e);
-                            }
-                        }
+            let mut touch = |frame: u32| {
+                let mark = &mut |pack: u32| {
+                    if bad[pack as usize] {
+                        packs.insert(pack);
                     }
-                    // A missing node stops the walk and is reported as its error.
-                    None if !is_node => missing += 1,
-                    None => {}
+                };
+                if let Err(e) = packs_of_frame(index, frame, mark) {
+                    base_error.get_or_insert(e);
+                }
+            };
+            let walked = for_each_chunk_located(
+                self.repo,
+                &|id| reached.nodes.get(id).copied(),
+                &mut reader,
+                &snapshot.tree,
+                &mut |id, is_node| {
+                    if is_node {
+                        // A missing node stops the walk and is reported as its error.
+                        if let Some(location) = reached.nodes.get(&id) {
+                            touch(location.frame);
+                        }
+                    } else if reached.missing.contains(&id_prefix(&id)) {
+                        missing += 1;
+                    } else if let Some(&frame) = damaged.get(&id_prefix(&id)) {
+                        touch(frame);
+                    }
                 },
             );
             let walk_error = walked.err().or(base_error);
-            let snapshot = entry.id.to_hex();
             if missing > 0 {
                 let problem = format!("{missing} of its chunks are in no index (missing data)");
-                self.report.problems.push(Problem {
-                    object: object.name.clone(),
-                    problem,
-                    snapshots: vec![snapshot.clone()],
-                });
+                self.snapshot_problem(&object.name, &id, problem);
             }
             if let Some(e) = walk_error {
-                self.report.problems.push(Problem {
-                    object: object.name.clone(),
-                    problem: format!("its chunk tree cannot be read: {e}"),
-                    snapshots: vec![snapshot],
-                });
+                let problem = format!("its chunk tree cannot be read: {e}");
+                self.snapshot_problem(&object.name, &id, problem);
             }
             for pack in packs {
-                self.packs_used_by.entry(pack).or_default().insert(entry.id);
+                used_by.entry(index.pack(pack).id).or_default().insert(id);
             }
         }
-        Ok(())
-    }
-
-    fn data(&mut self, index: &Index, indexed: &[IndexedPack], read_data: ReadData) -> Result<()> {
-        let sample_key = {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key)
-                .map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
-            key
-        };
-        let selected = |frame: u32| match read_data {
-            ReadData::None => false,
-            ReadData::All => true,
-            ReadData::Fraction(f) => {
-                let h = blake3::keyed_hash(&sample_key, &frame.to_le_bytes());
-                let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-                (x as f64) < f * u64::MAX as f64
-            }
-        };
-        let mut reader = FrameReader::new(self.repo, index);
-        let bases_cache = BaseCache::new(4);
-        let mut dictionary = Vec::new();
-        let mut raw = Vec::new();
-        let mut frame_number = 0u32;
-        for (pack_number, pack) in indexed.iter().enumerate() {
-            // A marked pack that no snapshot uses is garbage waiting for the next prune, which
-            // may already have deleted the bases of its delta frames (an interrupted prune).
-            let garbage = self.marked.contains(&pack.id)
-                && !self.packs_used_by.contains_key(&(pack_number as u32));
-            for entry in &pack.header.frames {
-                let frame = frame_number;
-                frame_number += 1;
-                if garbage || !selected(frame) {
-                    continue;
-                }
-                self.report.frames_read += 1;
-                let decoded = bases_of(index, frame)
-                    .and_then(|bases| bases_cache.dictionary(&mut reader, bases, &mut dictionary))
-                    .and_then(|()| reader.read(frame, &dictionary, std::mem::take(&mut raw)));
-                let decoded = match decoded {
-                    Ok(decoded) => decoded,
-                    Err(e) => {
-                        self.pack_problem(pack_number, pack, e);
-                        continue;
-                    }
-                };
-                let mut at = 0usize;
-                let mut wrong = 0;
-                for chunk in &entry.chunks {
-                    let bytes = decoded.get(at..at + chunk.len as usize);
-                    if bytes.is_none_or(|b| self.repo.key().chunk_id(b) != chunk.id) {
-                        wrong += 1;
-                    }
-                    at += chunk.len as usize;
-                }
-                if wrong > 0 {
-                    let problem = format!(
-                        "frame {} holds {wrong} chunks that do not match their ids",
-                        index.frame(frame).number_in_pack
-                    );
-                    self.pack_problem(pack_number, pack, problem);
-                }
-                raw = decoded;
-            }
-        }
-        Ok(())
+        Ok(used_by)
     }
 
     /// Names the snapshots behind each pack problem.
-    fn finish(mut self) -> CheckReport {
+    fn finish(mut self, used_by: &HashMap<Id, BTreeSet<Id>>) -> CheckReport {
         for (pack, mut problem) in std::mem::take(&mut self.pack_problems) {
-            problem.snapshots = self
-                .packs_used_by
+            problem.snapshots = used_by
                 .get(&pack)
                 .map(|ids| ids.iter().map(Id::to_hex).collect())
                 .unwrap_or_default();
             self.report.problems.push(problem);
         }
         self.report
+    }
+}
+
+/// Reading frames back for `check --read-data`.
+struct DataCheck<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    read_data: ReadData,
+    /// Keys the random sample, so that repeated runs cover different frames.
+    sample_key: [u8; 32],
+    reader: FrameReader<'a>,
+    bases: BaseCache,
+    dictionary: Vec<u8>,
+    raw: Vec<u8>,
+    frames_read: usize,
+}
+
+impl<'a> DataCheck<'a> {
+    fn new(repo: &'a Repository, index: &'a Index, read_data: ReadData) -> Result<Self> {
+        let mut sample_key = [0u8; 32];
+        getrandom::fill(&mut sample_key)
+            .map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
+        Ok(DataCheck {
+            repo,
+            index,
+            read_data,
+            sample_key,
+            reader: FrameReader::new(repo, index),
+            bases: BaseCache::new(4),
+            dictionary: Vec::new(),
+            raw: Vec::new(),
+            frames_read: 0,
+        })
+    }
+
+    fn selected(&self, frame: u32) -> bool {
+        match self.read_data {
+            ReadData::None => false,
+            ReadData::All => true,
+            ReadData::Fraction(f) => {
+                let h = blake3::keyed_hash(&self.sample_key, &frame.to_le_bytes());
+                let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+                (x as f64) < f * u64::MAX as f64
+            }
+        }
+    }
+
+    /// Reads `frame` (if selected) and checks that it holds `chunks`, as its pack's header says.
+    fn frame(
+        &mut self,
+        frame: u32,
+        chunks: &[pack::ChunkEntry],
+    ) -> std::result::Result<(), String> {
+        if !self.selected(frame) {
+            return Ok(());
+        }
+        self.frames_read += 1;
+        let decoded = bases_of(self.index, frame)
+            .and_then(|bases| {
+                self.bases
+                    .dictionary(&mut self.reader, bases, &mut self.dictionary)
+            })
+            .and_then(|()| {
+                self.reader
+                    .read(frame, &self.dictionary, std::mem::take(&mut self.raw))
+            })
+            .map_err(|e| e.to_string())?;
+        let mut at = 0usize;
+        let mut wrong = 0;
+        for chunk in chunks {
+            let bytes = decoded.get(at..at + chunk.len as usize);
+            if bytes.is_none_or(|b| self.repo.key().chunk_id(b) != chunk.id) {
+                wrong += 1;
+            }
+            at += chunk.len as usize;
+        }
+        self.raw = decoded;
+        if wrong > 0 {
+            return Err(format!(
+                "frame {} holds {wrong} chunks that do not match their ids",
+                self.index.frame(frame).number_in_pack
+            ));
+        }
+        Ok(())
     }
 }

@@ -587,6 +587,13 @@ impl Index {
         (self.frames.partition_point(|f| f.first_chunk <= number) - 1) as u32
     }
 
+    /// The frames of pack number `pack`, in header order (a pack's frames are added together).
+    pub fn frames_of_pack(&self, pack: u32) -> std::ops::Range<u32> {
+        let start = self.frames.partition_point(|f| f.pack < pack);
+        let end = self.frames.partition_point(|f| f.pack <= pack);
+        start as u32..end as u32
+    }
+
     pub fn frame(&self, frame: u32) -> &FrameLocation {
         &self.frames[frame as usize]
     }

@@ -472,10 +472,14 @@ impl Repository {
     /// a prune that marked most of a repository, they are most of the index.
     pub(crate) fn load_index_with_last(&self, last: &HashSet<Id>) -> Result<Index> {
         let mut index = Index::default();
-        self.for_each_indexed_pack(last, &mut |pack| {
-            index.add(pack);
-            Ok(())
-        })?;
+        self.for_each_indexed_pack(
+            last,
+            &mut |pack| {
+                index.add(pack);
+                Ok(())
+            },
+            &mut |name, e| self.skip_damaged_index_file(name, e),
+        )?;
         index.finish();
         Ok(index)
     }
@@ -487,37 +491,53 @@ impl Repository {
         last: &HashSet<Id>,
     ) -> Result<(Index, crate::index::ChunkTable)> {
         let mut index = crate::index::SpillingIndex::default();
-        self.for_each_indexed_pack(last, &mut |pack| index.add(pack))?;
+        self.for_each_indexed_pack(last, &mut |pack| index.add(pack), &mut |name, e| {
+            self.skip_damaged_index_file(name, e)
+        })?;
         index.finish()
     }
 
-    /// Every indexed pack, those in `last` after all others.
-    fn for_each_indexed_pack(
+    /// Every indexed pack, those in `last` after all others. An index file that cannot be read
+    /// goes to `unreadable`, which decides whether that stops the listing. Returns how many
+    /// index files were listed.
+    pub(crate) fn for_each_indexed_pack(
         &self,
         last: &HashSet<Id>,
         add: &mut dyn FnMut(&IndexedPack) -> Result<()>,
-    ) -> Result<()> {
+        unreadable: &mut dyn FnMut(&str, Error) -> Result<()>,
+    ) -> Result<usize> {
+        let mut read = |name: &str| match self.read_index_file(name) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => unreadable(name, e).map(|()| None),
+        };
+        let listed = self.store.list("index")?;
         let mut deferred = Vec::new();
-        for object in self.store.list("index")? {
-            let Some(file) = self.skip_damaged(self.read_index_file(&object.name))? else {
+        for object in &listed {
+            let Some(file) = read(&object.name)? else {
                 continue;
             };
             let (later, now): (Vec<_>, Vec<_>) =
                 file.packs.iter().partition(|p| last.contains(&p.id));
             now.into_iter().try_for_each(&mut *add)?;
             if !later.is_empty() {
-                deferred.push(object.name);
+                deferred.push(&object.name);
             }
         }
         for name in deferred {
-            let Some(file) = self.skip_damaged(self.read_index_file(&name))? else {
+            let Some(file) = read(name)? else {
                 continue;
             };
             for pack in file.packs.iter().filter(|p| last.contains(&p.id)) {
                 add(pack)?;
             }
         }
-        Ok(())
+        Ok(listed.len())
+    }
+
+    /// For [`Repository::for_each_indexed_pack`]: a damaged index file is skipped (and
+    /// recorded), a storage error stops the listing.
+    fn skip_damaged_index_file(&self, _name: &str, error: Error) -> Result<()> {
+        self.skip_damaged::<()>(Err(error)).map(drop)
     }
 
     /// Listings go on past a damaged object (one that fails authentication or parsing, or was

@@ -20,15 +20,25 @@ pub fn for_each_chunk(
     tree: &TreeRoot,
     visit: &mut dyn FnMut(Id, bool),
 ) -> Result<()> {
+    for_each_chunk_located(repo, &|id| index.chunk(id), reader, tree, visit)
+}
+
+/// [`for_each_chunk`] with tree nodes found by `locate` rather than in an index of chunks
+/// (check knows where the nodes are from [`walk_trees`] and holds no other chunks).
+pub fn for_each_chunk_located(
+    repo: &Repository,
+    locate: &dyn Fn(&Id) -> Option<ChunkLocation>,
+    reader: &mut FrameReader<'_>,
+    tree: &TreeRoot,
+    visit: &mut dyn FnMut(Id, bool),
+) -> Result<()> {
     // Nodes are stored together, a few frames per snapshot: keep the last one decoded.
     let mut node_frame: Option<(u32, Vec<u8>)> = None;
     let nodes_read = std::cell::RefCell::new(Vec::new());
     let mut fetch_node = |id: &Id| -> Result<Vec<u8>> {
         nodes_read.borrow_mut().push(*id);
         let object = || format!("tree node {}", id.short());
-        let loc = index
-            .chunk(id)
-            .ok_or_else(|| Error::Missing { object: object() })?;
+        let loc = locate(id).ok_or_else(|| Error::Missing { object: object() })?;
         if node_frame.as_ref().is_none_or(|(f, _)| *f != loc.frame) {
             node_frame = Some((loc.frame, reader.read(loc.frame, &[], Vec::new())?));
         }
