@@ -20,11 +20,12 @@ use serde::Serialize;
 use crate::crypto::KeyFile;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{ChunkLocation, ChunkTable, IdPrefix, Index, MISSING_BASE, id_prefix};
+use crate::index::{ChunkLocation, ChunkTable, IdPrefix, Index, id_prefix};
 use crate::pack::{self, PackHeader};
 use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repo::{Repository, get_named, pack_name};
 use crate::snapshot::SnapshotEntry;
+use crate::spill::{self, Record, Sorter, join};
 use crate::walk::{Reached, for_each_chunk_located, walk_trees};
 
 /// How much stored data `check` reads back.
@@ -92,7 +93,7 @@ pub fn check(
     });
     checker.packs(&indexed, &reached, read_data)?;
     let damaged = !checker.pack_problems.is_empty()
-        || !reached.missing.is_empty()
+        || reached.missing
         || reached.node_problems
         || reached.undecodable;
     let packs_used_by = if damaged {
@@ -129,8 +130,8 @@ struct Reachable {
     used: Vec<bool>,
     /// Where every tree node that is indexed is (a few per thousand chunks).
     nodes: HashMap<Id, ChunkLocation>,
-    /// Stream chunks that no index holds.
-    missing: HashSet<IdPrefix>,
+    /// Some stream chunk is in no index.
+    missing: bool,
     /// Some tree node is missing or unreadable.
     node_problems: bool,
     /// Some frame that a tree uses has a base that is not indexed.
@@ -274,9 +275,7 @@ impl Checker<'_> {
                     uses(&mut reached, location.frame);
                 }
                 Reached::Data(_, Some(location)) => uses(&mut reached, location.frame),
-                Reached::Data(prefix, None) => {
-                    reached.missing.insert(prefix);
-                }
+                Reached::Data(_, None) => reached.missing = true,
                 // Returned as a node problem too.
                 Reached::Node(_, None) => {}
             }
@@ -366,6 +365,11 @@ impl Checker<'_> {
 
     /// Pack id -> the snapshots whose restore reads it, for the packs with problems; and the
     /// problems of each snapshot whose tree cannot be walked or whose chunks are not indexed.
+    ///
+    /// Each snapshot's tree is walked again (its nodes located from the first walk), and the
+    /// stream chunks of all of them, as (chunk, snapshot) pairs, are sorted on disk and joined
+    /// with the chunk table: memory holds the tree nodes' locations and, per snapshot, the
+    /// damaged packs it reads, whatever the damage.
     fn affected_snapshots(
         &mut self,
         indexed: &Indexed,
@@ -378,25 +382,8 @@ impl Checker<'_> {
             .iter()
             .map(|p| bad_ids.contains(&p.id))
             .collect();
-        // The stream chunks whose frame, or one of whose bases, is in a pack with a problem or
-        // not indexed at all.
-        let frame_is_bad = |frame: u32| {
-            bad[index.frame(frame).pack as usize]
-                || index
-                    .bases(frame)
-                    .iter()
-                    .any(|&b| b == MISSING_BASE || bad[index.frame(b).pack as usize])
-        };
-        let mut damaged: HashMap<IdPrefix, u32> = HashMap::new();
-        if !bad_ids.is_empty() || reached.undecodable {
-            for chunk in chunks.scan() {
-                let chunk = chunk?;
-                if frame_is_bad(chunk.location.frame) {
-                    damaged.insert(chunk.prefix, chunk.location.frame);
-                }
-            }
-        }
-        let mut used_by: HashMap<Id, BTreeSet<Id>> = HashMap::new();
+        let mut affected: Vec<Affected> = Vec::new();
+        let mut references: Sorter<SnapshotChunk> = Sorter::new(spill::DEFAULT_MEMORY, true);
         let mut reader = FrameReader::new(self.repo, index);
         for object in self.repo.store().list("snapshots")? {
             // Unreadable snapshots are reported already.
@@ -404,19 +391,16 @@ impl Checker<'_> {
             else {
                 continue;
             };
-            let mut packs = BTreeSet::new();
-            let mut missing = 0u64;
-            let mut base_error = None;
-            let mut touch = |frame: u32| {
-                let mark = &mut |pack: u32| {
-                    if bad[pack as usize] {
-                        packs.insert(pack);
-                    }
-                };
-                if let Err(e) = packs_of_frame(index, frame, mark) {
-                    base_error.get_or_insert(e);
-                }
+            let number = affected.len() as u32;
+            let mut this = Affected {
+                object: object.name,
+                id,
+                bad_packs: BTreeSet::new(),
+                missing: 0,
+                walk_error: None,
+                base_error: None,
             };
+            let mut pushed = Ok(());
             let walked = for_each_chunk_located(
                 self.repo,
                 &|id| reached.nodes.get(id).copied(),
@@ -426,26 +410,52 @@ impl Checker<'_> {
                     if is_node {
                         // A missing node stops the walk and is reported as its error.
                         if let Some(location) = reached.nodes.get(&id) {
-                            touch(location.frame);
+                            this.uses(index, &bad, location.frame);
                         }
-                    } else if reached.missing.contains(&id_prefix(&id)) {
-                        missing += 1;
-                    } else if let Some(&frame) = damaged.get(&id_prefix(&id)) {
-                        touch(frame);
+                    } else if pushed.is_ok() {
+                        pushed = references.push(SnapshotChunk {
+                            prefix: id_prefix(&id),
+                            snapshot: number,
+                        });
                     }
                 },
             );
-            let walk_error = walked.err().or(base_error);
-            if missing > 0 {
-                let problem = format!("{missing} of its chunks are in no index (missing data)");
-                self.snapshot_problem(&object.name, &id, problem);
+            pushed?;
+            this.walk_error = walked.err();
+            affected.push(this);
+        }
+        join(
+            references.finish()?.scan(),
+            chunks.scan(),
+            |reference| reference.prefix,
+            |chunk| chunk.prefix,
+            |reference, chunk| {
+                let this = &mut affected[reference.snapshot as usize];
+                match chunk {
+                    Some(chunk) => this.uses(index, &bad, chunk.location.frame),
+                    None => this.missing += 1,
+                }
+                Ok(())
+            },
+        )?;
+        let mut used_by: HashMap<Id, BTreeSet<Id>> = HashMap::new();
+        for this in affected {
+            if this.missing > 0 {
+                let problem = format!(
+                    "{} of its chunks are in no index (missing data)",
+                    this.missing
+                );
+                self.snapshot_problem(&this.object, &this.id, problem);
             }
-            if let Some(e) = walk_error {
+            if let Some(e) = this.walk_error.or(this.base_error) {
                 let problem = format!("its chunk tree cannot be read: {e}");
-                self.snapshot_problem(&object.name, &id, problem);
+                self.snapshot_problem(&this.object, &this.id, problem);
             }
-            for pack in packs {
-                used_by.entry(index.pack(pack).id).or_default().insert(id);
+            for pack in this.bad_packs {
+                used_by
+                    .entry(index.pack(pack).id)
+                    .or_default()
+                    .insert(this.id);
             }
         }
         Ok(used_by)
@@ -461,6 +471,53 @@ impl Checker<'_> {
             self.report.problems.push(problem);
         }
         self.report
+    }
+}
+
+/// What a snapshot reads that is damaged.
+struct Affected {
+    object: String,
+    id: Id,
+    /// Numbers of the packs with problems that it reads.
+    bad_packs: BTreeSet<u32>,
+    /// Distinct stream chunks in no index.
+    missing: u64,
+    walk_error: Option<Error>,
+    base_error: Option<Error>,
+}
+
+impl Affected {
+    fn uses(&mut self, index: &Index, bad: &[bool], frame: u32) {
+        let bad_packs = &mut self.bad_packs;
+        let mark = &mut |pack: u32| {
+            if bad[pack as usize] {
+                bad_packs.insert(pack);
+            }
+        };
+        if let Err(e) = packs_of_frame(index, frame, mark) {
+            self.base_error.get_or_insert(e);
+        }
+    }
+}
+
+/// A stream chunk that snapshot number `snapshot` (in listing order) reads.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SnapshotChunk {
+    prefix: IdPrefix,
+    snapshot: u32,
+}
+
+impl Record for SnapshotChunk {
+    const LEN: usize = 20;
+    fn encode(&self, out: &mut [u8]) {
+        out[..16].copy_from_slice(&self.prefix);
+        out[16..].copy_from_slice(&self.snapshot.to_be_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        SnapshotChunk {
+            prefix: bytes[..16].try_into().expect("16 bytes"),
+            snapshot: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
+        }
     }
 }
 

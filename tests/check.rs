@@ -183,3 +183,58 @@ fn a_missing_index_file_leaves_snapshots_with_unindexed_chunks() {
     assert_eq!(snapshots, &vec![crm.clone()]);
     assert_eq!(report["unreferenced_packs"], 1);
 }
+
+#[test]
+fn a_lost_pack_is_tied_to_every_snapshot_that_reads_it_through_dedup_and_delta_bases() {
+    // Day 2 of a series deduplicates against day 1 and delta-compresses against its frames,
+    // and both streams are long enough to have chunk-tree nodes.
+    let (_dir, repo) = local_repo();
+    let day1 = backup_cli(&repo, &dumpgen::dump(4_000_000, 1), &["shop"]);
+    let day1_packs = files_under(&repo, "packs");
+    let day2 = backup_cli(&repo, &dumpgen::dump(4_000_000, 2), &["shop"]);
+    let (code, report) = check_json(&repo, &["--read-data"]);
+    assert_eq!(code, 0, "{report}");
+    for pack in &day1_packs {
+        std::fs::remove_file(pack).unwrap();
+    }
+
+    let (code, report) = check_json(&repo, &[]);
+    assert_eq!(code, 5);
+    let found = problems(&report);
+    let both = {
+        let mut both = vec![day1.clone(), day2.clone()];
+        both.sort();
+        both
+    };
+    for pack in &day1_packs {
+        let name = name_under(&repo, pack);
+        let (_, problem, snapshots) = found
+            .iter()
+            .find(|(o, _, _)| *o == name)
+            .unwrap_or_else(|| panic!("nothing about {name} in {found:?}"));
+        assert!(problem.contains("missing"), "{problem}");
+        assert!(!snapshots.is_empty(), "{name}: {found:?}");
+    }
+    assert!(
+        found.iter().any(|(_, _, s)| *s == both),
+        "no lost pack names both snapshots: {found:?}"
+    );
+    // Besides the packs: at most each snapshot's unreadable tree, never anything else.
+    for (object, problem, snapshots) in &found {
+        if object.starts_with("packs/") {
+            continue;
+        }
+        assert!(
+            object == &format!("snapshots/{day1}") || object == &format!("snapshots/{day2}"),
+            "{found:?}"
+        );
+        assert!(problem.contains("chunk tree cannot be read"), "{problem}");
+        assert_eq!(snapshots.len(), 1);
+    }
+    assert!(
+        found
+            .iter()
+            .any(|(o, _, _)| o == &format!("snapshots/{day1}")),
+        "day 1's tree nodes were in its packs: {found:?}"
+    );
+}
