@@ -383,7 +383,7 @@ impl Checker<'_> {
             .map(|p| bad_ids.contains(&p.id))
             .collect();
         let mut affected: Vec<Affected> = Vec::new();
-        let mut references: Sorter<SnapshotChunk> = Sorter::new(spill::DEFAULT_MEMORY, true);
+        let mut references: Sorter<SnapshotChunk> = Sorter::new(spill::sort_memory(), true);
         let mut reader = FrameReader::new(self.repo, index);
         for object in self.repo.store().list("snapshots")? {
             // Unreadable snapshots are reported already.

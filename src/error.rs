@@ -114,9 +114,9 @@ pub enum Error {
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 
-    /// Prune and check of a large repository sort on local disk ([`crate::spill`]).
+    /// Prune, check and stats of a large repository sort on local disk ([`crate::spill`]).
     #[error(
-        "writing temporary files in {dir} failed: {cause} (prune and check of a large repository need about 60 bytes of temporary space per chunk: set TMPDIR to a directory with room)"
+        "writing temporary files in {dir} failed: {cause} (prune, check and stats of a large repository need about 60 bytes of temporary space per chunk: set TMPDIR to a writable directory with room)"
     )]
     TempFiles { dir: String, cause: io::Error },
 

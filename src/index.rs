@@ -198,7 +198,7 @@ pub struct SpillingIndex {
 
 impl Default for SpillingIndex {
     fn default() -> Self {
-        SpillingIndex::with_memory(spill::DEFAULT_MEMORY)
+        SpillingIndex::with_memory(spill::sort_memory())
     }
 }
 
@@ -223,7 +223,7 @@ impl SpillingIndex {
         let SpillingIndex { mut index, chunks } = self;
         index.finish();
         let sorted = chunks.finish()?;
-        let mut table = TableWriter::new(spill::DEFAULT_MEMORY);
+        let mut table = TableWriter::new(spill::sort_memory());
         let mut group: Vec<ChunkRecord> = Vec::new();
         let mut close = |group: &mut Vec<ChunkRecord>, index: &mut Index| -> Result<()> {
             let Some(first) = group.first() else {

@@ -77,6 +77,7 @@ pub use repo::{Config, InitOptions, Repository};
 pub use restore::{RestoreProgress, RestoreSummary, restore};
 pub use snapshot::{AddedBytes, MAX_CLOCK_SKEW, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
+pub use spill::set_sort_memory;
 pub use stats::{SnapshotStats, Stats, stats};
 pub use store::{Durability, ObjectInfo, RequestKind, Store};
 

@@ -484,6 +484,12 @@ impl Repository {
         Ok(index)
     }
 
+    /// [`Repository::load_index`] for a repository of any size: the chunks sorted on local
+    /// disk rather than held (stats).
+    pub(crate) fn spilled_index(&self) -> Result<(Index, crate::index::ChunkTable)> {
+        self.spilled_index_with_last(&self.marked_packs()?)
+    }
+
     /// [`Repository::load_index_with_last`] for a repository of any size: the chunks sorted on
     /// local disk rather than held ([`crate::index::SpillingIndex`]), for prune and check.
     pub(crate) fn spilled_index_with_last(

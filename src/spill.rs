@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -39,8 +40,23 @@ impl<const N: usize> Record for [u8; N] {
     }
 }
 
-/// Memory one sorter's run buffer may take: prune and check use a few at a time.
+/// Memory one sorter's run buffer takes unless [`set_sort_memory`] says otherwise: prune,
+/// check and stats use a few at a time.
 pub const DEFAULT_MEMORY: usize = 48 << 20;
+
+static SORT_MEMORY: AtomicUsize = AtomicUsize::new(DEFAULT_MEMORY);
+
+/// Sets the memory of each sort buffer (the CLI's `BKP_SORT_MEMORY`): more makes prune and check
+/// of a large repository faster (fewer runs to merge), less keeps them smaller; 0 gives the
+/// smallest buffers (1,024 records), which tests use to make small repositories spill.
+pub fn set_sort_memory(bytes: usize) {
+    SORT_MEMORY.store(bytes, Ordering::Relaxed);
+}
+
+/// The memory of each sort buffer ([`set_sort_memory`]).
+pub fn sort_memory() -> usize {
+    SORT_MEMORY.load(Ordering::Relaxed)
+}
 /// Runs merged at once: a file descriptor and a read buffer each.
 const MAX_MERGE: usize = 128;
 const IO_BUFFER: usize = 64 << 10;

@@ -8,10 +8,12 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::index::ChunkLocation;
+use crate::id::Id;
+use crate::index::{ChunkLocation, IdPrefix, id_prefix};
 use crate::pack_reader::FrameReader;
 use crate::repo::Repository;
-use crate::walk::for_each_chunk;
+use crate::spill::{self, Record, Sorter, join};
+use crate::walk::{Reached, for_each_chunk_located, walk_trees};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
@@ -42,33 +44,63 @@ pub struct Stats {
     pub per_snapshot: Vec<SnapshotStats>,
 }
 
-/// How many snapshots use something, and the last one that did (the only one, if one).
-#[derive(Clone, Copy)]
+/// Which snapshots use something: one, or more than one.
+#[derive(Clone, Copy, Default)]
 struct Users {
-    count: u32,
-    last: usize,
-}
-
-impl Default for Users {
-    fn default() -> Self {
-        Users {
-            count: 0,
-            last: usize::MAX,
-        }
-    }
+    /// The first snapshot met, plus one (0: none yet).
+    first: u32,
+    many: bool,
 }
 
 impl Users {
-    /// Snapshots are visited in turn, so a repeat is always the last one.
-    fn add(&mut self, snapshot: usize) {
-        if self.last != snapshot {
-            self.count += 1;
-            self.last = snapshot;
+    fn add(&mut self, snapshot: u32) {
+        if self.first == 0 {
+            self.first = snapshot + 1;
+        } else if self.first != snapshot + 1 {
+            self.many = true;
+        }
+    }
+
+    fn merge(&mut self, other: Users) {
+        if other.first != 0 {
+            self.add(other.first - 1);
+            self.many |= other.many;
+        }
+    }
+
+    /// The only snapshot, if exactly one.
+    fn only(&self) -> Option<usize> {
+        (self.first != 0 && !self.many).then(|| self.first as usize - 1)
+    }
+}
+
+/// A chunk (data or tree node) that snapshot number `snapshot` reads.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Use {
+    prefix: IdPrefix,
+    snapshot: u32,
+}
+
+impl Record for Use {
+    const LEN: usize = 20;
+    fn encode(&self, out: &mut [u8]) {
+        out[..16].copy_from_slice(&self.prefix);
+        out[16..].copy_from_slice(&self.snapshot.to_be_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        Use {
+            prefix: bytes[..16].try_into().expect("16 bytes"),
+            snapshot: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
         }
     }
 }
 
 /// Stats over the snapshots carrying all of `tags` (the repository totals are for all of it).
+///
+/// Memory does not grow with the repository or the snapshots' size: the index's chunks are
+/// sorted on local disk ([`crate::spill`]), the (chunk, snapshot) pairs of every selected
+/// snapshot too, and the two are joined in order; what is held is frame-level (which snapshots
+/// use each base frame) and per snapshot.
 pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
     let store = repo.store();
     let total = |dir: &str| -> Result<(usize, u64)> {
@@ -81,47 +113,95 @@ pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
     let (_, key_bytes) = total("keys")?;
     let config_bytes = store.size("config")?.unwrap_or(0);
 
-    let index = repo.load_index()?;
+    let (index, chunks) = repo.spilled_index()?;
     let snapshots = repo.snapshots(tags)?;
+    // Where the tree nodes are (a few per thousand chunks), so that each tree can be walked.
+    let mut nodes: HashMap<Id, ChunkLocation> = HashMap::new();
+    let mut trees = snapshots.iter().map(|e| Ok(e.snapshot.tree.clone()));
+    // A node that cannot be read is the error of the walk below.
+    walk_trees(repo, &index, &chunks, &mut trees, &mut |reached| {
+        if let Reached::Node(id, Some(location)) = reached {
+            nodes.insert(id, location);
+        }
+        Ok(())
+    })?;
+    let mut uses: Sorter<Use> = Sorter::new(spill::sort_memory(), true);
     let mut reader = FrameReader::new(repo, &index);
-    // Chunk (by its first id bytes, as the index keys it) -> location and snapshots using it.
-    let mut chunks: HashMap<[u8; 16], (ChunkLocation, Users)> = HashMap::new();
-    // Base frame -> snapshots whose delta frames need it.
-    let mut bases: HashMap<u32, Users> = HashMap::new();
     for (number, entry) in snapshots.iter().enumerate() {
-        for_each_chunk(
+        let mut pushed = Ok(());
+        for_each_chunk_located(
             repo,
-            &index,
+            &|id| nodes.get(id).copied(),
             &mut reader,
             &entry.snapshot.tree,
             &mut |id, _| {
-                if let Some(location) = index.chunk(&id) {
-                    let key: [u8; 16] = id.0[..16].try_into().expect("16 bytes");
-                    let (_, users) = chunks.entry(key).or_insert((location, Users::default()));
-                    users.add(number);
-                    for &base in index.bases(location.frame) {
-                        bases.entry(base).or_default().add(number);
-                    }
+                if pushed.is_ok() {
+                    pushed = uses.push(Use {
+                        prefix: id_prefix(&id),
+                        snapshot: number as u32,
+                    });
                 }
             },
         )?;
+        pushed?;
     }
+    let uses = uses.finish()?;
+    // Each chunk's users, in id order, with where it is; chunks in no index are not counted.
+    let each_chunk = |visit: &mut dyn FnMut(ChunkLocation, Users)| -> Result<()> {
+        let mut current: Option<(IdPrefix, ChunkLocation, Users)> = None;
+        join(
+            uses.scan(),
+            chunks.scan(),
+            |u| u.prefix,
+            |c| c.prefix,
+            |u, chunk| {
+                let Some(chunk) = chunk else {
+                    return Ok(());
+                };
+                match &mut current {
+                    Some((prefix, _, users)) if *prefix == u.prefix => users.add(u.snapshot),
+                    _ => {
+                        if let Some((_, location, users)) = current.take() {
+                            visit(location, users);
+                        }
+                        let mut users = Users::default();
+                        users.add(u.snapshot);
+                        current = Some((u.prefix, chunk.location, users));
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        if let Some((_, location, users)) = current {
+            visit(location, users);
+        }
+        Ok(())
+    };
+    // Base frame -> snapshots whose delta frames need it.
+    let mut bases: HashMap<u32, Users> = HashMap::new();
+    each_chunk(&mut |location, users| {
+        for &base in index.bases(location.frame) {
+            bases.entry(base).or_default().merge(users);
+        }
+    })?;
     let stored_share = |location: &ChunkLocation| -> u64 {
         let frame = index.frame(location.frame);
         frame.sealed_len as u64 * location.len as u64 / (frame.raw_len as u64).max(1)
     };
     let mut alone = vec![0u64; snapshots.len()];
     let (mut unique_bytes, mut unique_stored) = (0u64, 0u64);
-    for (location, users) in chunks.values() {
+    each_chunk(&mut |location, users| {
         unique_bytes += location.len as u64;
-        unique_stored += stored_share(location);
-        let base_of_others = bases
-            .get(&location.frame)
-            .is_some_and(|b| b.count > 1 || b.last != users.last);
-        if users.count == 1 && !base_of_others {
-            alone[users.last] += stored_share(location);
+        unique_stored += stored_share(&location);
+        if let Some(only) = users.only() {
+            let base_of_others = bases
+                .get(&location.frame)
+                .is_some_and(|b| b.only() != Some(only));
+            if !base_of_others {
+                alone[only] += stored_share(&location);
+            }
         }
-    }
+    })?;
     let logical_bytes: u64 = snapshots.iter().map(|s| s.snapshot.size).sum();
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     Ok(Stats {

@@ -135,7 +135,7 @@ pub fn walk_trees(
     reached: &mut dyn FnMut(Reached) -> Result<()>,
 ) -> Result<Vec<NodeProblem>> {
     walk_trees_in(
-        crate::spill::DEFAULT_MEMORY,
+        crate::spill::sort_memory(),
         repo,
         index,
         chunks,

@@ -238,3 +238,69 @@ fn a_lost_pack_is_tied_to_every_snapshot_that_reads_it_through_dedup_and_delta_b
         "day 1's tree nodes were in its packs: {found:?}"
     );
 }
+
+/// Every file of the repository with its contents.
+fn contents(repo: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    files_under(repo, "")
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+#[test]
+fn check_prune_and_stats_sort_on_disk_and_an_unusable_tmpdir_is_a_clear_error_that_changes_nothing()
+{
+    // ~2,400 chunks: more than the smallest sort buffer holds (BKP_SORT_MEMORY=0), so the
+    // index's chunks and the trees' ids go through temporary files.
+    let (dir, repo) = local_repo();
+    backup_cli(&repo, &common::random_bytes(20_000_000, 3), &["a"]);
+    backup_cli(&repo, &dumpgen::dump(20_000_000, 1), &["b"]);
+    let json = |args: &[&str], memory: Option<&str>| {
+        let mut cmd = bkp(&repo);
+        if let Some(memory) = memory {
+            cmd.env("BKP_SORT_MEMORY", memory);
+        }
+        let out = cmd.args(args).arg("--json").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        value.as_object_mut().map(|o| o.remove("frames_read"));
+        value
+    };
+    for args in [&["check"][..], &["stats"], &["prune", "--dry-run"]] {
+        assert_eq!(json(args, Some("0")), json(args, None), "{args:?}");
+    }
+    assert_eq!(
+        json(&["check"], Some("0"))["problems"],
+        serde_json::json!([])
+    );
+
+    let before = contents(&repo);
+    let missing = dir.path().join("no such directory");
+    for args in [&["check"][..], &["stats"], &["prune"]] {
+        let out = bkp(&repo)
+            .env("BKP_SORT_MEMORY", "0")
+            .env("TMPDIR", &missing)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("temporary files") && stderr.contains("set TMPDIR"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    assert!(contents(&repo) == before, "the repository changed");
+    let out = bkp(&repo)
+        .env("BKP_SORT_MEMORY", "lots")
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BKP_SORT_MEMORY"));
+}

@@ -63,6 +63,9 @@ Environment:
                          S3 credentials, region and endpoint (an S3-compatible server's URL);
                          AWS_ALLOW_HTTP=true allows a plain-http endpoint
   BKP_RETRY_TIMEOUT      seconds to keep retrying a failing storage request (default 120)
+  TMPDIR                 where prune, check and stats of a large repository sort (~60 bytes a
+                         chunk; private files, unlinked at once; default /tmp)
+  BKP_SORT_MEMORY        MiB each of their sort buffers takes (default 48; a few at a time)
   BKP_PASSWORD_FILE      file whose first line is the password
   BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
@@ -348,6 +351,20 @@ pub fn run() -> Result<ExitCode> {
         eprintln!("bkp: error: no repository given: pass --repo LOCATION or set BKP_REPOSITORY");
         return Ok(ExitCode::from(2));
     };
+    if let Ok(mib) = std::env::var("BKP_SORT_MEMORY") {
+        let Some(bytes) = mib
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|m| m.checked_mul(1 << 20))
+        else {
+            eprintln!(
+                "bkp: error: BKP_SORT_MEMORY={mib:?} is not a number of MiB: set it to e.g. 256, or unset it for the default (48)"
+            );
+            return Ok(ExitCode::from(2));
+        };
+        bkp::set_sort_memory(bytes);
+    }
     match cli.command {
         Commands::Init => init(&location, cli.quiet).map(|()| ExitCode::SUCCESS),
         Commands::Backup(args) => backup(&location, cli.quiet, args),
