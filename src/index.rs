@@ -124,14 +124,13 @@ fn prefix(id: &Id) -> IdPrefix {
     id.0[..16].try_into().expect("16 bytes")
 }
 
-/// A chunk as an index file gives it: its id's prefix, its number in the order added, and where
-/// it is in its frame's plaintext.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A chunk as an index file gives it: its id's prefix, its number in the order added, the
+/// frame that holds it and where it is in that frame's plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRecord {
     pub prefix: IdPrefix,
     pub number: u32,
-    pub offset: u32,
-    pub len: u32,
+    pub location: ChunkLocation,
 }
 
 /// Where a chunk is: the record a lookup in an [`Index`] would give, by id prefix.
@@ -157,22 +156,6 @@ fn decode_four(bytes: &[u8]) -> (IdPrefix, [u32; 3]) {
     )
 }
 
-impl Record for ChunkRecord {
-    const LEN: usize = 28;
-    fn encode(&self, out: &mut [u8]) {
-        encode_four(out, &self.prefix, [self.number, self.offset, self.len]);
-    }
-    fn decode(bytes: &[u8]) -> Self {
-        let (prefix, [number, offset, len]) = decode_four(bytes);
-        ChunkRecord {
-            prefix,
-            number,
-            offset,
-            len,
-        }
-    }
-}
-
 impl Record for LocatedChunk {
     const LEN: usize = 28;
     fn encode(&self, out: &mut [u8]) {
@@ -193,7 +176,8 @@ impl Record for LocatedChunk {
 /// [`ChunkTable`] that is joined with sorted chunk ids instead of searched.
 pub struct SpillingIndex {
     index: Index,
-    chunks: Sorter<ChunkRecord>,
+    /// In (prefix, frame) order: of a chunk's copies, the first added comes first.
+    chunks: Sorter<LocatedChunk>,
 }
 
 impl Default for SpillingIndex {
@@ -213,7 +197,12 @@ impl SpillingIndex {
 
     pub fn add(&mut self, pack: &IndexedPack) -> Result<()> {
         let chunks = &mut self.chunks;
-        self.index.add_frames(pack, &mut |chunk| chunks.push(chunk))
+        self.index.add_frames(pack, &mut |chunk| {
+            chunks.push(LocatedChunk {
+                prefix: chunk.prefix,
+                location: chunk.location,
+            })
+        })
     }
 
     /// The index (without chunks: look them up in the table) and the table, by the rules of
@@ -224,30 +213,27 @@ impl SpillingIndex {
         index.finish();
         let sorted = chunks.finish()?;
         let mut table = TableWriter::new(spill::sort_memory());
-        let mut group: Vec<ChunkRecord> = Vec::new();
-        let mut close = |group: &mut Vec<ChunkRecord>, index: &mut Index| -> Result<()> {
+        let mut group: Vec<LocatedChunk> = Vec::new();
+        // Frames are known from the records themselves: no lookup of a chunk number's frame
+        // (a binary search with a cache miss a step, which took half of a check's time).
+        let mut close = |group: &mut Vec<LocatedChunk>, index: &mut Index| -> Result<()> {
             let Some(first) = group.first() else {
                 return Ok(());
             };
-            let decodable = |record: &&ChunkRecord| {
-                let frame = index.frame_of(record.number);
-                !index.bases(frame).contains(&MISSING_BASE)
+            let decodable = |record: &&LocatedChunk| {
+                !index.bases(record.location.frame).contains(&MISSING_BASE)
             };
-            let best = *group.iter().find(decodable).unwrap_or(first);
-            let chosen = index.frame_of(best.number);
-            for other in group.iter().filter(|r| r.number != best.number) {
-                let other = index.frame_of(other.number);
-                index.alternatives.push((chosen, other));
+            // (Most chunks are stored once: then that copy it is, without looking at frames.)
+            let best = match group.len() {
+                1 => *first,
+                _ => *group.iter().find(decodable).unwrap_or(first),
+            };
+            let chosen = best.location.frame;
+            for other in group.iter().filter(|r| r.location != best.location) {
+                index.alternatives.push((chosen, other.location.frame));
             }
             group.clear();
-            table.push(LocatedChunk {
-                prefix: best.prefix,
-                location: ChunkLocation {
-                    frame: chosen,
-                    offset: best.offset,
-                    len: best.len,
-                },
-            })
+            table.push(best)
         };
         for record in sorted.scan() {
             let record = record?;
@@ -340,7 +326,7 @@ impl Index {
         self.add_frames(pack, &mut |chunk| {
             chunks.push((chunk.prefix, chunk.number));
             if let Some(offsets) = &mut offsets {
-                offsets.push(chunk.offset);
+                offsets.push(chunk.location.offset);
             }
             Ok(())
         })
@@ -375,8 +361,11 @@ impl Index {
                 chunk(ChunkRecord {
                     prefix: prefix(&entry.id),
                     number: self.numbered,
-                    offset,
-                    len: entry.len,
+                    location: ChunkLocation {
+                        frame: self.frames.len() as u32,
+                        offset,
+                        len: entry.len,
+                    },
                 })?;
                 self.numbered = self.numbered.checked_add(1).expect("under 2^32 chunks");
                 offset += entry.len;
