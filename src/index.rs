@@ -24,7 +24,7 @@ use crate::envelope;
 use crate::error::Result;
 use crate::id::Id;
 use crate::pack::{self, FrameRef, PackHeader};
-use crate::spill::{self, Record, Sorter, Table, TableWriter};
+use crate::spill::{self, Record, Searchable, Sorter, Table, TableWriter};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"BKPIDX02";
 const INDEX_MAGIC_V1: &[u8; 8] = b"BKPIDX01";
@@ -176,6 +176,8 @@ impl Record for LocatedChunk {
 /// [`ChunkTable`] that is joined with sorted chunk ids instead of searched.
 pub struct SpillingIndex {
     index: Index,
+    /// Of the sort buffer, and of the table before it goes to a file.
+    memory: usize,
     /// In (prefix, frame) order: of a chunk's copies, the first added comes first.
     chunks: Sorter<LocatedChunk>,
 }
@@ -186,11 +188,16 @@ impl Default for SpillingIndex {
     }
 }
 
+/// Memory of a backup's or a restore's [`SpillingIndex`]: a snapshot of up to ~150 k chunks
+/// (~2 GB of dump) is held in memory, a larger one goes to a temporary file.
+pub const LOOKUP_MEMORY: usize = 4 << 20;
+
 impl SpillingIndex {
     /// One whose sorting takes `memory` bytes (runs beyond it go to temporary files).
     pub fn with_memory(memory: usize) -> SpillingIndex {
         SpillingIndex {
             index: Index::default(),
+            memory,
             chunks: Sorter::new(memory, false),
         }
     }
@@ -209,10 +216,30 @@ impl SpillingIndex {
     /// [`Index::finish`]: of the copies of a chunk, the first-added decodable one, the others
     /// recorded as alternatives.
     pub fn finish(self) -> Result<(Index, ChunkTable)> {
-        let SpillingIndex { mut index, chunks } = self;
+        let (index, table) = self.finish_table(false)?;
+        Ok((index, ChunkTable { table }))
+    }
+
+    /// An index whose chunks are looked up in the sorted table (in memory while it is small,
+    /// else in a temporary file searched a block at a time), by the rules of [`Index::finish`]
+    /// or, with `decodable_only`, of [`Index::finish_decodable_only`]: what a backup and a
+    /// restore use, so that their memory does not grow with the snapshot's chunks.
+    pub fn finish_for_lookups(self, decodable_only: bool) -> Result<Index> {
+        let (mut index, table) = self.finish_table(decodable_only)?;
+        index.lookup = Some(Searchable::new(table)?);
+        index.sorted = true;
+        Ok(index)
+    }
+
+    fn finish_table(self, decodable_only: bool) -> Result<(Index, Table<LocatedChunk>)> {
+        let SpillingIndex {
+            mut index,
+            memory,
+            chunks,
+        } = self;
         index.finish();
         let sorted = chunks.finish()?;
-        let mut table = TableWriter::new(spill::sort_memory());
+        let mut table = TableWriter::new(memory);
         let mut group: Vec<LocatedChunk> = Vec::new();
         // Frames are known from the records themselves: no lookup of a chunk number's frame
         // (a binary search with a cache miss a step, which took half of a check's time).
@@ -228,6 +255,10 @@ impl SpillingIndex {
                 1 => *first,
                 _ => *group.iter().find(decodable).unwrap_or(first),
             };
+            if decodable_only && !decodable(&&best) {
+                group.clear();
+                return Ok(());
+            }
             let chosen = best.location.frame;
             for other in group.iter().filter(|r| r.location != best.location) {
                 index.alternatives.push((chosen, other.location.frame));
@@ -246,12 +277,7 @@ impl SpillingIndex {
             group.push(record);
         }
         close(&mut group, &mut index)?;
-        Ok((
-            index,
-            ChunkTable {
-                table: table.finish()?,
-            },
-        ))
+        Ok((index, table.finish()?))
     }
 }
 
@@ -291,6 +317,9 @@ pub struct Index {
     /// claim before it lets the other pack go. Not kept by [`Index::frames_only`].
     alternatives: Vec<(u32, u32)>,
     sorted: bool,
+    /// Where the chunks are instead of `chunks` and `offsets`, if made by
+    /// [`SpillingIndex::finish_for_lookups`].
+    lookup: Option<Searchable<LocatedChunk>>,
 }
 
 impl Default for Index {
@@ -306,6 +335,7 @@ impl Default for Index {
             moved: Vec::new(),
             alternatives: Vec::new(),
             sorted: false,
+            lookup: None,
         }
     }
 }
@@ -526,16 +556,26 @@ impl Index {
     }
 
     pub fn contains(&self, id: &Id) -> bool {
-        self.chunk_number(id).is_some()
+        self.chunk_frame(id).is_some()
     }
 
     /// The frame that holds a chunk.
     pub fn chunk_frame(&self, id: &Id) -> Option<u32> {
+        if self.lookup.is_some() {
+            return self.chunk(id).map(|location| location.frame);
+        }
         self.chunk_number(id).map(|number| self.frame_of(number))
     }
 
     /// Where a chunk is. Not in an index made by [`Index::frames_only`].
     pub fn chunk(&self, id: &Id) -> Option<ChunkLocation> {
+        if let Some(lookup) = &self.lookup {
+            // A temporary file that cannot be read back (a disk error) leaves the chunk
+            // unfound: a backup stores it again, a restore reports it.
+            let key = prefix(id);
+            let found = lookup.find(&key, |c| c.prefix).ok().flatten();
+            return found.map(|c| c.location);
+        }
         let offsets = self
             .offsets
             .as_ref()
@@ -623,7 +663,10 @@ impl Index {
     }
 
     pub fn chunk_count(&self) -> usize {
-        self.chunks.len()
+        match &self.lookup {
+            Some(lookup) => lookup.len(),
+            None => self.chunks.len(),
+        }
     }
 
     pub fn pack_count(&self) -> usize {
@@ -731,6 +774,66 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_index_forgets_chunks_whose_frames_cannot_be_decoded_in_memory_and_looked_up() {
+        let id = |b| Id([b; 32]);
+        let frame = |offset, chunks: &[u8], bases: Vec<FrameRef>| FrameEntry {
+            offset,
+            sealed_len: 10,
+            chunks: chunks
+                .iter()
+                .map(|&c| ChunkEntry { id: id(c), len: 4 })
+                .collect(),
+            bases,
+        };
+        let pack = |pack_id: u8, frames| IndexedPack {
+            id: id(pack_id),
+            len: 1000,
+            data_ephemeral: [0; 32],
+            header: PackHeader {
+                frames,
+                moved: vec![],
+            },
+        };
+        let gone = FrameRef {
+            pack: id(99),
+            frame: 0,
+        };
+        // Chunk 1 only in a delta frame whose base is gone; chunk 2 there and in a good frame
+        // added later; chunk 3 in a good frame only.
+        let packs = [
+            pack(10, vec![frame(72, &[1, 2], vec![gone])]),
+            pack(20, vec![frame(72, &[2, 3], vec![])]),
+        ];
+        let mut in_memory = Index::frames_only();
+        let mut looked_up = SpillingIndex::with_memory(0);
+        let mut restore = SpillingIndex::with_memory(0);
+        for p in &packs {
+            in_memory.add(p);
+            looked_up.add(p).unwrap();
+            restore.add(p).unwrap();
+        }
+        in_memory.finish_decodable_only();
+        let looked_up = looked_up.finish_for_lookups(true).unwrap();
+        let restore = restore.finish_for_lookups(false).unwrap();
+        for index in [&in_memory, &looked_up] {
+            assert_eq!(index.chunk_frame(&id(1)), None);
+            assert_eq!(index.chunk_frame(&id(2)), Some(1));
+            assert_eq!(index.chunk_frame(&id(3)), Some(1));
+        }
+        assert_eq!(looked_up.chunk_count(), 2);
+        // A restore finds every chunk, the decodable copy of chunk 2 first.
+        assert_eq!(restore.chunk_frame(&id(1)), Some(0));
+        assert_eq!(
+            restore.chunk(&id(2)).map(|c| (c.frame, c.offset)),
+            Some((1, 0))
+        );
+        assert_eq!(
+            restore.chunk(&id(3)).map(|c| (c.frame, c.offset)),
+            Some((1, 4))
+        );
+    }
+
+    #[test]
     fn bases_follow_frames_that_a_repack_moved_once_or_twice() {
         let id = |b| Id([b; 32]);
         let frame_ref = |pack: u8, frame: u32| FrameRef {
@@ -824,16 +927,21 @@ mod tests {
         let mut frames_only = Index::frames_only();
         // The smallest budget: runs of 1,024 records, so this one sorts through files.
         let mut spilling = SpillingIndex::with_memory(0);
+        // Looked up, in a file and in memory.
+        let mut in_file = SpillingIndex::with_memory(0);
+        let mut in_memory = SpillingIndex::with_memory(64 << 20);
         let mut expected = Vec::new();
         let mut frame_number = 0;
-        for pack_number in 0..20u8 {
+        // Over 1,024 chunks: more than the smallest table holds in memory.
+        for pack_number in 0..500u16 {
             // Some frames without chunks and some chunks stored again, as a repack can leave.
             let frames = (0..next(6))
                 .map(|f| {
                     let mut offset = 0;
                     let chunks = (0..next(5))
                         .map(|c| {
-                            let id = Id(*blake3::hash(&[pack_number, f as u8, c as u8]).as_bytes());
+                            let [high, low] = pack_number.to_be_bytes();
+                            let id = Id(*blake3::hash(&[high, low, f as u8, c as u8]).as_bytes());
                             let id = if next(8) == 0 { Id([1; 32]) } else { id };
                             let len = 1 + next(1000);
                             if id != Id([1; 32]) || !expected.iter().any(|(e, _)| *e == id) {
@@ -853,7 +961,7 @@ mod tests {
                 })
                 .collect();
             let pack = IndexedPack {
-                id: Id([pack_number; 32]),
+                id: Id(*blake3::hash(&pack_number.to_be_bytes()).as_bytes()),
                 len: 1000,
                 data_ephemeral: [0; 32],
                 header: PackHeader {
@@ -864,7 +972,19 @@ mod tests {
             full.add(&pack);
             frames_only.add(&pack);
             spilling.add(&pack).unwrap();
+            in_file.add(&pack).unwrap();
+            in_memory.add(&pack).unwrap();
         }
+        let in_file = in_file.finish_for_lookups(false).unwrap();
+        let in_memory = in_memory.finish_for_lookups(false).unwrap();
+        assert!(matches!(
+            in_file.lookup.as_ref().unwrap().table(),
+            Table::File(_)
+        ));
+        assert!(matches!(
+            in_memory.lookup.as_ref().unwrap().table(),
+            Table::Memory(_)
+        ));
         full.finish();
         frames_only.finish();
         let (chunkless, table) = spilling.finish().unwrap();
@@ -881,8 +1001,15 @@ mod tests {
             assert_eq!(full.chunk(&id), Some(ChunkLocation { frame, offset, len }));
             assert_eq!(frames_only.chunk_frame(&id), Some(frame));
             assert_eq!(located.get(&prefix(&id)), full.chunk(&id).as_ref());
+            for looked_up in [&in_file, &in_memory] {
+                assert_eq!(looked_up.chunk(&id), full.chunk(&id));
+                assert_eq!(looked_up.chunk_frame(&id), Some(frame));
+            }
         }
         assert_eq!(located.len(), full.chunk_count());
+        assert_eq!(in_file.chunk_count(), full.chunk_count());
+        assert_eq!(in_file.alternatives(), full.alternatives());
+        assert_eq!(in_file.chunk(&Id([2; 32])), None);
         assert_eq!(full.chunk(&Id([2; 32])), None);
         assert_eq!(frames_only.chunk_frame(&Id([2; 32])), None);
     }

@@ -26,7 +26,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack};
+use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack, LOOKUP_MEMORY, SpillingIndex};
 use crate::pack;
 use crate::series::SeriesKeys;
 use crate::snapshot::{PackRef, SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
@@ -319,8 +319,16 @@ impl Repository {
     /// Reads every index file, for reading data (restore, check, stats): where a chunk is stored
     /// more than once, a copy outside the packs a prune marked is used, so that a restore does
     /// not depend on what the next prune deletes.
+    /// Its chunks are looked up in a table sorted on local disk once it is large
+    /// ([`SpillingIndex::finish_for_lookups`]): memory does not grow with the repository.
     pub fn load_index(&self) -> Result<Index> {
-        self.load_index_with_last(&self.marked_packs()?)
+        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        self.for_each_indexed_pack(
+            &self.marked_packs()?,
+            &mut |pack| index.add(pack),
+            &mut |name, e| self.skip_damaged_index_file(name, e),
+        )?;
+        index.finish_for_lookups(false)
     }
 
     /// The packs in every obsolete list.
@@ -335,13 +343,13 @@ impl Repository {
     /// The index a backup deduplicates against: without the packs a prune has marked obsolete,
     /// so that a backup never comes to depend on a pack a later prune deletes (docs/FORMAT.md
     /// §10). Their chunks, if needed again, are stored again. It knows which frame holds a
-    /// chunk, not where in it ([`Index::frames_only`]).
+    /// chunk, and where in it. Its chunks are looked up in a table sorted on local disk once
+    /// it is large.
     pub(crate) fn load_index_for_backup(&self) -> Result<Index> {
         let obsolete = self.marked_packs()?;
-        let mut index = Index::frames_only();
+        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
         self.add_index_files(&mut index, &obsolete)?;
-        index.finish_decodable_only();
-        Ok(index)
+        index.finish_for_lookups(true)
     }
 
     /// The index a backup of a series deduplicates against: that of the packs its parent
@@ -364,12 +372,14 @@ impl Repository {
         {
             return self.load_index_for_backup();
         }
-        let Some(mut index) = self.index_of_packs(&parent.snapshot.packs, Index::frames_only())?
-        else {
+        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        if self
+            .index_of_packs(&parent.snapshot.packs, &mut index)?
+            .is_none()
+        {
             return self.load_index_for_backup();
-        };
-        index.finish_decodable_only();
-        Ok(index)
+        }
+        index.finish_for_lookups(true)
     }
 
     /// The index a restore of `snapshot` reads: that of the packs it names, read from their
@@ -380,10 +390,11 @@ impl Repository {
         if snapshot.packs.is_empty() {
             return self.load_index();
         }
-        let Some(mut index) = self.index_of_packs(&snapshot.packs, Index::default())? else {
+        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        if self.index_of_packs(&snapshot.packs, &mut index)?.is_none() {
             return self.load_index();
-        };
-        index.finish();
+        }
+        let index = index.finish_for_lookups(false)?;
         let mut complete = true;
         let mut reader = crate::pack_reader::FrameReader::new(self, &index);
         let walked =
@@ -403,7 +414,7 @@ impl Repository {
     /// Builds an index of `packs` from their headers, read with aligned ranged reads, several
     /// packs at a time and added as they arrive (memory holds a few headers, not all of them).
     /// `None` if a pack is gone or damaged: the caller reads the index files instead.
-    fn index_of_packs(&self, packs: &[PackRef], mut index: Index) -> Result<Option<Index>> {
+    fn index_of_packs(&self, packs: &[PackRef], index: &mut SpillingIndex) -> Result<Option<()>> {
         const THREADS: usize = 8;
         let read = |pack: &PackRef| -> Result<IndexedPack> {
             let name = pack_name(&pack.id);
@@ -437,8 +448,8 @@ impl Repository {
             drop(tx);
             let mut outcome = Ok(Some(()));
             for pack in rx {
-                match pack {
-                    Ok(pack) => index.add(&pack),
+                match pack.and_then(|pack| index.add(&pack)) {
+                    Ok(()) => {}
                     Err(Error::Missing { .. } | Error::Corrupt { .. }) => outcome = Ok(None),
                     Err(e) => outcome = Err(e),
                 }
@@ -449,54 +460,38 @@ impl Repository {
             }
             outcome
         })
-        .map(|done| done.map(|()| index))
     }
 
     /// One index file at a time: only the compact in-memory index grows with the repository.
-    fn add_index_files(&self, index: &mut Index, skip: &HashSet<Id>) -> Result<()> {
+    fn add_index_files(&self, index: &mut SpillingIndex, skip: &HashSet<Id>) -> Result<()> {
         for object in self.store.list("index")? {
             let Some(file) = self.skip_damaged(self.read_index_file(&object.name))? else {
                 continue;
             };
             for pack in file.packs.iter().filter(|p| !skip.contains(&p.id)) {
-                index.add(pack);
+                index.add(pack)?;
             }
         }
         Ok(())
     }
 
-    /// The whole index, with the packs in `last` added after all others: where a chunk is in
-    /// both (a backup stored again what a marked pack holds), the other copy is the one used,
-    /// so prune can let the marked pack go.
-    /// Files naming packs in `last` are read a second time rather than those packs held: after
-    /// a prune that marked most of a repository, they are most of the index.
-    pub(crate) fn load_index_with_last(&self, last: &HashSet<Id>) -> Result<Index> {
-        let mut index = Index::default();
-        self.for_each_indexed_pack(
-            last,
-            &mut |pack| {
-                index.add(pack);
-                Ok(())
-            },
-            &mut |name, e| self.skip_damaged_index_file(name, e),
-        )?;
-        index.finish();
-        Ok(index)
-    }
-
-    /// [`Repository::load_index`] for a repository of any size: the chunks sorted on local
-    /// disk rather than held (stats).
+    /// [`Repository::spilled_index_with_last`] with the packs that prune marked last, as in
+    /// [`Repository::load_index`] (stats).
     pub(crate) fn spilled_index(&self) -> Result<(Index, crate::index::ChunkTable)> {
         self.spilled_index_with_last(&self.marked_packs()?)
     }
 
-    /// [`Repository::load_index_with_last`] for a repository of any size: the chunks sorted on
-    /// local disk rather than held ([`crate::index::SpillingIndex`]), for prune and check.
+    /// The whole index, for prune and check, with the packs in `last` added after all others:
+    /// where a chunk is in both (a backup stored again what a marked pack holds), the other
+    /// copy is the one used, so prune can let the marked pack go. The chunks are sorted on
+    /// local disk rather than held ([`crate::index::SpillingIndex`]): the index and the table
+    /// to join with. Files naming packs in `last` are read a second time rather than those
+    /// packs held: after a prune that marked most of a repository, they are most of the index.
     pub(crate) fn spilled_index_with_last(
         &self,
         last: &HashSet<Id>,
     ) -> Result<(Index, crate::index::ChunkTable)> {
-        let mut index = crate::index::SpillingIndex::default();
+        let mut index = SpillingIndex::default();
         self.for_each_indexed_pack(last, &mut |pack| index.add(pack), &mut |name, e| {
             self.skip_damaged_index_file(name, e)
         })?;

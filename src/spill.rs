@@ -1,12 +1,13 @@
-//! Sorting more fixed-size records than memory should hold, for prune and check of large
-//! repositories (docs/FORMAT.md §11.4, docs/PERFORMANCE.md "Scale").
+//! Sorting more fixed-size records than memory should hold, for large repositories and large
+//! dumps (docs/FORMAT.md §11.4, docs/PERFORMANCE.md "Scale").
 //!
-//! A repository of 100 M chunks needs 2.4 GB for the in-memory index alone, and prune and check
-//! must know, for every chunk a snapshot names, which frame holds it. Instead of a lookup table
-//! they sort: the index's chunk records and the chunk ids the snapshots name are each sorted
-//! (in runs of [`Sorter`]'s memory budget, spilled to temporary files and merged), and then
-//! joined in one sequential pass ([`Table::scan`]). Memory is the budget, whatever the
-//! repository holds; time grows as n log n with a small log (one merge of all runs).
+//! A repository of 100 M chunks needs 2.4 GB for the in-memory index alone, and prune, check
+//! and stats must know, for every chunk a snapshot names, which frame holds it. Instead of a
+//! lookup table they sort: the index's chunk records and the chunk ids the snapshots name are
+//! each sorted (in runs of [`Sorter`]'s memory budget, spilled to temporary files and merged),
+//! and then joined in one sequential pass ([`Table::scan`]). Memory is the budget, whatever the
+//! repository holds; time grows as n log n with a small log (one merge of all runs). Backup and
+//! restore look chunks up one at a time, in a sorted table too ([`Searchable`]).
 //!
 //! Temporary files go to `TMPDIR` (else /tmp), are created private (0600) and are unlinked as
 //! soon as they are open, so nothing is left behind, even by a kill. They hold chunk-id
@@ -291,6 +292,84 @@ impl<R: Record> Table<R> {
     }
 }
 
+/// Bytes of a table file read for one search ([`Searchable::find`]): a page.
+const SEARCH_BLOCK: usize = 4096;
+
+/// A sorted table that is searched by key (no repeated keys): in memory as it is; in a file
+/// through the first record of every 4 KiB block, kept in memory (1/146 of the records of
+/// 28 bytes), and one read of that block per search.
+pub struct Searchable<R: Record> {
+    table: Table<R>,
+    fences: Vec<R>,
+    len: usize,
+}
+
+impl<R: Record> Searchable<R> {
+    const PER_BLOCK: usize = SEARCH_BLOCK / R::LEN;
+
+    pub fn new(table: Table<R>) -> Result<Searchable<R>> {
+        let table = match table {
+            Table::Runs(runs, dedup) => Table::File(Run::write(merge::<R>(&runs, dedup))?),
+            table => table,
+        };
+        let (fences, len) = match &table {
+            Table::Memory(records) => (Vec::new(), records.len()),
+            Table::File(run) => (
+                run.reader::<R>()
+                    .step_by(Self::PER_BLOCK)
+                    .collect::<Result<Vec<R>>>()?,
+                run.records as usize,
+            ),
+            Table::Runs(..) => unreachable!("merged above"),
+        };
+        Ok(Searchable { table, fences, len })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub(crate) fn table(&self) -> &Table<R> {
+        &self.table
+    }
+
+    /// The record whose key is `key`.
+    pub fn find<K: Ord>(&self, key: &K, key_of: impl Fn(&R) -> K) -> Result<Option<R>> {
+        let run = match &self.table {
+            Table::Memory(records) => {
+                let at = records.binary_search_by(|r| key_of(r).cmp(key));
+                return Ok(at.ok().map(|at| records[at]));
+            }
+            Table::File(run) => run,
+            Table::Runs(..) => unreachable!("merged by new"),
+        };
+        let block = self.fences.partition_point(|f| key_of(f) <= *key);
+        let Some(block) = block.checked_sub(1) else {
+            return Ok(None);
+        };
+        let first = block * Self::PER_BLOCK;
+        let count = Self::PER_BLOCK.min(self.len - first);
+        let mut bytes = [0u8; SEARCH_BLOCK];
+        let bytes = &mut bytes[..count * R::LEN];
+        run.file
+            .read_exact_at(bytes, (first * R::LEN) as u64)
+            .map_err(temp_error)?;
+        let record = |n: usize| R::decode(&bytes[n * R::LEN..(n + 1) * R::LEN]);
+        let (mut low, mut high) = (0, count);
+        while low < high {
+            let middle = (low + high) / 2;
+            let found = record(middle);
+            match key_of(&found).cmp(key) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return Ok(Some(found)),
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// A writer of records already in order (a table derived from another in one pass).
 pub struct TableWriter<R: Record> {
     memory: Vec<R>,
@@ -418,6 +497,28 @@ mod tests {
             assert_eq!(sorted(&records, memory, true), unique, "memory {memory}");
         }
         assert!(sorted(&[], 0, true).is_empty());
+    }
+
+    #[test]
+    fn a_searchable_table_finds_every_record_and_nothing_else_in_memory_and_in_a_file() {
+        let mut records = pseudo_random(20_000, u64::MAX / 2);
+        records.sort_unstable();
+        records.dedup();
+        for memory in [0, 64 << 20] {
+            let mut sorter = Sorter::new(memory, true);
+            for &r in &records {
+                sorter.push(r * 2).unwrap();
+            }
+            let table = Searchable::new(sorter.finish().unwrap()).unwrap();
+            assert_eq!(table.len(), records.len());
+            assert_eq!(matches!(table.table, Table::File(_)), memory == 0);
+            for &r in &records {
+                assert_eq!(table.find(&(r * 2), |x| *x).unwrap(), Some(r * 2));
+                assert_eq!(table.find(&(r * 2 + 1), |x| *x).unwrap(), None);
+            }
+            assert_eq!(table.find(&0, |x| *x).unwrap(), None);
+            assert_eq!(table.find(&u64::MAX, |x| *x).unwrap(), None);
+        }
     }
 
     #[test]
