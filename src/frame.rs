@@ -227,7 +227,9 @@ impl FrameDecoder {
             .open(FRAME_AAD, sealed)
             .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
         raw.clear();
-        raw.reserve(raw_len);
+        // Exactly: `reserve` may double a reused buffer (4 MiB for a 2 MiB frame, 14 of them
+        // alive in a restore).
+        raw.reserve_exact(raw_len);
         let decompressed = if dictionary.is_empty() {
             self.decompressor
                 .decompress_to_buffer(&compressed, raw)

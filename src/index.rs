@@ -37,6 +37,13 @@ pub struct IndexedPack {
     pub header: PackHeader,
 }
 
+impl IndexedPack {
+    /// How many chunk entries its header has.
+    pub fn chunk_count(&self) -> usize {
+        self.header.frames.iter().map(|f| f.chunks.len()).sum()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexFile {
     pub packs: Vec<IndexedPack>,
@@ -188,9 +195,15 @@ impl Default for SpillingIndex {
     }
 }
 
-/// Memory of a backup's or a restore's [`SpillingIndex`]: a snapshot of up to ~150 k chunks
-/// (~2 GB of dump) is held in memory, a larger one goes to a temporary file.
-pub const LOOKUP_MEMORY: usize = 4 << 20;
+/// Memory of a backup's or a restore's [`SpillingIndex`]: a snapshot of up to ~75 k chunks
+/// (~1.2 GB of dump) is held in memory, a larger one goes to a temporary file: beyond that, the
+/// sort buffers were what a backup of a larger dump held more (measured with 1 and 5 GB dumps).
+const LOOKUP_MEMORY: usize = 2 << 20;
+
+/// [`LOOKUP_MEMORY`], or less if the sort buffers are set smaller ([`spill::set_sort_memory`]).
+pub fn lookup_memory() -> usize {
+    LOOKUP_MEMORY.min(spill::sort_memory())
+}
 
 impl SpillingIndex {
     /// One whose sorting takes `memory` bytes (runs beyond it go to temporary files).

@@ -26,6 +26,8 @@ use crate::padding::padded_len;
 pub const PACK_MAGIC: &[u8; 8] = b"BKPPCK02";
 /// Target size of a stored pack ([`PackWriter`]): one PUT each, a few per GiB of new data.
 pub const PACK_SIZE: usize = 8 << 20;
+/// A pack is finished before its header passes this ([`PackWriter`]): ~28 k chunk entries.
+pub const MAX_HEADER_LEN: usize = 1 << 20;
 const PACK_MAGIC_V1: &[u8; 8] = b"BKPPCK01";
 pub const PREFIX_LEN: usize = 8 + 32 + 32;
 pub const TRAILER_LEN: usize = SEAL_OVERHEAD + 16;
@@ -114,6 +116,11 @@ impl PackSession {
 /// of its target is finished as soon as its padding would be under 1/256 of it, and it never
 /// grows past the target (a target that is a power of two is a bucket boundary): ~20 KB of
 /// padding a pack on that backup, in 13 packs instead of 11.
+///
+/// A pack's header is also capped ([`MAX_HEADER_LEN`]): delta frames of a changed dump are a
+/// few KB for 128 chunks, so an 8 MiB pack of them had a header of ~4 MB (37 bytes a chunk),
+/// held by the writer, by every reader of the pack's header and, 64 packs at a time, by the
+/// backup until it wrote their index file: the memory of a day-2 backup of a 10 GB dump.
 pub struct PackWriter {
     buf: Vec<u8>,
     header: PackHeader,
@@ -149,6 +156,9 @@ impl PackWriter {
         let now = self.unpadded_len();
         // An upper bound of what `next` adds to the header: ids, lengths and varints.
         let next_entry = 32 + (next.chunks.len() + next.bases.len() + moved_from.len()) * 42;
+        if self.header_len + next_entry > MAX_HEADER_LEN {
+            return true;
+        }
         if now + next.sealed.len() as u64 + next_entry as u64 > self.target as u64 {
             return true;
         }

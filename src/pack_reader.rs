@@ -169,8 +169,15 @@ impl BaseCache {
         dictionary: &mut Vec<u8>,
     ) -> Result<()> {
         dictionary.clear();
-        for &base in bases {
-            dictionary.extend_from_slice(&self.get(reader, base)?);
+        let decoded = bases
+            .iter()
+            .map(|&base| self.get(reader, base))
+            .collect::<Result<Vec<_>>>()?;
+        // Exactly: grown by doubling, a 4.1 MiB dictionary took 8 MiB, in every worker.
+        let len: usize = decoded.iter().map(|d| d.len()).sum();
+        dictionary.reserve_exact(len);
+        for base in decoded {
+            dictionary.extend_from_slice(&base);
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack, LOOKUP_MEMORY, SpillingIndex};
+use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack, SpillingIndex, lookup_memory};
 use crate::pack;
 use crate::series::SeriesKeys;
 use crate::snapshot::{PackRef, SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
@@ -322,7 +322,7 @@ impl Repository {
     /// Its chunks are looked up in a table sorted on local disk once it is large
     /// ([`SpillingIndex::finish_for_lookups`]): memory does not grow with the repository.
     pub fn load_index(&self) -> Result<Index> {
-        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        let mut index = SpillingIndex::with_memory(lookup_memory());
         self.for_each_indexed_pack(
             &self.marked_packs()?,
             &mut |pack| index.add(pack),
@@ -347,7 +347,7 @@ impl Repository {
     /// it is large.
     pub(crate) fn load_index_for_backup(&self) -> Result<Index> {
         let obsolete = self.marked_packs()?;
-        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        let mut index = SpillingIndex::with_memory(lookup_memory());
         self.add_index_files(&mut index, &obsolete)?;
         index.finish_for_lookups(true)
     }
@@ -372,7 +372,7 @@ impl Repository {
         {
             return self.load_index_for_backup();
         }
-        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        let mut index = SpillingIndex::with_memory(lookup_memory());
         if self
             .index_of_packs(&parent.snapshot.packs, &mut index)?
             .is_none()
@@ -390,7 +390,7 @@ impl Repository {
         if snapshot.packs.is_empty() {
             return self.load_index();
         }
-        let mut index = SpillingIndex::with_memory(LOOKUP_MEMORY);
+        let mut index = SpillingIndex::with_memory(lookup_memory());
         if self.index_of_packs(&snapshot.packs, &mut index)?.is_none() {
             return self.load_index();
         }

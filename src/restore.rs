@@ -66,6 +66,15 @@ impl FrameSlot {
         let fetch = self.fetch.lock().expect("slot lock").take();
         let fetch = fetch.unwrap_or_else(|| Err(Error::Internal("frame decoded twice".into())));
         dictionary.clear();
+        // Exactly, as for a frame's own buffer (frame::FrameDecoder::open).
+        let mut len = 0;
+        let _ = bases.iter().try_for_each(|base| {
+            base.with_base_raw(|raw| {
+                len += raw.len();
+                Ok(())
+            })
+        });
+        dictionary.reserve_exact(len);
         let result = bases
             .iter()
             .try_for_each(|base| {

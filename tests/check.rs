@@ -277,6 +277,33 @@ fn check_prune_and_stats_sort_on_disk_and_an_unusable_tmpdir_is_a_clear_error_th
         json(&["check"], Some("0"))["problems"],
         serde_json::json!([])
     );
+    // Backup and restore look chunks up in a temporary file: they deduplicate and restore
+    // exactly as with the table in memory.
+    let day2 = dumpgen::dump(20_000_000, 2);
+    for memory in ["0", "48"] {
+        let backup = |data: &[u8]| {
+            let mut cmd = bkp(&repo);
+            cmd.env("BKP_SORT_MEMORY", memory)
+                .args(["backup", "--json", "--tag", "b"]);
+            common::run_json(cmd.write_stdin(data.to_vec()))
+        };
+        let again = backup(&day2);
+        let unchanged = backup(&day2);
+        assert!(
+            unchanged["bytes_added"].as_u64().unwrap() <= 16 << 10,
+            "{memory}: {unchanged}"
+        );
+        assert!(
+            again["bytes_added"].as_u64().unwrap() < 2_000_000,
+            "{memory}: a day's changes are deltas: {again}"
+        );
+        let restored = common::stdout_of(
+            bkp(&repo)
+                .env("BKP_SORT_MEMORY", memory)
+                .args(["restore", unchanged["snapshot_id"].as_str().unwrap()]),
+        );
+        assert!(restored == day2, "{memory}: restored stream differs");
+    }
 
     let before = contents(&repo);
     let missing = dir.path().join("no such directory");

@@ -63,9 +63,12 @@ Environment:
                          S3 credentials, region and endpoint (an S3-compatible server's URL);
                          AWS_ALLOW_HTTP=true allows a plain-http endpoint
   BKP_RETRY_TIMEOUT      seconds to keep retrying a failing storage request (default 120)
-  TMPDIR                 where prune, check and stats of a large repository sort (~60 bytes a
-                         chunk; private files, unlinked at once; default /tmp)
-  BKP_SORT_MEMORY        MiB each of their sort buffers takes (default 48; a few at a time)
+  TMPDIR                 where prune, check and stats of a large repository and backup and
+                         restore of a large dump sort (~60 bytes a chunk; private files,
+                         unlinked at once; default /tmp)
+  BKP_SORT_MEMORY        MiB each of their sort buffers takes (default 48; a few at a time);
+                         backup and restore use at most 2 MiB for theirs and a temporary file
+                         past ~75 k chunks (~1.2 GB of dump)
   BKP_PASSWORD_FILE      file whose first line is the password
   BKP_PASSWORD_COMMAND   shell command that prints the password (e.g. a secrets manager)
   BKP_PASSWORD           the password itself (visible to this user's processes; prefer the above)
