@@ -20,13 +20,13 @@ use serde::Serialize;
 use crate::crypto::KeyFile;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{ChunkLocation, ChunkTable, IdPrefix, Index, id_prefix};
+use crate::index::{ChunkLocation, ChunkTable, Index, id_prefix};
 use crate::pack::{self, PackHeader};
 use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repo::{Repository, get_named, pack_name};
 use crate::snapshot::SnapshotEntry;
-use crate::spill::{self, Record, Sorter, join};
-use crate::walk::{Reached, for_each_chunk_located, walk_trees};
+use crate::spill::{self, Sorter, join};
+use crate::walk::{ChunkUse, Reached, for_each_chunk_located, walk_trees};
 
 /// How much stored data `check` reads back.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -383,7 +383,7 @@ impl Checker<'_> {
             .map(|p| bad_ids.contains(&p.id))
             .collect();
         let mut affected: Vec<Affected> = Vec::new();
-        let mut references: Sorter<SnapshotChunk> = Sorter::new(spill::sort_memory(), true);
+        let mut references: Sorter<ChunkUse> = Sorter::new(spill::sort_memory(), true);
         let mut reader = FrameReader::new(self.repo, index);
         for object in self.repo.store().list("snapshots")? {
             // Unreadable snapshots are reported already.
@@ -413,7 +413,7 @@ impl Checker<'_> {
                             this.uses(index, &bad, location.frame);
                         }
                     } else if pushed.is_ok() {
-                        pushed = references.push(SnapshotChunk {
+                        pushed = references.push(ChunkUse {
                             prefix: id_prefix(&id),
                             snapshot: number,
                         });
@@ -496,27 +496,6 @@ impl Affected {
         };
         if let Err(e) = packs_of_frame(index, frame, mark) {
             self.base_error.get_or_insert(e);
-        }
-    }
-}
-
-/// A stream chunk that snapshot number `snapshot` (in listing order) reads.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct SnapshotChunk {
-    prefix: IdPrefix,
-    snapshot: u32,
-}
-
-impl Record for SnapshotChunk {
-    const LEN: usize = 20;
-    fn encode(&self, out: &mut [u8]) {
-        out[..16].copy_from_slice(&self.prefix);
-        out[16..].copy_from_slice(&self.snapshot.to_be_bytes());
-    }
-    fn decode(bytes: &[u8]) -> Self {
-        SnapshotChunk {
-            prefix: bytes[..16].try_into().expect("16 bytes"),
-            snapshot: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
         }
     }
 }

@@ -417,10 +417,10 @@ mod tests {
         let data = b"INSERT INTO t VALUES (1, 'x');\n".repeat(40_000);
         let source = Source::spawn(std::io::Cursor::new(data.clone()));
         let summary = crate::backup(&repo, source, &BackupOptions::default(), &mut |_| {}).unwrap();
-        // The same tree, its ids repeated many times over: a writer could record this.
+        // The same tree, its ids repeated many times over: a writer could record this. (Its
+        // height is 0 or 1: how repetitive text is cut depends on the repository's chunker key.)
         let mut snapshot = summary.snapshot.snapshot.clone();
         let ids = snapshot.tree.ids.clone();
-        assert_eq!(snapshot.tree.height, 0);
         for _ in 0..200 {
             snapshot.tree.ids.extend_from_slice(&ids);
         }

@@ -12,8 +12,8 @@ use crate::id::Id;
 use crate::index::{ChunkLocation, IdPrefix, id_prefix};
 use crate::pack_reader::FrameReader;
 use crate::repo::Repository;
-use crate::spill::{self, Record, Sorter, join};
-use crate::walk::{Reached, for_each_chunk_located, walk_trees};
+use crate::spill::{self, Sorter, join};
+use crate::walk::{ChunkUse, Reached, for_each_chunk_located, walk_trees};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
@@ -74,27 +74,6 @@ impl Users {
     }
 }
 
-/// A chunk (data or tree node) that snapshot number `snapshot` reads.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Use {
-    prefix: IdPrefix,
-    snapshot: u32,
-}
-
-impl Record for Use {
-    const LEN: usize = 20;
-    fn encode(&self, out: &mut [u8]) {
-        out[..16].copy_from_slice(&self.prefix);
-        out[16..].copy_from_slice(&self.snapshot.to_be_bytes());
-    }
-    fn decode(bytes: &[u8]) -> Self {
-        Use {
-            prefix: bytes[..16].try_into().expect("16 bytes"),
-            snapshot: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
-        }
-    }
-}
-
 /// Stats over the snapshots carrying all of `tags` (the repository totals are for all of it).
 ///
 /// Memory does not grow with the repository or the snapshots' size: the index's chunks are
@@ -125,7 +104,7 @@ pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
         }
         Ok(())
     })?;
-    let mut uses: Sorter<Use> = Sorter::new(spill::sort_memory(), true);
+    let mut uses: Sorter<ChunkUse> = Sorter::new(spill::sort_memory(), true);
     let mut reader = FrameReader::new(repo, &index);
     for (number, entry) in snapshots.iter().enumerate() {
         let mut pushed = Ok(());
@@ -136,7 +115,7 @@ pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
             &entry.snapshot.tree,
             &mut |id, _| {
                 if pushed.is_ok() {
-                    pushed = uses.push(Use {
+                    pushed = uses.push(ChunkUse {
                         prefix: id_prefix(&id),
                         snapshot: number as u32,
                     });

@@ -62,6 +62,29 @@ pub fn for_each_chunk_located(
     }
 }
 
+/// A chunk that snapshot number `snapshot` (in the caller's order) reads: sorted on disk and
+/// joined with a [`ChunkTable`], these say which snapshots use which chunks (stats, and check
+/// when something is damaged) without a table of chunks in memory.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChunkUse {
+    pub prefix: IdPrefix,
+    pub snapshot: u32,
+}
+
+impl Record for ChunkUse {
+    const LEN: usize = 20;
+    fn encode(&self, out: &mut [u8]) {
+        out[..16].copy_from_slice(&self.prefix);
+        out[16..].copy_from_slice(&self.snapshot.to_be_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Self {
+        ChunkUse {
+            prefix: bytes[..16].try_into().expect("16 bytes"),
+            snapshot: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
+        }
+    }
+}
+
 /// A chunk that some snapshot's tree names, met once by [`walk_trees`] however many trees name
 /// it: a tree node (whole id) or a stream chunk (id prefix, as the index keeps it), and where
 /// the index places it (`None`: in no index).
