@@ -692,6 +692,19 @@ mod tests {
     use super::*;
     use crate::pack::{ChunkEntry, FrameEntry};
 
+    /// A pack with id `[pack_id; 32]` holding `frames`.
+    fn pack(pack_id: u8, frames: Vec<FrameEntry>) -> IndexedPack {
+        IndexedPack {
+            id: Id([pack_id; 32]),
+            len: 1000,
+            data_ephemeral: [0; 32],
+            header: PackHeader {
+                frames,
+                moved: vec![],
+            },
+        }
+    }
+
     #[test]
     fn locates_chunks_by_frame_and_offset() {
         let id = |b| Id([b; 32]);
@@ -757,15 +770,6 @@ mod tests {
             pack: id(pack),
             frame,
         };
-        let pack = |pack_id: u8, frames| IndexedPack {
-            id: id(pack_id),
-            len: 1000,
-            data_ephemeral: [0; 32],
-            header: PackHeader {
-                frames,
-                moved: vec![],
-            },
-        };
         let mut index = Index::default();
         // The delta frames' pack comes first: bases resolve whatever the order.
         index.add(&pack(
@@ -797,15 +801,6 @@ mod tests {
                 .map(|&c| ChunkEntry { id: id(c), len: 4 })
                 .collect(),
             bases,
-        };
-        let pack = |pack_id: u8, frames| IndexedPack {
-            id: id(pack_id),
-            len: 1000,
-            data_ephemeral: [0; 32],
-            header: PackHeader {
-                frames,
-                moved: vec![],
-            },
         };
         let gone = FrameRef {
             pack: id(99),

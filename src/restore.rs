@@ -238,8 +238,12 @@ impl Planner<'_> {
             let loc = index.chunk(id).ok_or_else(|| Error::Missing {
                 object: format!("tree node {} of snapshot {}", id.short(), entry.id.short()),
             })?;
+            // Two decoded node frames: the one the current run of level-1 nodes is in, and
+            // one for a node above them (the walker keeps a node's ids once fetched, so its
+            // frame is needed again only for its next sibling). Four took 8 MiB for the
+            // ~10 node frames of a 10 GB dump, where a 1 GB dump has one.
             if !node_frames.iter().any(|(f, _)| *f == loc.frame) {
-                if node_frames.len() == 4 {
+                if node_frames.len() == 2 {
                     node_frames.remove(0);
                 }
                 node_frames.push((loc.frame, nodes.read(loc.frame, &[], Vec::new())?));
