@@ -223,33 +223,83 @@ impl FrameDecoder {
         raw: &mut Vec<u8>,
         object: &str,
     ) -> Result<()> {
+        raw.clear();
+        self.open_appending(key, sealed, dictionary, raw_len, raw, object)
+    }
+
+    /// As [`FrameDecoder::open`], appending to what `raw` holds: backup decodes a group's base
+    /// frames straight into its dictionary, so their plaintexts are not held twice.
+    pub fn open_appending(
+        &mut self,
+        key: &CipherKey,
+        sealed: &[u8],
+        dictionary: &[u8],
+        raw_len: usize,
+        raw: &mut Vec<u8>,
+        object: &str,
+    ) -> Result<()> {
         let compressed = key
             .open(FRAME_AAD, sealed)
             .ok_or_else(|| Error::corrupt(object, "a frame fails authentication"))?;
-        raw.clear();
-        // Exactly: `reserve` may double a reused buffer (4 MiB for a 2 MiB frame, 14 of them
+        let start = raw.len();
+        // Exactly: `reserve` may double a reused buffer (4 MiB for a 2 MiB frame, 10 of them
         // alive in a restore).
         raw.reserve_exact(raw_len);
+        let mut tail = Tail { vec: raw, start };
         let decompressed = if dictionary.is_empty() {
             self.decompressor
-                .decompress_to_buffer(&compressed, raw)
+                .decompress_to_buffer(&compressed, &mut tail)
                 .map_err(|e| e.to_string())
         } else {
             let mut context = zstd::zstd_safe::DCtx::create();
             context
                 .ref_prefix(dictionary)
-                .and_then(|_| context.decompress(raw, &compressed))
+                .and_then(|_| context.decompress(&mut tail, &compressed))
                 .map_err(zstd_error)
         };
-        decompressed
-            .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))?;
-        if raw.len() != raw_len {
-            return Err(Error::corrupt(
-                object,
-                "a frame decompresses to the wrong length",
-            ));
+        let result = decompressed
+            .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))
+            .and_then(|_| match raw.len() - start == raw_len {
+                true => Ok(()),
+                false => Err(Error::corrupt(
+                    object,
+                    "a frame decompresses to the wrong length",
+                )),
+            });
+        if result.is_err() {
+            raw.truncate(start);
         }
-        Ok(())
+        result
+    }
+}
+
+/// The unused capacity of a vector after its first `start` bytes, for zstd to write into.
+struct Tail<'a> {
+    vec: &'a mut Vec<u8>,
+    start: usize,
+}
+
+// SAFETY: `as_mut_ptr` and `capacity` describe the vector's allocation past `start` (which is at
+// most its length), and `filled_until` marks as initialized only the `n` bytes zstd reports it
+// wrote there, which the trait's contract guarantees it did.
+unsafe impl zstd::zstd_safe::WriteBuf for Tail<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+
+    fn capacity(&self) -> usize {
+        self.vec.capacity() - self.start
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `start` <= len <= capacity, so the pointer stays within (or one past) the
+        // allocation.
+        unsafe { self.vec.as_mut_ptr().add(self.start) }
+    }
+
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller (zstd) initialized `n` bytes from `as_mut_ptr`.
+        unsafe { self.vec.set_len(self.start + n) }
     }
 }
 

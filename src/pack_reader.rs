@@ -42,6 +42,27 @@ impl<'a> FrameReader<'a> {
 
     /// Opens a frame whose bytes [`fetch`] started reading.
     pub fn decode(&mut self, fetch: Fetch, dictionary: &[u8], mut raw: Vec<u8>) -> Result<Vec<u8>> {
+        self.open(fetch, |decoder, key, sealed, raw_len, name| {
+            decoder.open(key, sealed, dictionary, raw_len, &mut raw, name)
+        })?;
+        Ok(raw)
+    }
+
+    /// Reads and decodes a base frame (one that needs no dictionary), appending its plaintext
+    /// to `out`.
+    pub fn read_appending(&mut self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+        let fetch = fetch(self.repo, self.index, frame)?;
+        self.open(fetch, |decoder, key, sealed, raw_len, name| {
+            decoder.open_appending(key, sealed, &[], raw_len, out, name)
+        })
+    }
+
+    /// Waits for `fetch` and hands `open` the frame's sealed bytes, key, length and name.
+    fn open(
+        &mut self,
+        fetch: Fetch,
+        open: impl FnOnce(&mut FrameDecoder, &CipherKey, &[u8], usize, &str) -> Result<()>,
+    ) -> Result<()> {
         let frame = *self.index.frame(fetch.frame);
         let pack = self.index.pack(frame.pack);
         let name = pack_name(&pack.id);
@@ -73,15 +94,13 @@ impl<'a> FrameReader<'a> {
                 self.session_keys.entry(pack.data_ephemeral).or_insert(key)
             }
         };
-        self.decoder.open(
+        open(
+            &mut self.decoder,
             key,
             sealed,
-            dictionary,
             frame.raw_len as usize,
-            &mut raw,
             &name,
-        )?;
-        Ok(raw)
+        )
     }
 }
 
@@ -143,7 +162,7 @@ pub fn read_range_aligned(
 }
 
 /// Recently decoded base frames, shared by threads: consecutive delta frames mostly share their
-/// bases (backup, which compresses against them, and check, which decodes delta frames).
+/// bases (check, which decodes delta frames; backup decodes into its dictionaries directly).
 pub struct BaseCache {
     decoded: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
     /// The buffer of a frame let go of, for the next decode: a fresh one is faulted in page by
