@@ -266,11 +266,11 @@ impl Dictionary {
 }
 
 /// The chunks this backup stored, the most recent [`RecentChunks::KEPT`] of them: a chunk that
-/// repeats within a dump is stored once if it repeats within that window (~4 GiB of new data),
+/// repeats within a dump is stored once if it repeats within that window (~2 GiB of new data),
 /// and memory does not grow with the dump (beyond it, a repeat is stored again).
 ///
 /// A ring of id prefixes and an open-addressing table of positions in it (linear probing,
-/// half full at most): 6 MiB when full, where a `HashSet` and a `VecDeque` of the prefixes
+/// half full at most): 3 MiB when full, where a `HashSet` and a `VecDeque` of the prefixes
 /// took 13-17 MiB, the largest part of a backup's memory that grew with the dump.
 struct RecentChunks {
     /// 128-bit prefixes of keyed ids, as in the index ([`crate::index`]); once `kept` are
@@ -289,7 +289,9 @@ impl Default for RecentChunks {
 }
 
 impl RecentChunks {
-    const KEPT: usize = 1 << 18;
+    /// 3 MiB (ring and table); twice as many took 6 MiB of a 10 GB backup, where a 1 GB
+    /// one (a few thousand new chunks on day 2) holds a fraction of it.
+    const KEPT: usize = 1 << 17;
 
     fn new(kept: usize) -> RecentChunks {
         RecentChunks {
@@ -440,9 +442,13 @@ impl Deduper<'_> {
                 .try_recv()
                 .unwrap_or_else(|_| Vec::with_capacity(self.group_capacity));
             raw.clear();
+            let mut chunks = std::mem::take(&mut group.chunks);
+            // Held in pack headers until the index file naming them is written (32 k chunks):
+            // without the slack of a doubled vector.
+            chunks.shrink_to_fit();
             let mut full = Group {
                 raw: std::mem::replace(&mut group.raw, raw),
-                chunks: std::mem::take(&mut group.chunks),
+                chunks,
                 ..Group::default()
             };
             if is_tree_node {
