@@ -167,9 +167,12 @@ impl FrameEncoder {
             .chain(tuned_parameters(self.level))
             .chain(delta)
             .try_for_each(|p| context.set_parameter(p).map(drop))
-            .and_then(|()| match prefix.is_empty() {
-                true => Ok(()),
-                false => context.ref_prefix(prefix).map(drop),
+            .and_then(|()| {
+                if prefix.is_empty() {
+                    Ok(())
+                } else {
+                    context.ref_prefix(prefix).map(drop)
+                }
             })
             .and_then(|()| context.compress2(&mut self.compressed, raw).map(drop));
         let reset = context.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters);
@@ -250,12 +253,15 @@ impl FrameDecoder {
         };
         let result = decompressed
             .map_err(|e| Error::corrupt(object, format!("a frame does not decompress: {e}")))
-            .and_then(|_| match raw.len() - start == raw_len {
-                true => Ok(()),
-                false => Err(Error::corrupt(
-                    object,
-                    "a frame decompresses to the wrong length",
-                )),
+            .and_then(|_| {
+                if raw.len() - start == raw_len {
+                    Ok(())
+                } else {
+                    Err(Error::corrupt(
+                        object,
+                        "a frame decompresses to the wrong length",
+                    ))
+                }
             });
         if result.is_err() {
             raw.truncate(start);
@@ -375,6 +381,40 @@ mod tests {
                 .is_err()
                 || out != day2
         );
+    }
+
+    #[test]
+    fn opening_appends_after_what_the_buffer_holds() {
+        let master = MasterKey::generate();
+        let key = session_key(&master);
+        let (one, two) = (rows(0, 3_000), rows(3_000, 7_000));
+        let mut encoder = FrameEncoder::new(3);
+        let first = encoder.seal(&key, &one, Vec::new(), &[], Vec::new(), 0);
+        let second = encoder.seal(&key, &two, Vec::new(), &[], Vec::new(), 0);
+        let mut decoder = FrameDecoder::default();
+        let mut out = Vec::new();
+        decoder
+            .open_appending(&key, &first.sealed, &[], one.len(), &mut out, "p")
+            .unwrap();
+        decoder
+            .open_appending(&key, &second.sealed, &[], two.len(), &mut out, "p")
+            .unwrap();
+        assert_eq!(out, [one.clone(), two.clone()].concat());
+        // A frame that does not open leaves what was there, and only that.
+        let mut damaged = second.sealed.clone();
+        damaged[40] ^= 1;
+        let before = out.clone();
+        assert!(
+            decoder
+                .open_appending(&key, &damaged, &[], two.len(), &mut out, "p")
+                .is_err()
+        );
+        assert!(
+            decoder
+                .open_appending(&key, &second.sealed, &[], 10, &mut out, "p")
+                .is_err()
+        );
+        assert_eq!(out, before);
     }
 
     #[test]
