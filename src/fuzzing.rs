@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::envelope;
 use crate::id::Id;
-use crate::index::{INDEX_MAGIC, Index, IndexFile};
+use crate::index::{INDEX_MAGIC, IndexFile, SpillingIndex};
 use crate::listing::{CATALOG_MAGIC, Catalog};
 use crate::pack::{self, PackSession};
 use crate::repo::{CONFIG_MAGIC, Config, OBSOLETE_MAGIC, ObsoleteList};
@@ -77,11 +77,16 @@ pub fn pack_header(bytes: &[u8]) {
 
 /// Builds both kinds of index from a decoded index file and looks up every chunk it names.
 fn index_of(file: &IndexFile) {
-    for mut index in [Index::default(), Index::frames_only()] {
+    for decodable_only in [false, true] {
+        let mut spilling = SpillingIndex::with_memory(1 << 20);
         for pack in &file.packs {
-            index.add(pack);
+            if spilling.add(pack).is_err() {
+                return;
+            }
         }
-        index.finish();
+        let Ok(index) = spilling.finish_for_lookups(decodable_only) else {
+            return;
+        };
         for pack in &file.packs {
             for frame in &pack.header.frames {
                 for chunk in &frame.chunks {
