@@ -782,9 +782,59 @@ fn stream_chunks<R: Read>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashSet, VecDeque};
+    use std::collections::{HashMap, HashSet, VecDeque};
 
     use super::*;
+
+    #[test]
+    fn a_dictionary_holds_exactly_its_bases_whatever_it_held_before() {
+        let repo = crate::repo::test_repository();
+        let small = BackupOptions {
+            group_size: 64 << 10,
+            ..BackupOptions::default()
+        };
+        let mut data = vec![0u8; 1_000_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut data);
+        let source = Source::spawn(std::io::Cursor::new(data));
+        backup(&repo, source, &small, &mut |_| {}).unwrap();
+        let index = repo.load_index().unwrap();
+        let mut reader = FrameReader::new(&repo, &index);
+        let plain: Vec<u32> = (0..index.frame_count() as u32)
+            .filter(|&f| index.bases(f).is_empty() && index.frame(f).raw_len > 0)
+            .take(4)
+            .collect();
+        assert_eq!(plain.len(), 4, "frames: {}", index.frame_count());
+        let raw: HashMap<u32, Vec<u8>> = plain
+            .iter()
+            .map(|&f| (f, reader.read(f, &[], Vec::new()).unwrap()))
+            .collect();
+        let [a, b, c, d] = plain[..] else {
+            unreachable!()
+        };
+        let mut dictionary = Dictionary::default();
+        // Kept whole, kept in part at the front or the back, nothing kept, a single base.
+        for bases in [
+            vec![a, b],
+            vec![a, b],
+            vec![b, c],
+            vec![b],
+            vec![a, d],
+            vec![d, a],
+            vec![c, d],
+            vec![a],
+            vec![],
+        ] {
+            dictionary.fill(&index, &mut reader, &bases).unwrap();
+            if bases.is_empty() {
+                // (Left as it was, unused by a base frame.)
+                assert_eq!(dictionary.bytes, raw[&a]);
+                continue;
+            }
+            let expected: Vec<u8> = bases.iter().flat_map(|f| raw[f].clone()).collect();
+            assert_eq!(dictionary.bytes, expected, "{bases:?}");
+            assert_eq!(dictionary.bases, bases);
+        }
+    }
 
     #[test]
     fn recent_chunks_remember_exactly_the_last_ones_kept() {
