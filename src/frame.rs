@@ -206,24 +206,11 @@ impl Default for FrameDecoder {
 }
 
 impl FrameDecoder {
-    /// Opens a frame into `raw` (reused, so restore does not allocate per frame); the result is
-    /// the concatenation of its chunks. `dictionary` as for [`FrameEncoder::seal`].
+    /// Opens a frame, appending its plaintext (the concatenation of its chunks) to `raw`: a
+    /// reused buffer in restore, which clears it first, and a dictionary in backup, which
+    /// decodes a group's base frames straight into it. `dictionary` as for
+    /// [`FrameEncoder::seal`]. On an error `raw` holds what it held before.
     pub fn open(
-        &mut self,
-        key: &CipherKey,
-        sealed: &[u8],
-        dictionary: &[u8],
-        raw_len: usize,
-        raw: &mut Vec<u8>,
-        object: &str,
-    ) -> Result<()> {
-        raw.clear();
-        self.open_appending(key, sealed, dictionary, raw_len, raw, object)
-    }
-
-    /// As [`FrameDecoder::open`], appending to what `raw` holds: backup decodes a group's base
-    /// frames straight into its dictionary, so their plaintexts are not held twice.
-    pub fn open_appending(
         &mut self,
         key: &CipherKey,
         sealed: &[u8],
@@ -362,11 +349,13 @@ mod tests {
             .unwrap();
         assert_eq!(out, day2);
         // The same context then opens a base frame without the dictionary.
+        out.clear();
         decoder
             .open(&key, &base.sealed, &[], day1.len(), &mut out, "p")
             .unwrap();
         assert_eq!(out, day1);
         // Without its bases, or with other bases, a delta frame does not decode to its content.
+        out.clear();
         assert!(
             decoder
                 .open(&key, &delta.sealed, &[], day2.len(), &mut out, "p")
@@ -375,6 +364,7 @@ mod tests {
         );
         let mut wrong = Vec::new();
         wrong.extend_from_slice(&rows(1, 20_001));
+        out.clear();
         assert!(
             decoder
                 .open(&key, &delta.sealed, &wrong, day2.len(), &mut out, "p")
@@ -394,10 +384,10 @@ mod tests {
         let mut decoder = FrameDecoder::default();
         let mut out = Vec::new();
         decoder
-            .open_appending(&key, &first.sealed, &[], one.len(), &mut out, "p")
+            .open(&key, &first.sealed, &[], one.len(), &mut out, "p")
             .unwrap();
         decoder
-            .open_appending(&key, &second.sealed, &[], two.len(), &mut out, "p")
+            .open(&key, &second.sealed, &[], two.len(), &mut out, "p")
             .unwrap();
         assert_eq!(out, [one.clone(), two.clone()].concat());
         // A frame that does not open leaves what was there, and only that.
@@ -406,12 +396,12 @@ mod tests {
         let before = out.clone();
         assert!(
             decoder
-                .open_appending(&key, &damaged, &[], two.len(), &mut out, "p")
+                .open(&key, &damaged, &[], two.len(), &mut out, "p")
                 .is_err()
         );
         assert!(
             decoder
-                .open_appending(&key, &second.sealed, &[], 10, &mut out, "p")
+                .open(&key, &second.sealed, &[], 10, &mut out, "p")
                 .is_err()
         );
         assert_eq!(out, before);

@@ -368,6 +368,7 @@ mod tests {
         assert_eq!(out, raw);
         let f = &header.frames[1];
         let sealed = &bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
+        out.clear();
         decoder
             .open(&key, sealed, &dictionary, f.raw_len(), &mut out, "p")
             .unwrap();

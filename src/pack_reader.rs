@@ -42,9 +42,8 @@ impl<'a> FrameReader<'a> {
 
     /// Opens a frame whose bytes [`fetch`] started reading.
     pub fn decode(&mut self, fetch: Fetch, dictionary: &[u8], mut raw: Vec<u8>) -> Result<Vec<u8>> {
-        self.open(fetch, |decoder, key, sealed, raw_len, name| {
-            decoder.open(key, sealed, dictionary, raw_len, &mut raw, name)
-        })?;
+        raw.clear();
+        self.open_into(fetch, dictionary, &mut raw)?;
         Ok(raw)
     }
 
@@ -52,17 +51,11 @@ impl<'a> FrameReader<'a> {
     /// to `out`.
     pub fn read_appending(&mut self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
         let fetch = fetch(self.repo, self.index, frame)?;
-        self.open(fetch, |decoder, key, sealed, raw_len, name| {
-            decoder.open_appending(key, sealed, &[], raw_len, out, name)
-        })
+        self.open_into(fetch, &[], out)
     }
 
-    /// Waits for `fetch` and hands `open` the frame's sealed bytes, key, length and name.
-    fn open(
-        &mut self,
-        fetch: Fetch,
-        open: impl FnOnce(&mut FrameDecoder, &CipherKey, &[u8], usize, &str) -> Result<()>,
-    ) -> Result<()> {
+    /// Waits for `fetch` and opens the frame, appending its plaintext to `out`.
+    fn open_into(&mut self, fetch: Fetch, dictionary: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let frame = *self.index.frame(fetch.frame);
         let pack = self.index.pack(frame.pack);
         let name = pack_name(&pack.id);
@@ -94,13 +87,8 @@ impl<'a> FrameReader<'a> {
                 self.session_keys.entry(pack.data_ephemeral).or_insert(key)
             }
         };
-        open(
-            &mut self.decoder,
-            key,
-            sealed,
-            frame.raw_len as usize,
-            &name,
-        )
+        self.decoder
+            .open(key, sealed, dictionary, frame.raw_len as usize, out, &name)
     }
 }
 
