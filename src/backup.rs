@@ -13,7 +13,7 @@
 //! flight, the decoded bases, one pack being filled, one uploading, and the index.
 //! Order of writes: packs, index file, snapshot (see [`crate::repo`]).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,7 +29,7 @@ use crate::index::{Index, IndexedPack, MISSING_BASE};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::FrameReader;
 use crate::repo::{Repository, hostname};
-use crate::snapshot::{AddedBytes, PackRef, Snapshot, SnapshotEntry, annotation};
+use crate::snapshot::{AddedBytes, ChunkSpan, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::store::Pending;
 use crate::tree::{TreeBuilder, TreeRoot};
@@ -96,6 +96,8 @@ pub struct BackupSummary {
 /// Chunks waiting to be compressed together.
 #[derive(Default)]
 struct Group {
+    /// Its number in this backup ([`Deduper::group_uses`]), set when its first chunk comes.
+    seq: u32,
     raw: Vec<u8>,
     chunks: Vec<ChunkEntry>,
     /// Base frames to compress against (frame numbers in the index); empty for a base frame.
@@ -275,7 +277,7 @@ impl Dictionary {
 struct RecentChunks {
     /// 128-bit prefixes of keyed ids, as in the index ([`crate::index`]); once `kept` are
     /// recorded, a ring whose oldest entry is at `next`.
-    ring: Vec<[u8; 16]>,
+    ring: Vec<([u8; 16], u32)>,
     next: usize,
     kept: usize,
     /// Ring positions plus one (0: an empty slot), at the slot the prefix hashes to or after.
@@ -315,7 +317,7 @@ impl RecentChunks {
         loop {
             match self.slots[slot] {
                 0 => return (slot, false),
-                at if self.ring[at as usize - 1] == *prefix => return (slot, true),
+                at if self.ring[at as usize - 1].0 == *prefix => return (slot, true),
                 _ => slot = (slot + 1) & mask,
             }
         }
@@ -332,7 +334,7 @@ impl RecentChunks {
             if at == 0 {
                 return;
             }
-            let home = self.home(&self.ring[at as usize - 1]);
+            let home = self.home(&self.ring[at as usize - 1].0);
             // It may move to `slot` unless its home lies cyclically in (slot, later].
             let stays = if slot <= later {
                 slot < home && home <= later
@@ -347,27 +349,28 @@ impl RecentChunks {
         }
     }
 
-    /// Records `id`; false if it was recorded already.
-    fn insert(&mut self, id: &Id) -> bool {
+    /// Records `id` as stored in group `group`; if it was recorded already, the group it was
+    /// stored in.
+    fn insert(&mut self, id: &Id, group: u32) -> std::result::Result<(), u32> {
         let prefix: [u8; 16] = id.0[..16].try_into().expect("16 bytes");
-        if self.probe(&prefix).1 {
-            return false;
+        if let (slot, true) = self.probe(&prefix) {
+            return Err(self.ring[self.slots[slot] as usize - 1].1);
         }
         let at = if self.ring.len() < self.kept {
-            self.ring.push(prefix);
+            self.ring.push((prefix, group));
             self.ring.len() - 1
         } else {
             let oldest = self.next;
-            let (slot, found) = self.probe(&self.ring[oldest]);
+            let (slot, found) = self.probe(&self.ring[oldest].0);
             debug_assert!(found);
             self.remove_slot(slot);
-            self.ring[oldest] = prefix;
+            self.ring[oldest] = (prefix, group);
             oldest
         };
         self.next = (at + 1) % self.kept;
         let (slot, _) = self.probe(&prefix);
         self.slots[slot] = at as u32 + 1;
-        true
+        Ok(())
     }
 }
 
@@ -376,9 +379,7 @@ struct Deduper<'a> {
     repo: &'a Repository,
     index: &'a Index,
     stored_this_session: RecentChunks,
-    /// Packs (numbers in the index) holding known chunks or their frames' bases: the snapshot
-    /// depends on them.
-    used_packs: HashSet<u32>,
+    uses: PackUses,
     data: Group,
     /// A full data group waiting for the next known chunk to complete its bases.
     waiting: Option<Group>,
@@ -395,15 +396,86 @@ struct Deduper<'a> {
     added: AddedBytes,
 }
 
+/// Where the snapshot uses each pack it depends on (docs/FORMAT.md §11.2), as stream chunk
+/// numbers: gathered while the stream is deduplicated, resolved once its packs are stored.
+#[derive(Default)]
+struct PackUses {
+    /// Packs (numbers in the index) holding known chunks or their frames' bases.
+    known: HashMap<u32, ChunkSpan>,
+    /// Each group of this backup (by [`Group::seq`]): its first chunk's, and those of its
+    /// chunks' repeats.
+    groups: Vec<ChunkSpan>,
+    /// (group, pack in the index) for every pack holding a base of a group: the snapshot uses
+    /// it wherever it uses the group.
+    group_bases: Vec<(u32, u32)>,
+}
+
+fn widen(span: &mut ChunkSpan, place: u64) {
+    *span = span.union(ChunkSpan::at(place));
+}
+
+impl PackUses {
+    /// Stream chunk `place` uses index pack `pack`.
+    fn known_pack(&mut self, pack: u32, place: u64) {
+        self.known
+            .entry(pack)
+            .and_modify(|s| widen(s, place))
+            .or_insert(ChunkSpan::at(place));
+    }
+
+    /// Every pack the snapshot depends on (sorted by id), with the stream chunks that use it:
+    /// the packs this backup stored, those holding known chunks, and those holding the bases
+    /// of either's frames.
+    fn resolve(&self, index: &Index, stored: &Stored) -> Vec<PackRef> {
+        let mut known = self.known.clone();
+        for &(group, pack) in &self.group_bases {
+            let span = self.groups[group as usize];
+            known
+                .entry(pack)
+                .and_modify(|s| *s = s.union(span))
+                .or_insert(span);
+        }
+        let mut packs = stored.packs.clone();
+        for &(group, at) in &stored.group_packs {
+            let span = self.groups[group as usize];
+            let uses = &mut packs[at as usize].uses;
+            *uses = Some(uses.map_or(span, |u| u.union(span)));
+        }
+        packs.extend(known.into_iter().map(|(p, span)| {
+            let pack = index.pack(p);
+            PackRef {
+                id: pack.id,
+                len: pack.len,
+                uses: Some(span),
+            }
+        }));
+        packs.sort_unstable_by_key(|p| p.id);
+        // A pack named twice (by two index files, or stored and found): one entry, all uses.
+        packs.dedup_by(|later, kept| {
+            let same = later.id == kept.id;
+            if same {
+                kept.uses = match (kept.uses, later.uses) {
+                    (Some(a), Some(b)) => Some(a.union(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            same
+        });
+        packs
+    }
+}
+
 impl Deduper<'_> {
     /// Queues `bytes` (known as `id`) unless the repository or this session already has it.
-    fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool) -> Result<()> {
+    /// `place` is where a restore needs it: its number in the stream, or for a tree node the
+    /// number of the first stream chunk below it.
+    fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool, place: u64) -> Result<()> {
         if let Some(frame) = self.index.chunk_frame(&id) {
-            self.used_packs.insert(self.index.frame(frame).pack);
+            self.uses.known_pack(self.index.frame(frame).pack, place);
             for &base in self.index.bases(frame) {
                 // (Never missing: the index holds no chunks of frames without their bases.)
                 if base != MISSING_BASE {
-                    self.used_packs.insert(self.index.frame(base).pack);
+                    self.uses.known_pack(self.index.frame(base).pack, place);
                 }
             }
             if !is_tree_node {
@@ -416,7 +488,18 @@ impl Deduper<'_> {
             }
             return Ok(());
         }
-        if !self.stored_this_session.insert(&id) {
+        let open = if is_tree_node {
+            &self.tree_nodes
+        } else {
+            &self.data
+        };
+        let seq = if open.chunks.is_empty() {
+            self.uses.groups.len() as u32
+        } else {
+            open.seq
+        };
+        if let Err(stored_in) = self.stored_this_session.insert(&id, seq) {
+            widen(&mut self.uses.groups[stored_in as usize], place);
             return Ok(());
         }
         if !is_tree_node && self.data.chunks.is_empty() {
@@ -431,6 +514,12 @@ impl Deduper<'_> {
         } else {
             &mut self.data
         };
+        if group.chunks.is_empty() {
+            group.seq = seq;
+            self.uses.groups.push(ChunkSpan::at(place));
+        } else {
+            widen(&mut self.uses.groups[seq as usize], place);
+        }
         group.raw.extend_from_slice(bytes);
         group.chunks.push(ChunkEntry {
             id,
@@ -447,6 +536,7 @@ impl Deduper<'_> {
             // without the slack of a doubled vector.
             chunks.shrink_to_fit();
             let mut full = Group {
+                seq: group.seq,
                 raw: std::mem::replace(&mut group.raw, raw),
                 chunks,
                 ..Group::default()
@@ -469,13 +559,23 @@ impl Deduper<'_> {
         Ok(())
     }
 
-    fn store_tree_node(&mut self, node: Vec<u8>) -> Result<Id> {
+    fn store_tree_node(&mut self, node: Vec<u8>, place: u64) -> Result<Id> {
         let id = self.repo.key().chunk_id(&node);
-        self.offer(id, &node, true)?;
+        self.offer(id, &node, true, place)?;
         Ok(id)
     }
 
-    fn send(&self, group: Group) -> Result<()> {
+    fn send(&mut self, group: Group) -> Result<()> {
+        for &base in &group.bases {
+            let entry = (group.seq, self.index.frame(base).pack);
+            let this_group = self.uses.group_bases.iter().rev();
+            if !this_group
+                .take_while(|(seq, _)| *seq == group.seq)
+                .any(|e| *e == entry)
+            {
+                self.uses.group_bases.push(entry);
+            }
+        }
         // A closed channel means a later stage failed; its error is reported instead.
         self.groups
             .send(group)
@@ -503,7 +603,7 @@ impl Deduper<'_> {
 
 fn compress_worker(
     groups: Receiver<Group>,
-    frames: Sender<Frame>,
+    frames: Sender<(u32, Frame)>,
     spare: Sender<Vec<u8>>,
     key: &CipherKey,
     level: i32,
@@ -522,7 +622,7 @@ fn compress_worker(
         };
         let frame = encoder.seal(key, &group.raw, group.chunks, prefix, bases, estimate);
         let _ = spare.try_send(group.raw);
-        if frames.send(frame).is_err() {
+        if frames.send((group.seq, frame)).is_err() {
             return;
         }
     }
@@ -546,6 +646,8 @@ const CHUNKS_PER_INDEX_FILE: usize = 32 << 10;
 #[derive(Default)]
 struct Stored {
     packs: Vec<PackRef>,
+    /// (group, position in `packs`) for every frame stored.
+    group_packs: Vec<(u32, u32)>,
     /// Bytes of packs and index files.
     bytes: u64,
     /// The last packs, stored and durable but not yet in an index file: named once the
@@ -558,7 +660,7 @@ struct Stored {
 fn pack_writer(
     repo: &Repository,
     session: &PackSession,
-    frames: Receiver<Frame>,
+    frames: Receiver<(u32, Frame)>,
     pack_size: usize,
 ) -> Result<Stored> {
     let in_flight = if repo.store().is_local() {
@@ -567,22 +669,28 @@ fn pack_writer(
         PACKS_UPLOADING
     };
     let mut stored = Stored::default();
-    let mut uploads: VecDeque<(Pending<bool>, IndexedPack)> = VecDeque::new();
+    // Each with the groups whose frames it holds.
+    let mut uploads: VecDeque<(Pending<bool>, IndexedPack, Vec<u32>)> = VecDeque::new();
     // Uploaded, not yet named by an index file.
     let mut durable: Vec<IndexedPack> = Vec::new();
     // Waits until at most `keep` uploads are in flight, then indexes the uploaded packs if
     // there are at least `batch`.
-    let mut settle = |uploads: &mut VecDeque<(Pending<bool>, IndexedPack)>,
+    let mut settle = |uploads: &mut VecDeque<(Pending<bool>, IndexedPack, Vec<u32>)>,
                       durable: &mut Vec<IndexedPack>,
                       keep: usize,
                       batch: usize|
      -> Result<()> {
         while uploads.len() > keep {
-            let (upload, pack) = uploads.pop_front().expect("an upload");
+            let (upload, pack, groups) = uploads.pop_front().expect("an upload");
             repo.wait_for_pack(upload)?;
+            let at = stored.packs.len() as u32;
+            stored
+                .group_packs
+                .extend(groups.into_iter().map(|g| (g, at)));
             stored.packs.push(PackRef {
                 id: pack.id,
                 len: pack.len,
+                uses: None,
             });
             stored.bytes += pack.len;
             durable.push(pack);
@@ -594,18 +702,21 @@ fn pack_writer(
         Ok(())
     };
     let mut writer = PackWriter::new(session, pack_size);
-    for frame in frames {
+    let mut groups = Vec::new();
+    for (group, frame) in frames {
         if writer.is_full_before(&frame, &[]) {
             let full = std::mem::replace(&mut writer, PackWriter::new(session, pack_size));
             let (pack, bytes) = full.finish(session);
-            uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack));
+            let groups = std::mem::take(&mut groups);
+            uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack, groups));
             settle(&mut uploads, &mut durable, in_flight, PACKS_PER_INDEX_FILE)?;
         }
         writer.add(frame, &[]);
+        groups.push(group);
     }
     if !writer.is_empty() {
         let (pack, bytes) = writer.finish(session);
-        uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack));
+        uploads.push_back((repo.put_pack_soon(&pack.id, bytes), pack, groups));
     }
     settle(&mut uploads, &mut durable, 0, PACKS_PER_INDEX_FILE)?;
     stored.unindexed = durable;
@@ -637,7 +748,7 @@ pub fn backup(
             GearTable::from_key(&key.chunker_key),
         )?;
         let (group_tx, group_rx) = bounded::<Group>(1);
-        let (frame_tx, frame_rx) = bounded::<Frame>(2 * threads);
+        let (frame_tx, frame_rx) = bounded::<(u32, Frame)>(2 * threads);
         // Room for every group buffer there can be (the open data and tree groups, the waiting
         // group, one queued, one per worker), so none is dropped and allocated again.
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads + 4);
@@ -654,7 +765,7 @@ pub fn backup(
             repo,
             index: &index,
             stored_this_session: RecentChunks::default(),
-            used_packs: HashSet::new(),
+            uses: PackUses::default(),
             data: Group::default(),
             waiting: None,
             tree_nodes: Group::default(),
@@ -676,16 +787,7 @@ pub fn backup(
         let stream = facts
             .recv()
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
-        let mut depends_on: Vec<PackRef> = packs.packs.clone();
-        depends_on.extend(dedup.used_packs.iter().map(|&p| {
-            let pack = index.pack(p);
-            PackRef {
-                id: pack.id,
-                len: pack.len,
-            }
-        }));
-        depends_on.sort_unstable_by_key(|p| p.id);
-        depends_on.dedup_by_key(|p| p.id);
+        let depends_on = dedup.uses.resolve(&index, &packs);
         Ok::<_, Error>((root, stream, dedup.added, packs, depends_on))
     })?;
 
@@ -759,9 +861,10 @@ fn stream_chunks<R: Read>(
         report_detected(progress);
         let id = key.chunk_id(chunk);
         size += chunk.len() as u64;
+        let place = dedup.added.chunks;
         dedup.added.chunks += 1;
-        dedup.offer(id, chunk, false)?;
-        tree.push(id, &mut |node| dedup.store_tree_node(node))?;
+        dedup.offer(id, chunk, false, place)?;
+        tree.push(id, place, &mut |node, at| dedup.store_tree_node(node, at))?;
         if size >= next_report {
             next_report = size + PROGRESS_EVERY;
             progress(BackupEvent::Progress(BackupProgress {
@@ -770,7 +873,7 @@ fn stream_chunks<R: Read>(
             }));
         }
     }
-    let root = tree.finish(&mut |node| dedup.store_tree_node(node))?;
+    let root = tree.finish(&mut |node, at| dedup.store_tree_node(node, at))?;
     dedup.flush()?;
     report_detected(progress); // in case it arrived after the last chunk was read
     progress(BackupEvent::Progress(BackupProgress {
@@ -782,9 +885,88 @@ fn stream_chunks<R: Read>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet, VecDeque};
+    use std::collections::{HashMap, VecDeque};
 
     use super::*;
+
+    /// Every pack a restore needs at stream chunk `place` (the frame's and its bases'), by the
+    /// repository's whole index, checked against what the snapshot says of its packs.
+    fn assert_uses_cover(repo: &Repository, entry: &SnapshotEntry) {
+        let index = repo.load_index().unwrap();
+        let snapshot = &entry.snapshot;
+        assert!(snapshot.packs_have_uses());
+        let span_of = |id: &Id| {
+            let at = snapshot.packs.binary_search_by_key(id, |p| p.id).unwrap();
+            snapshot.packs[at].uses.unwrap()
+        };
+        let covers = |id: &Id, place: u64| {
+            let frame = index.chunk_frame(id).expect("indexed");
+            let mut frames = vec![frame];
+            frames.extend_from_slice(index.bases(frame));
+            for frame in frames {
+                let span = span_of(&index.pack(index.frame(frame).pack).id);
+                assert!(
+                    span.first <= place && place <= span.last,
+                    "chunk {} at {place}: its pack is used at {span:?}",
+                    id.short()
+                );
+            }
+        };
+        let mut reader = FrameReader::new(repo, &index);
+        let mut walker = crate::tree::TreeWalker::new(&snapshot.tree);
+        let mut place = 0u64;
+        while let Some(id) = walker
+            .next_id(&mut |node| {
+                covers(node, place);
+                let loc = index.chunk(node).unwrap();
+                let raw = reader.read(loc.frame, &[], Vec::new())?;
+                Ok(raw[loc.offset as usize..][..loc.len as usize].to_vec())
+            })
+            .unwrap()
+        {
+            covers(&id, place);
+            place += 1;
+        }
+        assert_eq!(place, snapshot.added.chunks);
+    }
+
+    #[test]
+    fn a_snapshot_says_at_which_stream_chunks_it_uses_each_pack() {
+        let repo = crate::repo::test_repository();
+        let small = BackupOptions {
+            group_size: 64 << 10,
+            pack_size: 256 << 10,
+            ..BackupOptions::default()
+        };
+        let mut day1 = vec![0u8; 6_000_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut day1);
+        // A block that comes back near the end: one group used at two far places.
+        let repeated = day1[100_000..400_000].to_vec();
+        day1[5_500_000..5_800_000].copy_from_slice(&repeated);
+        let mut day2 = day1.clone();
+        for at in (50_000..6_000_000).step_by(700_000) {
+            day2[at..at + 64].fill(7);
+        }
+        for data in [day1, day2] {
+            let source = Source::spawn(std::io::Cursor::new(data));
+            let entry = crate::backup(&repo, source, &small, &mut |_| {})
+                .unwrap()
+                .snapshot;
+            assert!(entry.snapshot.tree.height >= 1);
+            assert_uses_cover(&repo, &entry);
+            // Uses say something: most packs serve a small part of the stream.
+            let chunks = entry.snapshot.added.chunks;
+            let narrow = entry.snapshot.packs.iter().filter(|p| {
+                let span = p.uses.unwrap();
+                span.last - span.first < chunks / 4
+            });
+            assert!(
+                narrow.count() * 2 > entry.snapshot.packs.len(),
+                "{:?}",
+                entry.snapshot.packs
+            );
+        }
+    }
 
     #[test]
     fn a_dictionary_holds_exactly_its_bases_whatever_it_held_before() {
@@ -839,20 +1021,25 @@ mod tests {
     #[test]
     fn recent_chunks_remember_exactly_the_last_ones_kept() {
         // A small window and ids from a small pool: many repeats, evictions and probe runs
-        // that wrap around the table.
+        // that wrap around the table. Each id is recorded with the step that stored it, as a
+        // backup records the group.
         let mut recent = RecentChunks::new(50);
-        let (mut model, mut order) = (HashSet::new(), VecDeque::new());
+        let (mut model, mut order) = (HashMap::new(), VecDeque::new());
         for n in 0..20_000u32 {
             let pick = blake3::hash(&n.to_le_bytes()).as_bytes()[0] as u32 % 120;
             let id = Id(*blake3::hash(&pick.to_le_bytes()).as_bytes());
-            let new = model.insert(id);
-            if new {
-                order.push_back(id);
-                if order.len() > 50 {
-                    model.remove(&order.pop_front().unwrap());
+            let expected = match model.get(&id) {
+                Some(&stored_at) => Err(stored_at),
+                None => {
+                    model.insert(id, n);
+                    order.push_back(id);
+                    if order.len() > 50 {
+                        model.remove(&order.pop_front().unwrap());
+                    }
+                    Ok(())
                 }
-            }
-            assert_eq!(recent.insert(&id), new, "step {n}");
+            };
+            assert_eq!(recent.insert(&id, n), expected, "step {n}");
         }
         assert!(recent.slots.iter().filter(|&&s| s != 0).count() == 50);
     }

@@ -26,7 +26,7 @@ use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repo::{Repository, get_named, pack_name};
 use crate::snapshot::SnapshotEntry;
 use crate::spill::{self, Sorter, join};
-use crate::walk::{ChunkUse, Reached, for_each_chunk_located, walk_trees};
+use crate::walk::{ChunkUse, Reached, for_each_chunk, walk_trees};
 
 /// How much stored data `check` reads back.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -401,7 +401,7 @@ impl Checker<'_> {
                 base_error: None,
             };
             let mut pushed = Ok(());
-            let walked = for_each_chunk_located(
+            let walked = for_each_chunk(
                 self.repo,
                 &|id| reached.nodes.get(id).copied(),
                 &mut reader,

@@ -154,8 +154,8 @@ pub fn catalog(bytes: &[u8]) {
     for object in [bytes.to_vec(), sealed(CATALOG_MAGIC, bytes)] {
         if let Ok(catalog) = envelope::open::<Catalog>(CATALOG_MAGIC, &key().metadata, &object, "c")
         {
-            for (_, snapshot) in &catalog.snapshots {
-                let _ = snapshot.dump_complete();
+            for (_, snapshot) in catalog.snapshots {
+                let _ = Snapshot::from(snapshot).dump_complete();
             }
         }
     }
@@ -316,7 +316,7 @@ mod round_trips {
             ids in vec(id(), 0..10),
             added: (u64, u64, u64, u64),
             annotations in proptest::collection::btree_map(".{0,10}", ".{0,20}", 0..4),
-            packs in vec((id(), any::<u64>()), 0..5),
+            packs in vec((id(), any::<u64>(), proptest::option::of((any::<u64>(), any::<u64>()))), 0..5),
         ) {
             let snapshot = Snapshot {
                 time,
@@ -328,7 +328,14 @@ mod round_trips {
                 tree: TreeRoot { height, ids },
                 added: AddedBytes { chunks: added.0, new_chunks: added.1, new_raw: added.2, stored: added.3 },
                 annotations: annotations.into_iter().collect::<BTreeMap<_, _>>(),
-                packs: packs.into_iter().map(|(id, len)| crate::snapshot::PackRef { id, len }).collect(),
+                packs: packs
+                    .into_iter()
+                    .map(|(id, len, uses)| crate::snapshot::PackRef {
+                        id,
+                        len,
+                        uses: uses.map(|(first, last)| crate::snapshot::ChunkSpan { first, last }),
+                    })
+                    .collect(),
             };
             prop_assert_eq!(open::<Snapshot>(SNAPSHOT_MAGIC, &seal(SNAPSHOT_MAGIC, &snapshot)), snapshot);
         }
@@ -342,14 +349,14 @@ mod round_trips {
         #[test]
         fn tree(ids in vec(id(), 0..3000)) {
             let mut nodes = std::collections::HashMap::new();
-            let mut store = |bytes: Vec<u8>| {
+            let mut store = |bytes: Vec<u8>, _place: u64| {
                 let id = Id::of_object(&bytes);
                 nodes.insert(id, bytes);
                 Ok(id)
             };
             let mut builder = TreeBuilder::default();
-            for id in &ids {
-                builder.push(*id, &mut store).unwrap();
+            for (place, id) in ids.iter().enumerate() {
+                builder.push(*id, place as u64, &mut store).unwrap();
             }
             let root = builder.finish(&mut store).unwrap();
             let mut walker = TreeWalker::new(&root);

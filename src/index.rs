@@ -113,6 +113,27 @@ pub struct FrameLocation {
     bases_len: u32,
 }
 
+impl FrameLocation {
+    /// A frame outside an [`Index`] (its bases kept by the caller).
+    pub fn new(
+        pack: u32,
+        number_in_pack: u32,
+        offset: u64,
+        sealed_len: u32,
+        raw_len: u32,
+    ) -> FrameLocation {
+        FrameLocation {
+            pack,
+            number_in_pack,
+            offset,
+            sealed_len,
+            raw_len,
+            bases_at: 0,
+            bases_len: 0,
+        }
+    }
+}
+
 /// A base frame that is not in the index, or is itself a delta frame (bases are one level).
 pub const MISSING_BASE: u32 = u32::MAX;
 

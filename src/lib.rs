@@ -59,6 +59,7 @@ pub mod source;
 mod spill;
 mod stats;
 mod store;
+mod stream_index;
 #[doc(hidden)]
 pub mod synthetic;
 mod tree;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repo::{Repository, get_named, id_of};
 use crate::series;
-use crate::snapshot::{Snapshot, SnapshotEntry};
+use crate::snapshot::{self, Snapshot, SnapshotEntry};
 use crate::store::ObjectInfo;
 
 pub const CATALOG_MAGIC: &[u8; 8] = b"BKPCAT01";
@@ -24,9 +24,11 @@ pub const CATALOG_AFTER: usize = 64;
 /// The listing facts of a series' snapshots (docs/FORMAT.md §11.3), so that `snapshots --tag`
 /// reads a catalog rather than one object per snapshot. A cache of facts that never change:
 /// which snapshots exist is always taken from the series' markers.
+/// Its snapshots are in the `BKPSNP02` layout: packs without their uses, which listings do
+/// not need (a restore reads the snapshot object itself).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    pub snapshots: Vec<(Id, Snapshot)>,
+    pub snapshots: Vec<(Id, snapshot::v2::Snapshot)>,
 }
 
 /// A series marker as listed: its time (nanoseconds), snapshot id and object name.
@@ -155,13 +157,18 @@ impl Repository {
             let Some(catalog) = self.skip_damaged(read)? else {
                 continue;
             };
+            let snapshots: Vec<(Id, Snapshot)> = catalog
+                .snapshots
+                .into_iter()
+                .map(|(id, snapshot)| (id, snapshot.into()))
+                .collect();
             let agrees = |(id, snapshot): &(Id, Snapshot)| {
                 self.series_keys().name(&snapshot.tags) == series
                     && markers
                         .get(id)
                         .is_none_or(|(nanos, _)| series::unix_nanos(snapshot.time) == *nanos)
             };
-            if !catalog.snapshots.iter().all(agrees) {
+            if !snapshots.iter().all(agrees) {
                 self.skip_damaged::<()>(Err(Error::corrupt(
                     &object.name,
                     "an entry disagrees with its snapshot's series marker",
@@ -170,8 +177,7 @@ impl Repository {
             }
             names.push(object.name);
             entries.extend(
-                catalog
-                    .snapshots
+                snapshots
                     .into_iter()
                     .filter(|(id, _)| markers.contains_key(id)),
             );
@@ -206,6 +212,10 @@ impl Repository {
         }
         let mut snapshots: Vec<(Id, Snapshot)> = known.into_iter().collect();
         snapshots.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        let snapshots = snapshots
+            .into_iter()
+            .map(|(id, snapshot)| (id, snapshot.into()))
+            .collect();
         let sealed = envelope::seal(
             CATALOG_MAGIC,
             self.key().metadata.sealing(),

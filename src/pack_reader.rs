@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::crypto::CipherKey;
 use crate::error::{Error, Result};
 use crate::frame::FrameDecoder;
-use crate::index::{Index, MISSING_BASE};
+use crate::index::{FrameLocation, Index, MISSING_BASE, PackLocation};
 use crate::repo::{Repository, pack_name};
 use crate::store::Pending;
 
@@ -18,7 +18,8 @@ pub const READ_ALIGNMENT: u64 = 64 * 1024;
 /// Reads and decodes frames; each thread keeps its own session keys and zstd context.
 pub struct FrameReader<'a> {
     repo: &'a Repository,
-    index: &'a Index,
+    /// Where [`FrameReader::read`] finds frames by number; a reader of fetches only needs none.
+    index: Option<&'a Index>,
     session_keys: HashMap<[u8; 32], CipherKey>,
     decoder: FrameDecoder,
 }
@@ -26,17 +27,30 @@ pub struct FrameReader<'a> {
 impl<'a> FrameReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a Index) -> FrameReader<'a> {
         FrameReader {
+            index: Some(index),
+            ..FrameReader::of_fetches(repo)
+        }
+    }
+
+    /// A reader that only decodes what [`fetch_frame`] started reading.
+    pub fn of_fetches(repo: &'a Repository) -> FrameReader<'a> {
+        FrameReader {
             repo,
-            index,
+            index: None,
             session_keys: HashMap::new(),
             decoder: FrameDecoder::default(),
         }
     }
 
+    fn index(&self) -> Result<&'a Index> {
+        self.index
+            .ok_or_else(|| Error::Internal("a frame read by number without an index".into()))
+    }
+
     /// Reads and decodes a frame into `raw` (a reused buffer), returning it. A delta frame
     /// needs `dictionary`: its bases' plaintexts, concatenated ([`BaseCache::dictionary`]).
     pub fn read(&mut self, frame: u32, dictionary: &[u8], raw: Vec<u8>) -> Result<Vec<u8>> {
-        let fetch = fetch(self.repo, self.index, frame)?;
+        let fetch = fetch(self.repo, self.index()?, frame)?;
         self.decode(fetch, dictionary, raw)
     }
 
@@ -50,14 +64,13 @@ impl<'a> FrameReader<'a> {
     /// Reads and decodes a base frame (one that needs no dictionary), appending its plaintext
     /// to `out`.
     pub fn read_appending(&mut self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
-        let fetch = fetch(self.repo, self.index, frame)?;
+        let fetch = fetch(self.repo, self.index()?, frame)?;
         self.open_into(fetch, &[], out)
     }
 
     /// Waits for `fetch` and opens the frame, appending its plaintext to `out`.
     fn open_into(&mut self, fetch: Fetch, dictionary: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let frame = *self.index.frame(fetch.frame);
-        let pack = self.index.pack(frame.pack);
+        let (frame, pack) = (&fetch.frame, &fetch.pack);
         let name = pack_name(&pack.id);
         let store = self.repo.store();
         let bytes = store.wait(fetch.bytes).map_err(|e| {
@@ -92,9 +105,10 @@ impl<'a> FrameReader<'a> {
     }
 }
 
-/// A frame's bytes being read from the store.
+/// A frame's bytes being read from the store, with what opening it takes.
 pub struct Fetch {
-    frame: u32,
+    frame: FrameLocation,
+    pack: PackLocation,
     bytes: Pending<Bytes>,
     /// Where the frame starts in the aligned range read.
     start: usize,
@@ -104,7 +118,11 @@ pub struct Fetch {
 /// the frames it has planned; on S3 each read is a request with its own latency).
 pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetch> {
     let frame = index.frame(frame_number);
-    let pack = index.pack(frame.pack);
+    fetch_frame(repo, frame, index.pack(frame.pack))
+}
+
+/// [`fetch`] of a frame given by its location (`frame.pack` is not looked at).
+pub fn fetch_frame(repo: &Repository, frame: &FrameLocation, pack: &PackLocation) -> Result<Fetch> {
     let name = pack_name(&pack.id);
     let end = frame.offset + frame.sealed_len as u64;
     if end > pack.len {
@@ -115,7 +133,8 @@ pub fn fetch(repo: &Repository, index: &Index, frame_number: u32) -> Result<Fetc
     }
     let range = aligned(frame.offset..end, pack.len);
     Ok(Fetch {
-        frame: frame_number,
+        frame: *frame,
+        pack: pack.clone(),
         start: (frame.offset - range.start) as usize,
         bytes: repo.store().get_range_soon(&name, range),
     })

@@ -500,7 +500,7 @@ mod tests {
         for entry in snapshots {
             for_each_chunk(
                 repo,
-                &index,
+                &|id| index.chunk(id),
                 &mut reader,
                 &entry.snapshot.tree,
                 &mut |id, node| {

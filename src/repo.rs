@@ -382,33 +382,19 @@ impl Repository {
         index.finish_for_lookups(true)
     }
 
-    /// The index a restore of `snapshot` reads: that of the packs it names, read from their
-    /// headers, if they hold every chunk of its tree and every base those chunks' frames need
-    /// (checked by a walk of the tree, whose nodes are a small part of the stream); otherwise
-    /// (a prune repacked one since, or a snapshot from before format 3) every index file.
-    pub(crate) fn load_index_for_restore(&self, snapshot: &Snapshot) -> Result<Index> {
+    /// The index of the packs `snapshot` names, read from their headers: what a restore
+    /// looks its chunks up in first. `None` if it names none (a snapshot from before format 3)
+    /// or one is gone or damaged; then, and wherever these packs turn out not to hold a chunk
+    /// or a base (a prune repacked one since), the restore reads every index file.
+    pub(crate) fn index_of_snapshot_packs(&self, snapshot: &Snapshot) -> Result<Option<Index>> {
         if snapshot.packs.is_empty() {
-            return self.load_index();
+            return Ok(None);
         }
         let mut index = SpillingIndex::with_memory(lookup_memory());
         if self.index_of_packs(&snapshot.packs, &mut index)?.is_none() {
-            return self.load_index();
+            return Ok(None);
         }
-        let index = index.finish_for_lookups(false)?;
-        let mut complete = true;
-        let mut reader = crate::pack_reader::FrameReader::new(self, &index);
-        let walked =
-            crate::walk::for_each_chunk(self, &index, &mut reader, &snapshot.tree, &mut |id, _| {
-                let decodable = index
-                    .chunk_frame(&id)
-                    .is_some_and(|frame| crate::pack_reader::bases_of(&index, frame).is_ok());
-                complete &= decodable;
-            });
-        match walked {
-            Ok(()) if complete => Ok(index),
-            Ok(()) | Err(Error::Missing { .. } | Error::Corrupt { .. }) => self.load_index(),
-            Err(e) => Err(e),
-        }
+        index.finish_for_lookups(false).map(Some)
     }
 
     /// Builds an index of `packs` from their headers, read with aligned ranged reads, several
@@ -416,19 +402,7 @@ impl Repository {
     /// `None` if a pack is gone or damaged: the caller reads the index files instead.
     fn index_of_packs(&self, packs: &[PackRef], index: &mut SpillingIndex) -> Result<Option<()>> {
         const THREADS: usize = 8;
-        let read = |pack: &PackRef| -> Result<IndexedPack> {
-            let name = pack_name(&pack.id);
-            let (data_ephemeral, header) =
-                pack::read_header_with(pack.len, &self.key.metadata, &name, |range| {
-                    crate::pack_reader::read_range_aligned(&self.store, &name, pack.len, range)
-                })?;
-            Ok(IndexedPack {
-                id: pack.id,
-                len: pack.len,
-                data_ephemeral,
-                header,
-            })
-        };
+        let read = |pack: &PackRef| self.read_pack_header(pack);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -459,6 +433,21 @@ impl Repository {
                 }
             }
             outcome
+        })
+    }
+
+    /// A pack's header, read with aligned ranged reads of its end (§6.4).
+    pub(crate) fn read_pack_header(&self, pack: &PackRef) -> Result<IndexedPack> {
+        let name = pack_name(&pack.id);
+        let (data_ephemeral, header) =
+            pack::read_header_with(pack.len, &self.key.metadata, &name, |range| {
+                crate::pack_reader::read_range_aligned(&self.store, &name, pack.len, range)
+            })?;
+        Ok(IndexedPack {
+            id: pack.id,
+            len: pack.len,
+            data_ephemeral,
+            header,
         })
     }
 

@@ -19,10 +19,11 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{ChunkLocation, Index};
-use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch};
+use crate::index::Index;
+use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch, fetch_frame};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
+use crate::stream_index::{FrameKey, StreamIndex};
 use crate::tree::TreeWalker;
 
 /// Decoded frames kept for reuse by later runs.
@@ -49,7 +50,7 @@ pub struct RestoreSummary {
 /// A frame being decoded by a worker, or decoded; shared by every run that needs it. Holding
 /// one takes a unit of the [`MAX_FRAMES_ALIVE`] budget, returned on drop.
 struct FrameSlot {
-    frame: u32,
+    frame: FrameName,
     /// The read of its bytes, started when the slot was planned.
     fetch: Mutex<Option<Result<Fetch>>>,
     /// The slots of a delta frame's bases, queued before it; let go once it is decoded.
@@ -148,12 +149,67 @@ struct Slice {
     len: u32,
 }
 
-impl Slice {
-    fn at(id: Id, location: ChunkLocation) -> Slice {
-        Slice {
-            id,
-            offset: location.offset,
-            len: location.len,
+/// A frame as the restore's [`Locations`] name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrameName {
+    Indexed(u32),
+    Streamed(FrameKey),
+}
+
+/// Where a restore finds chunks: an index of packs read before the first byte, or one that
+/// reads the snapshot's packs as the stream reaches them (snapshots that say where they use
+/// each pack).
+enum Locations<'a> {
+    Index(&'a Index),
+    Stream(Box<StreamIndex>),
+}
+
+impl Locations<'_> {
+    /// The frame holding chunk `id`, needed at stream chunk `place`, and where in it.
+    fn chunk(&mut self, id: &Id, place: u64) -> Result<Option<(FrameName, Slice)>> {
+        Ok(match self {
+            Locations::Index(index) => index.chunk(id).map(|l| {
+                let slice = Slice {
+                    id: *id,
+                    offset: l.offset,
+                    len: l.len,
+                };
+                (FrameName::Indexed(l.frame), slice)
+            }),
+            Locations::Stream(stream) => stream.chunk(id, place)?.map(|l| {
+                let slice = Slice {
+                    id: *id,
+                    offset: l.offset,
+                    len: l.len,
+                };
+                (FrameName::Streamed(l.frame), slice)
+            }),
+        })
+    }
+
+    fn bases(&self, frame: FrameName) -> Result<Vec<FrameName>> {
+        Ok(match (self, frame) {
+            (Locations::Index(index), FrameName::Indexed(f)) => bases_of(index, f)?
+                .iter()
+                .map(|&b| FrameName::Indexed(b))
+                .collect(),
+            (Locations::Stream(stream), FrameName::Streamed(f)) => stream
+                .bases(f)?
+                .into_iter()
+                .map(FrameName::Streamed)
+                .collect(),
+            _ => return Err(Error::Internal("a frame of another index".into())),
+        })
+    }
+
+    fn fetch(&self, repo: &Repository, frame: FrameName) -> Result<Fetch> {
+        match (self, frame) {
+            (Locations::Index(index), FrameName::Indexed(f)) => fetch(repo, index, f),
+            (Locations::Stream(stream), FrameName::Streamed(f)) => {
+                let (frame, pack) = stream.location(f)?;
+                fetch_frame(repo, frame, pack)
+            }
+            _ => Err(Error::Internal("a frame of another index".into())),
         }
     }
 }
@@ -167,7 +223,7 @@ struct Run {
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
 struct Planner<'a> {
     repo: &'a Repository,
-    index: &'a Index,
+    locations: Locations<'a>,
     jobs: Sender<Arc<FrameSlot>>,
     runs: Sender<Result<Run>>,
     budget: (Sender<()>, Receiver<()>),
@@ -176,19 +232,21 @@ struct Planner<'a> {
     stopped: Receiver<()>,
     spare: Sender<Vec<u8>>,
     cache: Vec<Arc<FrameSlot>>,
+    /// Stream chunks already written (by a pass with another index): walked, not planned.
+    skip: u64,
 }
 
 impl Planner<'_> {
     /// The slot of a frame (and of its bases), queued for decoding unless cached; `None` when
     /// the writer has stopped.
-    fn slot(&mut self, frame: u32) -> Result<Option<Arc<FrameSlot>>> {
+    fn slot(&mut self, frame: FrameName) -> Result<Option<Arc<FrameSlot>>> {
         if let Some(pos) = self.cache.iter().position(|s| s.frame == frame) {
             let slot = self.cache.remove(pos);
             self.cache.push(slot.clone());
             return Ok(Some(slot));
         }
         let mut bases = Vec::new();
-        for &base in bases_of(self.index, frame)? {
+        for base in self.locations.bases(frame)? {
             // Bases are base frames, so this recursion is one level deep.
             match self.slot(base)? {
                 Some(slot) => bases.push(slot),
@@ -204,7 +262,7 @@ impl Planner<'_> {
         }
         let slot = Arc::new(FrameSlot {
             frame,
-            fetch: Mutex::new(Some(fetch(self.repo, self.index, frame))),
+            fetch: Mutex::new(Some(self.locations.fetch(self.repo, frame))),
             bases: Mutex::new(bases),
             decoded: Mutex::new(None),
             ready: Condvar::new(),
@@ -219,7 +277,7 @@ impl Planner<'_> {
     }
 
     /// Queues a run; false when the writer has stopped.
-    fn send(&mut self, frame: u32, slices: Vec<Slice>) -> Result<bool> {
+    fn send(&mut self, frame: FrameName, slices: Vec<Slice>) -> Result<bool> {
         Ok(match self.slot(frame)? {
             Some(slot) => self.runs.send(Ok(Run { slot, slices })).is_ok(),
             None => false,
@@ -232,42 +290,64 @@ impl Planner<'_> {
         }
     }
 
-    fn plan(&mut self, repo: &Repository, entry: &SnapshotEntry) -> Result<()> {
-        let index = self.index;
-        let mut nodes = FrameReader::new(repo, index);
-        let mut node_frames: Vec<(u32, Vec<u8>)> = Vec::new();
-        let mut fetch_node = |id: &Id| -> Result<Vec<u8>> {
-            let loc = index.chunk(id).ok_or_else(|| Error::Missing {
+    /// A tree node, read at stream chunk `place`. Two decoded node frames are kept: the one
+    /// the current run of level-1 nodes is in, and one for a node above them (the walker keeps
+    /// a node's ids once fetched, so its frame is needed again only for its next sibling). Four
+    /// took 8 MiB for the ~10 node frames of a 10 GB dump, where a 1 GB dump has one.
+    fn read_node(
+        &mut self,
+        id: &Id,
+        place: u64,
+        reader: &mut FrameReader<'_>,
+        node_frames: &mut Vec<(FrameName, Vec<u8>)>,
+        entry: &SnapshotEntry,
+    ) -> Result<Vec<u8>> {
+        let (frame, slice) = self
+            .locations
+            .chunk(id, place)?
+            .ok_or_else(|| Error::Missing {
                 object: format!("tree node {} of snapshot {}", id.short(), entry.id.short()),
             })?;
-            // Two decoded node frames: the one the current run of level-1 nodes is in, and
-            // one for a node above them (the walker keeps a node's ids once fetched, so its
-            // frame is needed again only for its next sibling). Four took 8 MiB for the
-            // ~10 node frames of a 10 GB dump, where a 1 GB dump has one.
-            if !node_frames.iter().any(|(f, _)| *f == loc.frame) {
-                if node_frames.len() == 2 {
-                    node_frames.remove(0);
-                }
-                node_frames.push((loc.frame, nodes.read(loc.frame, &[], Vec::new())?));
+        if !node_frames.iter().any(|(f, _)| *f == frame) {
+            if node_frames.len() == 2 {
+                node_frames.remove(0);
             }
-            let (_, raw) = node_frames
-                .iter()
-                .find(|(f, _)| *f == loc.frame)
-                .expect("cached");
-            let node = verified_chunk(repo, raw, &Slice::at(*id, loc))?;
-            Ok(node.to_vec())
-        };
+            let fetch = self.locations.fetch(self.repo, frame)?;
+            node_frames.push((frame, reader.decode(fetch, &[], Vec::new())?));
+        }
+        let (_, raw) = node_frames
+            .iter()
+            .find(|(f, _)| *f == frame)
+            .expect("cached");
+        Ok(verified_chunk(self.repo, raw, &slice)?.to_vec())
+    }
+
+    fn plan(&mut self, repo: &Repository, entry: &SnapshotEntry) -> Result<()> {
+        let mut reader = FrameReader::of_fetches(repo);
+        let mut node_frames = Vec::new();
         let mut walker = TreeWalker::new(&entry.snapshot.tree);
-        let mut current: Option<(u32, Vec<Slice>)> = None;
-        while let Some(id) = walker.next_id(&mut fetch_node)? {
-            let loc = index.chunk(&id).ok_or_else(|| Error::Missing {
-                object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
+        let mut current: Option<(FrameName, Vec<Slice>)> = None;
+        // Stream chunks walked: the place of the next one.
+        let mut place = 0u64;
+        loop {
+            let next = walker.next_id(&mut |id| {
+                self.read_node(id, place, &mut reader, &mut node_frames, entry)
             })?;
+            let Some(id) = next else { break };
+            place += 1;
+            if place <= self.skip {
+                continue;
+            }
+            let (frame, slice) =
+                self.locations
+                    .chunk(&id, place - 1)?
+                    .ok_or_else(|| Error::Missing {
+                        object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
+                    })?;
             match &mut current {
-                Some((frame, slices)) if *frame == loc.frame => slices.push(Slice::at(id, loc)),
+                Some((open, slices)) if *open == frame => slices.push(slice),
                 _ => {
-                    let next = (loc.frame, vec![Slice::at(id, loc)]);
-                    if let Some((frame, slices)) = current.replace(next)
+                    if let Some((frame, slices)) = current.replace((frame, vec![slice]))
                         && !self.send(frame, slices)?
                     {
                         return Ok(());
@@ -295,7 +375,60 @@ fn verified_chunk<'r>(repo: &Repository, raw: &'r [u8], slice: &Slice) -> Result
     Ok(chunk)
 }
 
+/// Where restored chunks go: verified, counted and hashed on the way.
+struct Sink<'a> {
+    out: &'a mut dyn Write,
+    progress: &'a mut dyn FnMut(&RestoreProgress),
+    hasher: blake3::Hasher,
+    size: u64,
+    written: u64,
+    /// Stream chunks written: where a pass with another index resumes.
+    chunks: u64,
+    next_report: u64,
+}
+
+impl Sink<'_> {
+    fn write_run(&mut self, repo: &Repository, entry: &SnapshotEntry, run: &Run) -> Result<()> {
+        run.slot.with_raw(|raw| {
+            for slice in &run.slices {
+                let chunk = verified_chunk(repo, raw, slice)?;
+                // A tree that names chunks over and over (damaged, or written to hang a
+                // restore) stops here, not after an endless stream.
+                if self.written + chunk.len() as u64 > self.size {
+                    return Err(Error::corrupt(
+                        format!("snapshot {}", entry.id.short()),
+                        format!("its chunk tree yields more than its {} bytes", self.size),
+                    ));
+                }
+                self.out.write_all(chunk).map_err(Error::Sink)?;
+                self.hasher.update(chunk);
+                self.written += chunk.len() as u64;
+                self.chunks += 1;
+            }
+            Ok(())
+        })?;
+        if self.written >= self.next_report {
+            self.next_report = self.written + (8 << 20);
+            self.report();
+        }
+        Ok(())
+    }
+
+    fn report(&mut self) {
+        (self.progress)(&RestoreProgress {
+            bytes_written: self.written,
+            size: self.size,
+        });
+    }
+}
+
 /// Restores `entry` into `out`. Fails if any byte does not verify; `out` may then hold a prefix.
+///
+/// Chunks are looked up in the index of the packs the snapshot names (§11.2 of
+/// docs/FORMAT.md), without a walk of the whole tree first, so the first byte does not wait for
+/// the snapshot's size. If those packs turn out not to hold a chunk, a node or a base (a prune
+/// repacked one since), or one is gone or damaged, the restore goes on from that chunk with
+/// the index of every index file: nothing written is written again.
 pub fn restore(
     repo: &Repository,
     entry: &SnapshotEntry,
@@ -303,12 +436,82 @@ pub fn restore(
     progress: &mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
-    let index = repo.load_index_for_restore(&entry.snapshot)?;
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let size = entry.snapshot.size;
-    let mut written = 0u64;
-    let mut hasher = blake3::Hasher::new();
+    let mut sink = Sink {
+        out,
+        progress,
+        hasher: blake3::Hasher::new(),
+        size,
+        written: 0,
+        chunks: 0,
+        next_report: 0,
+    };
+    // The first pass with what the snapshot says; if that turns out not to hold something, a
+    // second one with every index file, going on from where the first stopped.
+    let snapshot = &entry.snapshot;
+    let packs_index = match snapshot.packs_have_uses() {
+        true => None,
+        false => repo.index_of_snapshot_packs(snapshot)?,
+    };
+    let first = match &packs_index {
+        _ if snapshot.packs_have_uses() => Some(Lookup::Stream),
+        Some(index) => Some(Lookup::Index(index)),
+        None => None,
+    };
+    if let Some(lookup) = first {
+        match restore_with(repo, entry, lookup, &mut sink) {
+            Err(Error::Missing { .. } | Error::Corrupt { .. }) => {}
+            done => return done.and_then(|()| sink.finish(entry, started)),
+        }
+    }
+    drop(packs_index);
+    let everything = repo.load_index()?;
+    restore_with(repo, entry, Lookup::Index(&everything), &mut sink)?;
+    sink.finish(entry, started)
+}
 
+impl Sink<'_> {
+    /// Checks what was written against the snapshot, once every chunk is.
+    fn finish(mut self, entry: &SnapshotEntry, started: Instant) -> Result<RestoreSummary> {
+        let size = entry.snapshot.size;
+        self.out.flush().map_err(Error::Sink)?;
+        self.report();
+
+        let object = format!("snapshot {}", entry.id.short());
+        if self.written != size {
+            return Err(Error::corrupt(
+                object,
+                format!("restored {} bytes, expected {size}", self.written),
+            ));
+        }
+        if self.hasher.finalize().as_bytes() != &entry.snapshot.stream_hash {
+            return Err(Error::corrupt(
+                object,
+                "the restored stream's BLAKE3 hash does not match",
+            ));
+        }
+        Ok(RestoreSummary {
+            bytes_written: self.written,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// What a pass of a restore looks chunks up in.
+enum Lookup<'a> {
+    /// The snapshot's packs, read as the stream reaches them (`PackRef::uses`).
+    Stream,
+    Index(&'a Index),
+}
+
+/// One pass of a restore, from the chunk after those `sink` has written.
+fn restore_with(
+    repo: &Repository,
+    entry: &SnapshotEntry,
+    lookup: Lookup<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|scope| -> Result<()> {
         // Dropped when this closure returns, however it returns, which releases the planner.
         let (_writing, stopped) = bounded::<()>(0);
@@ -321,9 +524,8 @@ pub fn restore(
         }
         for _ in 0..threads {
             let (jobs, spare) = (job_rx.clone(), spare_rx.clone());
-            let (repo, index) = (repo, &index);
             scope.spawn(move || {
-                let mut reader = FrameReader::new(repo, index);
+                let mut reader = FrameReader::of_fetches(repo);
                 let mut dictionary = Vec::new();
                 for slot in jobs {
                     let buffer = spare.try_recv().unwrap_or_default();
@@ -332,70 +534,30 @@ pub fn restore(
             });
         }
         drop(job_rx);
+        let locations = match lookup {
+            Lookup::Index(index) => Locations::Index(index),
+            Lookup::Stream => Locations::Stream(Box::new(StreamIndex::start(
+                scope,
+                repo,
+                &entry.snapshot.packs,
+            )?)),
+        };
         let planner = Planner {
             repo,
-            index: &index,
+            locations,
             jobs: job_tx,
             runs: run_tx,
             budget,
             stopped,
             spare: spare_tx,
             cache: Vec::new(),
+            skip: sink.chunks,
         };
         scope.spawn(|| planner.run(repo, entry));
-
-        let mut next_report = 0u64;
         for run in run_rx {
-            let run = run?;
-            run.slot.with_raw(|raw| {
-                for slice in &run.slices {
-                    let chunk = verified_chunk(repo, raw, slice)?;
-                    // A tree that names chunks over and over (damaged, or written to hang a
-                    // restore) stops here, not after an endless stream.
-                    if written + chunk.len() as u64 > size {
-                        return Err(Error::corrupt(
-                            format!("snapshot {}", entry.id.short()),
-                            format!("its chunk tree yields more than its {size} bytes"),
-                        ));
-                    }
-                    out.write_all(chunk).map_err(Error::Sink)?;
-                    hasher.update(chunk);
-                    written += chunk.len() as u64;
-                }
-                Ok(())
-            })?;
-            if written >= next_report {
-                next_report = written + (8 << 20);
-                progress(&RestoreProgress {
-                    bytes_written: written,
-                    size,
-                });
-            }
+            sink.write_run(repo, entry, &run?)?;
         }
         Ok(())
-    })?;
-    out.flush().map_err(Error::Sink)?;
-    progress(&RestoreProgress {
-        bytes_written: written,
-        size,
-    });
-
-    let object = format!("snapshot {}", entry.id.short());
-    if written != size {
-        return Err(Error::corrupt(
-            object,
-            format!("restored {written} bytes, expected {size}"),
-        ));
-    }
-    if hasher.finalize().as_bytes() != &entry.snapshot.stream_hash {
-        return Err(Error::corrupt(
-            object,
-            "the restored stream's BLAKE3 hash does not match",
-        ));
-    }
-    Ok(RestoreSummary {
-        bytes_written: written,
-        elapsed: started.elapsed(),
     })
 }
 

@@ -13,7 +13,8 @@ use crate::error::Result;
 use crate::id::Id;
 use crate::tree::TreeRoot;
 
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP02";
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP03";
+const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"BKPSNP02";
 const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"BKPSNP01";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,21 +42,131 @@ pub struct Snapshot {
     pub packs: Vec<PackRef>,
 }
 
-/// A pack by id and stored length (what an aligned read of its header needs).
+/// A pack by id and stored length (what an aligned read of its header needs), and where in
+/// the stream the snapshot uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackRef {
     pub id: Id,
     pub len: u64,
+    /// `None` in snapshots written before `BKPSNP03`.
+    pub uses: Option<ChunkSpan>,
+}
+
+/// The stream chunks (numbered from 0 in stream order) at which a restore first and last needs
+/// a pack: for a chunk in one of its frames, for a base frame of such a chunk's frame, or for a
+/// tree node, which a restore reads just before the first stream chunk below it. A restore
+/// reads a pack's header when it reaches `first` and lets it go after `last`, so what it holds
+/// does not grow with the snapshot (docs/FORMAT.md §11.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSpan {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl ChunkSpan {
+    pub fn at(chunk: u64) -> ChunkSpan {
+        ChunkSpan {
+            first: chunk,
+            last: chunk,
+        }
+    }
+
+    /// The smallest span holding both.
+    pub fn union(self, other: ChunkSpan) -> ChunkSpan {
+        ChunkSpan {
+            first: self.first.min(other.first),
+            last: self.last.max(other.last),
+        }
+    }
 }
 
 impl Snapshot {
-    /// Opens a sealed snapshot of either layout (`BKPSNP02`, or `BKPSNP01` without `packs`).
+    /// Opens a sealed snapshot of any layout: `BKPSNP03`, `BKPSNP02` (packs without their
+    /// uses) or `BKPSNP01` (without `packs`).
     pub fn open(metadata: &OpeningKey, bytes: &[u8], object: &str) -> Result<Snapshot> {
         if bytes.starts_with(SNAPSHOT_MAGIC_V1) {
             let v1: v1::Snapshot = envelope::open(SNAPSHOT_MAGIC_V1, metadata, bytes, object)?;
             return Ok(v1.into());
         }
+        if bytes.starts_with(SNAPSHOT_MAGIC_V2) {
+            let v2: v2::Snapshot = envelope::open(SNAPSHOT_MAGIC_V2, metadata, bytes, object)?;
+            return Ok(v2.into());
+        }
         envelope::open(SNAPSHOT_MAGIC, metadata, bytes, object)
+    }
+
+    /// Whether every pack the snapshot names says where the stream uses it.
+    pub fn packs_have_uses(&self) -> bool {
+        !self.packs.is_empty() && self.packs.iter().all(|p| p.uses.is_some())
+    }
+}
+
+/// Layout version 2 (`BKPSNP02`, the first snapshots of format 3): packs without their uses.
+/// Catalogs keep their snapshots in it (listings need no uses; docs/FORMAT.md §11.3).
+pub(crate) mod v2 {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::AddedBytes;
+    use crate::id::Id;
+    use crate::tree::TreeRoot;
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Snapshot {
+        time: SystemTime,
+        hostname: String,
+        tags: Vec<String>,
+        name: String,
+        size: u64,
+        stream_hash: [u8; 32],
+        tree: TreeRoot,
+        added: AddedBytes,
+        annotations: BTreeMap<String, String>,
+        packs: Vec<(Id, u64)>,
+    }
+
+    impl From<Snapshot> for super::Snapshot {
+        fn from(s: Snapshot) -> Self {
+            super::Snapshot {
+                time: s.time,
+                hostname: s.hostname,
+                tags: s.tags,
+                name: s.name,
+                size: s.size,
+                stream_hash: s.stream_hash,
+                tree: s.tree,
+                added: s.added,
+                annotations: s.annotations,
+                packs: s
+                    .packs
+                    .into_iter()
+                    .map(|(id, len)| super::PackRef {
+                        id,
+                        len,
+                        uses: None,
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    impl From<super::Snapshot> for Snapshot {
+        fn from(s: super::Snapshot) -> Self {
+            Snapshot {
+                time: s.time,
+                hostname: s.hostname,
+                tags: s.tags,
+                name: s.name,
+                size: s.size,
+                stream_hash: s.stream_hash,
+                tree: s.tree,
+                added: s.added,
+                annotations: s.annotations,
+                packs: s.packs.into_iter().map(|p| (p.id, p.len)).collect(),
+            }
+        }
     }
 }
 

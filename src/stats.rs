@@ -13,7 +13,7 @@ use crate::index::{ChunkLocation, IdPrefix, id_prefix};
 use crate::pack_reader::FrameReader;
 use crate::repo::Repository;
 use crate::spill::{self, Sorter, join};
-use crate::walk::{ChunkUse, Reached, for_each_chunk_located, walk_trees};
+use crate::walk::{ChunkUse, Reached, for_each_chunk, walk_trees};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
@@ -108,7 +108,7 @@ pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
     let mut reader = FrameReader::new(repo, &index);
     for (number, entry) in snapshots.iter().enumerate() {
         let mut pushed = Ok(());
-        for_each_chunk_located(
+        for_each_chunk(
             repo,
             &|id| nodes.get(id).copied(),
             &mut reader,

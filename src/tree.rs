@@ -32,47 +32,55 @@ fn node_bytes(ids: &[Id]) -> Vec<u8> {
 }
 
 /// Builds the tree as chunk ids stream in. `store_node` stores a node's bytes as a chunk and
-/// returns its id.
+/// returns its id; it is also told the node's *place*: the number of the first stream chunk
+/// below it, which is where a restore walking the tree reads the node (`snapshot::ChunkSpan`).
 #[derive(Default)]
 pub struct TreeBuilder {
-    levels: Vec<Vec<Id>>,
+    /// Per level: the ids of the open node, and its place.
+    levels: Vec<(Vec<Id>, u64)>,
 }
 
 impl TreeBuilder {
+    /// Adds stream chunk number `place`.
     pub fn push(
         &mut self,
         id: Id,
-        store_node: &mut impl FnMut(Vec<u8>) -> Result<Id>,
+        place: u64,
+        store_node: &mut impl FnMut(Vec<u8>, u64) -> Result<Id>,
     ) -> Result<()> {
-        let mut id = id;
+        let (mut id, mut place) = (id, place);
         let mut level = 0;
         loop {
             if self.levels.len() == level {
-                self.levels.push(Vec::new());
+                self.levels.push((Vec::new(), place));
             }
-            let pending = &mut self.levels[level];
+            let (pending, start) = &mut self.levels[level];
+            if pending.is_empty() {
+                *start = place;
+            }
             pending.push(id);
             if !closes_node(&id) && pending.len() < MAX_NODE_IDS {
                 return Ok(());
             }
             let node = node_bytes(pending);
             pending.clear();
-            id = store_node(node)?;
+            place = *start;
+            id = store_node(node, place)?;
             level += 1;
         }
     }
 
     pub fn finish(
         mut self,
-        store_node: &mut impl FnMut(Vec<u8>) -> Result<Id>,
+        store_node: &mut impl FnMut(Vec<u8>, u64) -> Result<Id>,
     ) -> Result<TreeRoot> {
         let mut level = 0;
         loop {
             let is_top = level + 1 >= self.levels.len();
-            let pending = self
+            let (pending, start) = self
                 .levels
                 .get_mut(level)
-                .map(std::mem::take)
+                .map(|(ids, start)| (std::mem::take(ids), *start))
                 .unwrap_or_default();
             if is_top && pending.len() <= MAX_ROOT_IDS {
                 return Ok(TreeRoot {
@@ -81,11 +89,15 @@ impl TreeBuilder {
                 });
             }
             if !pending.is_empty() {
-                let id = store_node(node_bytes(&pending))?;
+                let id = store_node(node_bytes(&pending), start)?;
                 if self.levels.len() == level + 1 {
-                    self.levels.push(Vec::new());
+                    self.levels.push((Vec::new(), start));
                 }
-                self.levels[level + 1].push(id);
+                let (above, above_start) = &mut self.levels[level + 1];
+                if above.is_empty() {
+                    *above_start = start;
+                }
+                above.push(id);
             }
             level += 1;
         }
@@ -144,14 +156,24 @@ mod tests {
     use std::collections::HashMap;
 
     fn build(ids: &[Id], nodes: &mut HashMap<Id, Vec<u8>>) -> TreeRoot {
-        let mut store = |bytes: Vec<u8>| {
+        build_placed(ids, nodes, &mut HashMap::new())
+    }
+
+    /// Also records each node's place.
+    fn build_placed(
+        ids: &[Id],
+        nodes: &mut HashMap<Id, Vec<u8>>,
+        places: &mut HashMap<Id, u64>,
+    ) -> TreeRoot {
+        let mut store = |bytes: Vec<u8>, place: u64| {
             let id = Id(*blake3::hash(&bytes).as_bytes());
             nodes.insert(id, bytes);
+            places.insert(id, place);
             Ok(id)
         };
         let mut builder = TreeBuilder::default();
-        for id in ids {
-            builder.push(*id, &mut store).unwrap();
+        for (place, id) in ids.iter().enumerate() {
+            builder.push(*id, place as u64, &mut store).unwrap();
         }
         builder.finish(&mut store).unwrap()
     }
@@ -179,6 +201,33 @@ mod tests {
             let root = build(&list, &mut nodes);
             assert!(root.ids.len() <= MAX_ROOT_IDS);
             assert_eq!(walk(&root, &nodes), list, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn a_node_is_placed_at_the_first_stream_chunk_below_it() {
+        for n in [1, 65, 1000, 50_000] {
+            let (mut nodes, mut places) = (HashMap::new(), HashMap::new());
+            let list = ids(n, 3);
+            let root = build_placed(&list, &mut nodes, &mut places);
+            // Walk the tree as a restore does, noting where each node is read.
+            let mut walker = TreeWalker::new(&root);
+            let mut emitted = 0u64;
+            let mut read_at = Vec::new();
+            loop {
+                let next = walker.next_id(&mut |id| {
+                    read_at.push((*id, emitted));
+                    Ok(nodes[id].clone())
+                });
+                match next.unwrap() {
+                    Some(_) => emitted += 1,
+                    None => break,
+                }
+            }
+            assert_eq!(read_at.len(), nodes.len(), "n = {n}");
+            for (id, at) in read_at {
+                assert_eq!(places[&id], at, "n = {n}");
+            }
         }
     }
 

@@ -10,22 +10,11 @@ use crate::spill::{Record, Sorter, join};
 use crate::tree::{TreeRoot, TreeWalker};
 
 /// Calls `visit(id, is_tree_node)` for every tree node (before reading it, so a caller learns
-/// which packs a snapshot needs even when one is damaged) and every chunk of the stream. A tree
-/// node that is not indexed or does not verify is an error; stream chunks are only visited, so
-/// the caller decides what a missing one means.
+/// which packs a snapshot needs even when one is damaged) and every chunk of the stream. Tree
+/// nodes are found by `locate` (check knows where they are from [`walk_trees`] and holds no
+/// other chunks); one that is not found or does not verify is an error; stream chunks are
+/// only visited, so the caller decides what a missing one means.
 pub fn for_each_chunk(
-    repo: &Repository,
-    index: &Index,
-    reader: &mut FrameReader<'_>,
-    tree: &TreeRoot,
-    visit: &mut dyn FnMut(Id, bool),
-) -> Result<()> {
-    for_each_chunk_located(repo, &|id| index.chunk(id), reader, tree, visit)
-}
-
-/// [`for_each_chunk`] with tree nodes found by `locate` rather than in an index of chunks
-/// (check knows where the nodes are from [`walk_trees`] and holds no other chunks).
-pub fn for_each_chunk_located(
     repo: &Repository,
     locate: &dyn Fn(&Id) -> Option<ChunkLocation>,
     reader: &mut FrameReader<'_>,
@@ -318,13 +307,19 @@ mod tests {
         let mut reader = FrameReader::new(&repo, &index);
         let (mut nodes, mut data_chunks) = (HashSet::new(), HashSet::new());
         for tree in &trees {
-            for_each_chunk(&repo, &index, &mut reader, tree, &mut |id, node| {
-                if node {
-                    nodes.insert(id);
-                } else {
-                    data_chunks.insert(id_prefix(&id));
-                }
-            })
+            for_each_chunk(
+                &repo,
+                &|id| index.chunk(id),
+                &mut reader,
+                tree,
+                &mut |id, node| {
+                    if node {
+                        nodes.insert(id);
+                    } else {
+                        data_chunks.insert(id_prefix(&id));
+                    }
+                },
+            )
             .unwrap();
         }
         assert!(

@@ -290,6 +290,8 @@ struct Fixture {
     streams: &'static [(u64, &'static str)],
     /// Snapshots are `BKPSNP02`, with `packs` (§11.2), and have series markers (§11.1).
     format_3: bool,
+    /// Snapshots are `BKPSNP03`: their packs say where the stream uses them (§11.2).
+    pack_uses: bool,
 }
 
 const V1: Fixture = Fixture {
@@ -304,6 +306,7 @@ const V1: Fixture = Fixture {
     names: &["fixture.sql"],
     streams: &STREAMS,
     format_3: false,
+    pack_uses: false,
 };
 
 const V2: Fixture = Fixture {
@@ -322,6 +325,7 @@ const V2: Fixture = Fixture {
         (STREAMS_V2[2].1 as u64, STREAMS_V2[2].2),
     ],
     format_3: false,
+    pack_uses: false,
 };
 
 /// The same three days, backed up by bkp 0.3 into a new (format 3) repository.
@@ -330,6 +334,13 @@ const V3: Fixture = Fixture {
     format_version: 3,
     format_3: true,
     ..V2
+};
+
+/// The same again, by bkp 0.3 once snapshots said where they use each pack (`BKPSNP03`).
+const V3_USES: Fixture = Fixture {
+    dir: "tests/fixtures/repo-v3-snp03",
+    pack_uses: true,
+    ..V3
 };
 
 #[test]
@@ -345,6 +356,11 @@ fn format_v2_fixture_decodes_from_the_specification_alone() {
 #[test]
 fn format_v3_fixture_decodes_from_the_specification_alone() {
     decode_from_the_specification(&V3);
+}
+
+#[test]
+fn format_v3_fixture_with_pack_uses_decodes_from_the_specification_alone() {
+    decode_from_the_specification(&V3_USES);
 }
 
 /// §11.1: a series name decrypted with the keys derived from the chunk-id key, checked
@@ -519,10 +535,10 @@ fn decode_from_the_specification(fixture: &Fixture) {
             blake3::hash(&snapshot).to_hex().as_str()
         );
         assert_eq!(snapshot.len(), 4096);
-        let magic: &[u8; 8] = if fixture.format_3 {
-            b"BKPSNP02"
-        } else {
-            b"BKPSNP01"
+        let magic: &[u8; 8] = match (fixture.format_3, fixture.pack_uses) {
+            (_, true) => b"BKPSNP03",
+            (true, false) => b"BKPSNP02",
+            (false, false) => b"BKPSNP01",
         };
         let plain = open_metadata(&keys, magic, &snapshot);
         let id = file.file_name().unwrap().to_str().unwrap().to_string();
@@ -541,9 +557,15 @@ fn decode_from_the_specification(fixture: &Fixture) {
             (0..r.varint()).map(|_| (r.string(), r.string())).collect();
         assert!(annotations.contains(&("dump.kind".into(), "postgres-plain".into())));
         let mut listed_packs: Vec<[u8; 32]> = Vec::new();
+        // (first, last) stream chunk using each listed pack (§11.2, `BKPSNP03`).
+        let mut uses: std::collections::BTreeMap<[u8; 32], (u64, u64)> = Default::default();
         if fixture.format_3 {
             for _ in 0..r.varint() {
                 let (pack, len) = (r.array32(), r.varint());
+                if fixture.pack_uses {
+                    assert_eq!(r.bytes(1), [1], "every pack says where it is used");
+                    uses.insert(pack, (r.varint(), r.varint()));
+                }
                 let hex_id = hex::encode(pack);
                 let stored = root.join("packs").join(&hex_id[..2]).join(&hex_id);
                 assert_eq!(std::fs::metadata(stored).unwrap().len(), len);
@@ -553,7 +575,15 @@ fn decode_from_the_specification(fixture: &Fixture) {
         }
         assert!(r.rest_is_zero());
         let time_nanos = time.0 as u128 * 1_000_000_000 + time.1 as u128;
-        snapshots.push((time, size, stream_hash, height, root_ids, listed_packs));
+        snapshots.push((
+            time,
+            size,
+            stream_hash,
+            height,
+            root_ids,
+            listed_packs,
+            uses,
+        ));
         markers_expected.push((id, tags, time_nanos));
     }
     snapshots.sort();
@@ -600,16 +630,17 @@ fn decode_from_the_specification(fixture: &Fixture) {
         assert!(marker_files.is_empty());
     }
 
-    // §8: walk each tree and rebuild its stream.
+    // §8: walk each tree and rebuild its stream, noting where each node and chunk is needed:
+    // the number of stream chunks before it (§11.2).
     fn walk(
         ids: &[[u8; 32]],
         height: u8,
         chunks: &std::collections::HashMap<[u8; 32], Vec<u8>>,
         out: &mut Vec<Vec<u8>>,
-        used: &mut Vec<[u8; 32]>,
+        used: &mut Vec<([u8; 32], u64)>,
     ) {
         for id in ids {
-            used.push(*id);
+            used.push((*id, out.len() as u64));
             let bytes = &chunks[id];
             if height == 0 {
                 out.push(bytes.clone());
@@ -623,7 +654,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
         }
     }
     assert_eq!(snapshots.len(), fixture.streams.len());
-    for ((_, size, hash, height, root_ids, listed_packs), &(len, blake3_hex)) in
+    for ((_, size, hash, height, root_ids, listed_packs, uses), &(len, blake3_hex)) in
         snapshots.iter().zip(fixture.streams)
     {
         assert_eq!((*size, hash.as_str()), (len, blake3_hex));
@@ -633,10 +664,23 @@ fn decode_from_the_specification(fixture: &Fixture) {
         if fixture.format_3 {
             // §11.2: `packs` names every pack holding a chunk or node of the snapshot, or a
             // base of such a chunk's frame.
-            let mut needed: Vec<[u8; 32]> = used.iter().flat_map(|id| homes[id].clone()).collect();
+            let mut needed: Vec<[u8; 32]> =
+                used.iter().flat_map(|(id, _)| homes[id].clone()).collect();
             needed.sort();
             needed.dedup();
             assert_eq!(&needed, listed_packs);
+        }
+        if fixture.pack_uses {
+            // Every pack a chunk or node needs is said to be used where it is needed.
+            for (id, place) in &used {
+                for pack in &homes[id] {
+                    let (first, last) = uses[pack];
+                    assert!(
+                        first <= *place && *place <= last,
+                        "{place} in {first}..={last}"
+                    );
+                }
+            }
         }
         let stream = stream_chunks.concat();
         assert_eq!(stream.len() as u64, len);
@@ -719,7 +763,17 @@ fn format_v2_fixture_restores_and_checks_with_bkp() {
 
 #[test]
 fn format_v3_fixture_restores_and_checks_with_bkp() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(V3.dir);
+    restores_and_checks(&V3, ["8adf6ef2", "9f6fa936", "e9954a22"]);
+}
+
+#[test]
+fn format_v3_fixture_with_pack_uses_restores_and_checks_with_bkp() {
+    restores_and_checks(&V3_USES, ["048c067a", "3b1589ab", "1929413e"]);
+}
+
+/// Restores each of a fixture's snapshots (ids oldest first) and `latest`, and checks it.
+fn restores_and_checks(fixture: &Fixture, ids: [&str; 3]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture.dir);
     let run = |args: &[&str]| {
         bkp(&root)
             .env("BKP_PASSWORD", PASSWORD)
@@ -727,16 +781,16 @@ fn format_v3_fixture_restores_and_checks_with_bkp() {
             .output()
             .unwrap()
     };
-    for (id, (len, blake3_hex)) in ["8adf6ef2", "9f6fa936", "e9954a22"]
-        .into_iter()
-        .zip(V3.streams)
-    {
+    for (id, (len, blake3_hex)) in ids.into_iter().zip(fixture.streams) {
         let out = run(&["restore", id]).stdout;
         assert_eq!(out.len() as u64, *len, "{id}");
         assert_eq!(blake3::hash(&out).to_hex().as_str(), *blake3_hex, "{id}");
     }
     let latest = run(&["restore", "latest", "--tag", "fixture"]).stdout;
-    assert_eq!(blake3::hash(&latest).to_hex().as_str(), V3.streams[2].1);
+    assert_eq!(
+        blake3::hash(&latest).to_hex().as_str(),
+        fixture.streams[2].1
+    );
     let check = run(&["check", "--read-data"]);
     assert!(check.status.success(), "{check:?}");
 }

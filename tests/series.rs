@@ -349,12 +349,14 @@ fn a_long_series_is_listed_from_its_catalog_not_one_read_per_snapshot() {
     assert_eq!(listed.len(), 301);
     assert_eq!(listed.last().unwrap().id, newest.id);
     assert!(catalogued <= 6, "listings and one catalog: {catalogued}");
-    // What the catalog says is what the snapshots say.
+    // What the catalog says is what the snapshots say, but for where the stream uses each
+    // pack, which only a restore needs (it reads the snapshot object).
     for entry in &listed {
-        assert_eq!(
-            repo.read_snapshot(entry.id).unwrap().snapshot,
-            entry.snapshot
-        );
+        let mut stored = repo.read_snapshot(entry.id).unwrap().snapshot;
+        for pack in &mut stored.packs {
+            pack.uses = None;
+        }
+        assert_eq!(stored, entry.snapshot);
     }
 
     // A forgotten snapshot leaves the listing though the catalog still has it.
