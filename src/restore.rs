@@ -1,7 +1,9 @@
 //! Restore: a snapshot out to a writer, verified end to end.
 //!
 //! ```text
-//! planner thread: walk the chunk tree ─ locate each chunk ─ runs of chunks in one frame
+//! planner thread: walk the chunk tree ─ locate each chunk (in the packs the snapshot uses at
+//!                 that place, their headers read as the stream reaches them) ─ runs of chunks
+//!                 in one frame
 //!                 ─ frame not decoded recently? queue a decode job
 //! workers:        aligned ranged read of the pack ─ open ─ decompress (a delta frame: against
 //!                 its base frames, which are decoded first through the same cache)
@@ -167,24 +169,24 @@ enum Locations<'a> {
 impl Locations<'_> {
     /// The frame holding chunk `id`, needed at stream chunk `place`, and where in it.
     fn chunk(&mut self, id: &Id, place: u64) -> Result<Option<(FrameName, Slice)>> {
-        Ok(match self {
-            Locations::Index(index) => index.chunk(id).map(|l| {
-                let slice = Slice {
+        let found = match self {
+            Locations::Index(index) => index
+                .chunk(id)
+                .map(|l| (FrameName::Indexed(l.frame), l.offset, l.len)),
+            Locations::Stream(stream) => stream
+                .chunk(id, place)?
+                .map(|l| (FrameName::Streamed(l.frame), l.offset, l.len)),
+        };
+        Ok(found.map(|(frame, offset, len)| {
+            (
+                frame,
+                Slice {
                     id: *id,
-                    offset: l.offset,
-                    len: l.len,
-                };
-                (FrameName::Indexed(l.frame), slice)
-            }),
-            Locations::Stream(stream) => stream.chunk(id, place)?.map(|l| {
-                let slice = Slice {
-                    id: *id,
-                    offset: l.offset,
-                    len: l.len,
-                };
-                (FrameName::Streamed(l.frame), slice)
-            }),
-        })
+                    offset,
+                    len,
+                },
+            )
+        }))
     }
 
     fn bases(&self, frame: FrameName) -> Result<Vec<FrameName>> {

@@ -115,16 +115,16 @@ pub(crate) mod v2 {
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     pub struct Snapshot {
-        time: SystemTime,
-        hostname: String,
-        tags: Vec<String>,
-        name: String,
-        size: u64,
-        stream_hash: [u8; 32],
-        tree: TreeRoot,
-        added: AddedBytes,
-        annotations: BTreeMap<String, String>,
-        packs: Vec<(Id, u64)>,
+        pub(super) time: SystemTime,
+        pub(super) hostname: String,
+        pub(super) tags: Vec<String>,
+        pub(super) name: String,
+        pub(super) size: u64,
+        pub(super) stream_hash: [u8; 32],
+        pub(super) tree: TreeRoot,
+        pub(super) added: AddedBytes,
+        pub(super) annotations: BTreeMap<String, String>,
+        pub(super) packs: Vec<(Id, u64)>,
     }
 
     impl From<Snapshot> for super::Snapshot {
@@ -170,7 +170,7 @@ pub(crate) mod v2 {
     }
 }
 
-/// Layout version 1 (bkp 0.1 and 0.2): the same without `packs`.
+/// Layout version 1 (bkp 0.1 and 0.2): that of version 2 without `packs`.
 mod v1 {
     use std::collections::BTreeMap;
     use std::time::SystemTime;
@@ -195,7 +195,7 @@ mod v1 {
 
     impl From<Snapshot> for super::Snapshot {
         fn from(s: Snapshot) -> Self {
-            super::Snapshot {
+            super::v2::Snapshot {
                 time: s.time,
                 hostname: s.hostname,
                 tags: s.tags,
@@ -207,6 +207,7 @@ mod v1 {
                 annotations: s.annotations,
                 packs: Vec::new(),
             }
+            .into()
         }
     }
 }
