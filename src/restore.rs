@@ -25,7 +25,7 @@ use crate::index::Index;
 use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch, fetch_frame};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
-use crate::stream_index::{FrameKey, StreamIndex};
+use crate::stream_index::{FrameKey, MAX_CHUNKS_HELD, StreamIndex};
 use crate::tree::TreeWalker;
 
 /// Decoded frames kept for reuse by later runs.
@@ -448,25 +448,24 @@ pub fn restore(
         chunks: 0,
         next_report: 0,
     };
-    // The first pass with what the snapshot says; if that turns out not to hold something, a
-    // second one with every index file, going on from where the first stopped.
+    // Passes, each going on from where the one before it stopped: the snapshot's packs as
+    // the stream reaches them, if it says where it uses them; all their headers at once (a
+    // snapshot without uses, or one whose packs are in use at more places at once than the
+    // stream index holds, after a repack); every index file (a pack is gone or a writer was
+    // wrong). A pass gives up on what the packs it reads turn out not to hold, or damage.
     let snapshot = &entry.snapshot;
-    let packs_index = match snapshot.packs_have_uses() {
-        true => None,
-        false => repo.index_of_snapshot_packs(snapshot)?,
-    };
-    let first = match &packs_index {
-        _ if snapshot.packs_have_uses() => Some(Lookup::Stream),
-        Some(index) => Some(Lookup::Index(index)),
-        None => None,
-    };
-    if let Some(lookup) = first {
-        match restore_with(repo, entry, lookup, &mut sink) {
+    if snapshot.packs_have_uses() {
+        match restore_with(repo, entry, Lookup::Stream, &mut sink) {
             Err(Error::Missing { .. } | Error::Corrupt { .. }) => {}
             done => return done.and_then(|()| sink.finish(entry, started)),
         }
     }
-    drop(packs_index);
+    if let Some(index) = repo.index_of_snapshot_packs(snapshot)? {
+        match restore_with(repo, entry, Lookup::Index(&index), &mut sink) {
+            Err(Error::Missing { .. } | Error::Corrupt { .. }) => {}
+            done => return done.and_then(|()| sink.finish(entry, started)),
+        }
+    }
     let everything = repo.load_index()?;
     restore_with(repo, entry, Lookup::Index(&everything), &mut sink)?;
     sink.finish(entry, started)
@@ -542,6 +541,7 @@ fn restore_with(
                 scope,
                 repo,
                 &entry.snapshot.packs,
+                MAX_CHUNKS_HELD,
             )?)),
         };
         let planner = Planner {

@@ -7,7 +7,6 @@
 //! Headers are read ahead, in the order of first use, by a few threads ([`HEADERS_AHEAD`]).
 
 use std::cmp::Reverse;
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::error::{Error, Result};
 use crate::frame::FrameRef;
 use crate::id::Id;
-use crate::index::{FrameLocation, IdPrefix, IndexedPack, PackLocation, id_prefix};
+use crate::index::{FrameLocation, IndexedPack, PackLocation};
 use crate::repo::{Repository, pack_name};
 use crate::snapshot::{ChunkSpan, PackRef};
 
@@ -26,6 +25,12 @@ use crate::snapshot::{ChunkSpan, PackRef};
 /// usually ~100 KB; on S3 each is two ranged reads of 20-50 ms.
 pub const HEADERS_AHEAD: usize = 8;
 const HEADER_THREADS: usize = 4;
+/// Chunk locations held at once, at most (20 bytes each). A snapshot's packs cover a small
+/// part of the stream each (a day-2 pack of delta frames, ~37 k chunks, covers 1/5 of a 3 GB
+/// dump), except after a repack, which mixes frames from everywhere in new packs: then the
+/// restore sorts their headers' locations on disk instead (the caller's next pass), as for a
+/// snapshot that does not say where it uses its packs.
+pub const MAX_CHUNKS_HELD: usize = 1 << 19;
 
 /// A frame as the stream index names it: its pack's position in the order of first use, and
 /// its position in that pack's header.
@@ -43,12 +48,31 @@ pub struct Located {
     pub len: u32,
 }
 
+/// A chunk of a live pack, by the first 8 bytes of its id: unique within a pack but for a
+/// chance of n/2^64 (a chunk is verified against its whole id when it is read).
+#[derive(Clone, Copy)]
+struct PackChunk {
+    prefix: [u8; 8],
+    frame: u32,
+    offset: u32,
+    len: u32,
+}
+
 struct LivePack {
     location: PackLocation,
     frames: Vec<(FrameLocation, Vec<FrameRef>)>,
-    last: u64,
-    /// Entries of the chunk table that point here.
-    held: usize,
+    /// Sorted by prefix.
+    chunks: Vec<PackChunk>,
+}
+
+impl LivePack {
+    fn find(&self, prefix: &[u8; 8]) -> Option<&PackChunk> {
+        let at = self
+            .chunks
+            .binary_search_by(|c| c.prefix.cmp(prefix))
+            .ok()?;
+        Some(&self.chunks[at])
+    }
 }
 
 pub struct StreamIndex {
@@ -59,25 +83,35 @@ pub struct StreamIndex {
     /// The next pack of `order` to take in.
     next: usize,
     live: HashMap<u32, LivePack>,
+    /// Live packs, the one that last held a chunk looked up first (a run of the stream mostly
+    /// comes from one or two packs). Of a chunk stored twice, the copy found first is used; if
+    /// its frame's bases are not in use there, the restore's next pass takes over.
+    recent: Vec<u32>,
     /// Live packs by last use, soonest first.
     ending: BinaryHeap<Reverse<(u64, u32)>>,
-    chunks: HashMap<IdPrefix, Located>,
-    /// Entries of `chunks` whose pack was let go (dropped in bulk when they are many).
-    stale: usize,
+    /// Chunk locations the live packs hold.
+    held: usize,
     /// Base frames that a repack moved into a live pack, by their old names.
     moved: HashMap<FrameRef, FrameKey>,
     headers: Receiver<(usize, Result<IndexedPack>)>,
     arrived: BTreeMap<usize, Result<IndexedPack>>,
     /// A unit for each header that may be read ahead; one comes back per header taken in.
     room: Sender<()>,
+    max_chunks_held: usize,
+}
+
+fn short_prefix(id: &Id) -> [u8; 8] {
+    id.0[..8].try_into().expect("8 bytes")
 }
 
 impl StreamIndex {
-    /// Starts reading the headers of `packs` (every one with its uses) in `scope`.
+    /// Starts reading the headers of `packs` (every one with its uses) in `scope`; holding
+    /// more than `max_chunks_held` chunk locations at once ([`MAX_CHUNKS_HELD`]) is an error.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
         packs: &[PackRef],
+        max_chunks_held: usize,
     ) -> Result<StreamIndex> {
         let mut order = Vec::with_capacity(packs.len());
         for pack in packs {
@@ -124,13 +158,14 @@ impl StreamIndex {
             position,
             next: 0,
             live: HashMap::new(),
+            recent: Vec::new(),
             ending: BinaryHeap::new(),
-            chunks: HashMap::new(),
-            stale: 0,
+            held: 0,
             moved: HashMap::new(),
             headers,
             arrived: BTreeMap::new(),
             room,
+            max_chunks_held,
         })
     }
 
@@ -138,11 +173,30 @@ impl StreamIndex {
     /// Places never go back.
     pub fn chunk(&mut self, id: &Id, place: u64) -> Result<Option<Located>> {
         self.reach(place)?;
-        Ok(self
-            .chunks
-            .get(&id_prefix(id))
-            .copied()
-            .filter(|l| self.live.contains_key(&l.frame.pack)))
+        if self.held > self.max_chunks_held {
+            return Err(Error::Missing {
+                object: format!(
+                    "room for the chunk locations of the packs in use at stream chunk {place}"
+                ),
+            });
+        }
+        let prefix = short_prefix(id);
+        for at in 0..self.recent.len() {
+            let pack = self.recent[at];
+            if let Some(chunk) = self.live[&pack].find(&prefix) {
+                let found = Located {
+                    frame: FrameKey {
+                        pack,
+                        number: chunk.frame,
+                    },
+                    offset: chunk.offset,
+                    len: chunk.len,
+                };
+                self.recent[..=at].rotate_right(1);
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
     }
 
     /// The base frames of a delta frame (none for a base frame).
@@ -198,7 +252,7 @@ impl StreamIndex {
             && uses.first <= place
         {
             let header = self.take_header(self.next)?;
-            self.take_in(self.next as u32, uses.last, header);
+            self.take_in(self.next as u32, uses.last, header)?;
             self.next += 1;
         }
         while let Some(&Reverse((last, pack))) = self.ending.peek()
@@ -206,15 +260,10 @@ impl StreamIndex {
         {
             self.ending.pop();
             if let Some(gone) = self.live.remove(&pack) {
-                self.stale += gone.held;
+                self.held -= gone.chunks.len();
+                self.recent.retain(|&p| p != pack);
                 self.moved.retain(|_, key| key.pack != pack);
             }
-        }
-        if self.stale > 4096 && self.stale > self.chunks.len() / 2 {
-            let live = &self.live;
-            self.chunks.retain(|_, l| live.contains_key(&l.frame.pack));
-            self.chunks.shrink_to_fit();
-            self.stale = 0;
         }
         Ok(())
     }
@@ -234,57 +283,30 @@ impl StreamIndex {
         }
     }
 
-    fn take_in(&mut self, number: u32, last: u64, pack: IndexedPack) {
+    fn take_in(&mut self, number: u32, last: u64, pack: IndexedPack) -> Result<()> {
+        let name = || pack_name(&pack.id);
+        let count = pack.header.frames.iter().map(|f| f.chunks.len()).sum();
+        let mut chunks = Vec::with_capacity(count);
         let mut frames = Vec::with_capacity(pack.header.frames.len());
-        let mut held = 0;
-        for (n, frame) in pack.header.frames.into_iter().enumerate() {
-            let key = FrameKey {
-                pack: number,
-                number: n as u32,
-            };
-            let is_base = frame.bases.is_empty();
+        for (n, frame) in pack.header.frames.iter().enumerate() {
             let mut offset = 0u32;
             for entry in &frame.chunks {
-                let here = Located {
-                    frame: key,
+                chunks.push(PackChunk {
+                    prefix: short_prefix(&entry.id),
+                    frame: n as u32,
                     offset,
                     len: entry.len,
-                };
-                offset = offset.saturating_add(entry.len);
-                match self.chunks.entry(id_prefix(&entry.id)) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(here);
-                        held += 1;
-                    }
-                    Entry::Occupied(slot) if slot.get().frame.pack == number => {}
-                    Entry::Occupied(mut slot) => {
-                        // A chunk stored twice: keep the copy that needs no other frame, then
-                        // the one whose pack stays longest, so that a copy is let go only with
-                        // the last pack holding it.
-                        let other = slot.get().frame;
-                        let keeps = self.live.get(&other.pack).is_some_and(|p| {
-                            let other_is_base = p
-                                .frames
-                                .get(other.number as usize)
-                                .is_some_and(|(_, b)| b.is_empty());
-                            (other_is_base, p.last) >= (is_base, last)
-                        });
-                        if !keeps {
-                            match self.live.get_mut(&other.pack) {
-                                Some(p) => p.held -= 1,
-                                None => self.stale = self.stale.saturating_sub(1),
-                            }
-                            slot.insert(here);
-                            held += 1;
-                        }
-                    }
-                }
+                });
+                offset = offset
+                    .checked_add(entry.len)
+                    .ok_or_else(|| Error::corrupt(name(), "a frame of more than 4 GiB"))?;
             }
             let location =
                 FrameLocation::new(number, n as u32, frame.offset, frame.sealed_len, offset);
-            frames.push((location, frame.bases));
+            frames.push((location, frame.bases.clone()));
         }
-        for moved in pack.header.moved {
+        chunks.sort_unstable_by_key(|c| c.prefix);
+        for moved in &pack.header.moved {
             self.moved.insert(
                 moved.from,
                 FrameKey {
@@ -293,6 +315,7 @@ impl StreamIndex {
                 },
             );
         }
+        self.held += chunks.len();
         self.live.insert(
             number,
             LivePack {
@@ -302,11 +325,12 @@ impl StreamIndex {
                     data_ephemeral: pack.data_ephemeral,
                 },
                 frames,
-                last,
-                held,
+                chunks,
             },
         );
+        self.recent.push(number);
         self.ending.push(Reverse((last, number)));
+        Ok(())
     }
 }
 
@@ -345,20 +369,24 @@ mod tests {
         assert!(snapshot.packs.len() > 40, "{} packs", snapshot.packs.len());
         let chunks = snapshot.added.chunks;
         let (most_live, most_chunks) = std::thread::scope(|scope| {
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs).unwrap();
+            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, usize::MAX).unwrap();
             let (mut most_live, mut most_chunks) = (0, 0);
             for place in 0..chunks {
                 index.chunk(&Id([0; 32]), place).unwrap();
                 most_live = most_live.max(index.live.len());
-                let live = &index.live;
-                let held = index.chunks.values();
-                let held = held.filter(|l| live.contains_key(&l.frame.pack)).count();
-                most_chunks = most_chunks.max(held);
+                most_chunks = most_chunks.max(index.held);
             }
             // Past the end, everything is let go.
             index.chunk(&Id([0; 32]), u64::MAX).unwrap();
             assert!(index.live.is_empty());
             (most_live, most_chunks)
+        });
+        // With room for fewer locations than that, the index says so rather than grow.
+        std::thread::scope(|scope| {
+            let room = most_chunks / 2;
+            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, room).unwrap();
+            let failed = (0..chunks).find_map(|place| index.chunk(&Id([0; 32]), place).err());
+            assert!(matches!(failed, Some(Error::Missing { .. })), "{failed:?}");
         });
         assert!(
             most_live * 5 < snapshot.packs.len(),
