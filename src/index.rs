@@ -5,15 +5,13 @@
 //! ephemeral key. A pack's own header holds the same frames, so the index can be rebuilt from
 //! packs.
 //!
-//! In memory the index is the part of a backup or restore that grows with the repository, so a
-//! chunk costs 20 bytes in a backup and 24 elsewhere: the first 16 bytes of its id and its
-//! number in the order chunks were added, in one vector sorted for binary search, plus (except in
-//! a backup, which only needs a chunk's frame) its offset in its frame, by number. A chunk's
-//! frame is found from its number (frames hold their first chunk's number) and its length from
-//! the next chunk's offset. (A hash map of full ids cost 60-70 bytes a chunk, the first sorted
-//! vector of prefixes and 12-byte locations 28.) A 128-bit prefix of a keyed hash cannot be
-//! collided on purpose, and by chance only with probability ~n/2^128 per lookup; restore
-//! re-checks every chunk against its full id regardless.
+//! In memory an [`Index`] holds frames, packs and delta bases (frame-level: ~1/128 of the
+//! chunks); where each chunk is, by the first 16 bytes of its id, goes to a table sorted on
+//! local disk once it is large ([`SpillingIndex`], docs/FORMAT.md §11.4), so memory does not grow
+//! with the repository. A 128-bit prefix of a keyed hash cannot be collided on purpose, and by
+//! chance only with probability ~n/2^128 per lookup; restore re-checks every chunk against its
+//! full id regardless. (A restore of a snapshot that says where it uses its packs needs no
+//! index: [`crate::stream_index`].)
 
 use std::collections::HashMap;
 
