@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::frame::FrameRef;
 use crate::id::Id;
 use crate::index::{FrameLocation, IndexedPack, PackLocation};
+use crate::pack::MovedFrame;
 use crate::repo::{Repository, pack_name};
 use crate::snapshot::{ChunkSpan, PackRef};
 
@@ -93,8 +94,8 @@ pub struct StreamIndex {
     held: usize,
     /// Base frames that a repack moved into a live pack, by their old names.
     moved: HashMap<FrameRef, FrameKey>,
-    headers: Receiver<(usize, Result<IndexedPack>)>,
-    arrived: BTreeMap<usize, Result<IndexedPack>>,
+    headers: Receiver<(usize, Result<Arrived>)>,
+    arrived: BTreeMap<usize, Result<Arrived>>,
     /// A unit for each header that may be read ahead; one comes back per header taken in.
     room: Sender<()>,
     max_chunks_held: usize,
@@ -147,7 +148,9 @@ impl StreamIndex {
                     let Some((pack, _)) = order.get(at) else {
                         return;
                     };
-                    if header_tx.send((at, repo.read_pack_header(pack))).is_err() {
+                    let header = repo.read_pack_header(pack);
+                    let arrived = header.and_then(|h| live_pack(at as u32, h));
+                    if header_tx.send((at, arrived)).is_err() {
                         return;
                     }
                 }
@@ -252,7 +255,7 @@ impl StreamIndex {
             && uses.first <= place
         {
             let header = self.take_header(self.next)?;
-            self.take_in(self.next as u32, uses.last, header)?;
+            self.take_in(self.next as u32, uses.last, header);
             self.next += 1;
         }
         while let Some(&Reverse((last, pack))) = self.ending.peek()
@@ -269,7 +272,7 @@ impl StreamIndex {
     }
 
     /// Header number `at` of `order`, waiting for it if it is still being read.
-    fn take_header(&mut self, at: usize) -> Result<IndexedPack> {
+    fn take_header(&mut self, at: usize) -> Result<Arrived> {
         loop {
             if let Some(header) = self.arrived.remove(&at) {
                 let _ = self.room.try_send(());
@@ -283,30 +286,8 @@ impl StreamIndex {
         }
     }
 
-    fn take_in(&mut self, number: u32, last: u64, pack: IndexedPack) -> Result<()> {
-        let name = || pack_name(&pack.id);
-        let count = pack.header.frames.iter().map(|f| f.chunks.len()).sum();
-        let mut chunks = Vec::with_capacity(count);
-        let mut frames = Vec::with_capacity(pack.header.frames.len());
-        for (n, frame) in pack.header.frames.iter().enumerate() {
-            let mut offset = 0u32;
-            for entry in &frame.chunks {
-                chunks.push(PackChunk {
-                    prefix: short_prefix(&entry.id),
-                    frame: n as u32,
-                    offset,
-                    len: entry.len,
-                });
-                offset = offset
-                    .checked_add(entry.len)
-                    .ok_or_else(|| Error::corrupt(name(), "a frame of more than 4 GiB"))?;
-            }
-            let location =
-                FrameLocation::new(number, n as u32, frame.offset, frame.sealed_len, offset);
-            frames.push((location, frame.bases.clone()));
-        }
-        chunks.sort_unstable_by_key(|c| c.prefix);
-        for moved in &pack.header.moved {
+    fn take_in(&mut self, number: u32, last: u64, (pack, moved): Arrived) {
+        for moved in moved {
             self.moved.insert(
                 moved.from,
                 FrameKey {
@@ -315,23 +296,50 @@ impl StreamIndex {
                 },
             );
         }
-        self.held += chunks.len();
-        self.live.insert(
-            number,
-            LivePack {
-                location: PackLocation {
-                    id: pack.id,
-                    len: pack.len,
-                    data_ephemeral: pack.data_ephemeral,
-                },
-                frames,
-                chunks,
-            },
-        );
+        self.held += pack.chunks.len();
+        self.live.insert(number, pack);
         self.recent.push(number);
         self.ending.push(Reverse((last, number)));
-        Ok(())
     }
+}
+
+/// A pack header in the form the index keeps, with the frames a repack moved into it.
+type Arrived = (LivePack, Vec<MovedFrame>);
+
+/// Pack number `number` of the order of first use, from its header: made by the thread that
+/// read it, so that headers waiting their turn are held compactly and sorted in parallel.
+fn live_pack(number: u32, pack: IndexedPack) -> Result<Arrived> {
+    let name = || pack_name(&pack.id);
+    let count = pack.header.frames.iter().map(|f| f.chunks.len()).sum();
+    let mut chunks = Vec::with_capacity(count);
+    let mut frames = Vec::with_capacity(pack.header.frames.len());
+    for (n, frame) in pack.header.frames.into_iter().enumerate() {
+        let mut offset = 0u32;
+        for entry in &frame.chunks {
+            chunks.push(PackChunk {
+                prefix: short_prefix(&entry.id),
+                frame: n as u32,
+                offset,
+                len: entry.len,
+            });
+            offset = offset
+                .checked_add(entry.len)
+                .ok_or_else(|| Error::corrupt(name(), "a frame of more than 4 GiB"))?;
+        }
+        let location = FrameLocation::new(number, n as u32, frame.offset, frame.sealed_len, offset);
+        frames.push((location, frame.bases));
+    }
+    chunks.sort_unstable_by_key(|c| c.prefix);
+    let live = LivePack {
+        location: PackLocation {
+            id: pack.id,
+            len: pack.len,
+            data_ephemeral: pack.data_ephemeral,
+        },
+        frames,
+        chunks,
+    };
+    Ok((live, pack.header.moved))
 }
 
 #[cfg(test)]
