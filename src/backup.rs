@@ -410,16 +410,12 @@ struct PackUses {
     group_bases: Vec<(u32, u32)>,
 }
 
-fn widen(span: &mut ChunkSpan, place: u64) {
-    *span = span.union(ChunkSpan::at(place));
-}
-
 impl PackUses {
     /// Stream chunk `place` uses index pack `pack`.
     fn known_pack(&mut self, pack: u32, place: u64) {
         self.known
             .entry(pack)
-            .and_modify(|s| widen(s, place))
+            .and_modify(|s| s.widen(ChunkSpan::at(place)))
             .or_insert(ChunkSpan::at(place));
     }
 
@@ -432,7 +428,7 @@ impl PackUses {
             let span = self.groups[group as usize];
             known
                 .entry(pack)
-                .and_modify(|s| *s = s.union(span))
+                .and_modify(|s| s.widen(span))
                 .or_insert(span);
         }
         let mut packs = stored.packs.clone();
@@ -499,7 +495,7 @@ impl Deduper<'_> {
             open.seq
         };
         if let Err(stored_in) = self.stored_this_session.insert(&id, seq) {
-            widen(&mut self.uses.groups[stored_in as usize], place);
+            self.uses.groups[stored_in as usize].widen(ChunkSpan::at(place));
             return Ok(());
         }
         if !is_tree_node && self.data.chunks.is_empty() {
@@ -518,7 +514,7 @@ impl Deduper<'_> {
             group.seq = seq;
             self.uses.groups.push(ChunkSpan::at(place));
         } else {
-            widen(&mut self.uses.groups[seq as usize], place);
+            self.uses.groups[seq as usize].widen(ChunkSpan::at(place));
         }
         group.raw.extend_from_slice(bytes);
         group.chunks.push(ChunkEntry {

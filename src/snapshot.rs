@@ -71,6 +71,11 @@ impl ChunkSpan {
         }
     }
 
+    /// Makes this the smallest span holding itself and `other`.
+    pub fn widen(&mut self, other: ChunkSpan) {
+        *self = self.union(other);
+    }
+
     /// The smallest span holding both.
     pub fn union(self, other: ChunkSpan) -> ChunkSpan {
         ChunkSpan {
