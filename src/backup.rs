@@ -117,18 +117,25 @@ impl Group {
 }
 
 /// Picks a data group's base frames, where the previous version of the group's content most
-/// likely is, in this order of preference: the frames holding the unchanged chunks among the
-/// group's new ones (most first), the frame of the first unchanged chunk after the group, and
-/// the frame of the last one before it. Measured on day 2 of an 8 MB dump: letting the frame
-/// before the group take a place first made 1 backup in 12 store 4x more.
+/// likely is, in this order of preference: the frames holding the unchanged chunks that border
+/// the group's new ones (most first), the frame of the first unchanged chunk after the group,
+/// and the frame of the last one before it. Measured on day 2 of an 8 MB dump: letting the
+/// frame before the group take a place first made 1 backup in 12 store 4x more.
+///
+/// Only the neighbours of new chunks count: a group stays open until it is full, across
+/// however much unchanged data lies between its new chunks, and counting every unchanged chunk
+/// met meanwhile let the frames with the most chunks anywhere after a single changed row take
+/// both places, so that row's chunk was stored whole (3-10 KiB instead of a few bytes).
 #[derive(Default)]
 struct BaseChooser {
     /// The base frames of the last known data chunk.
     last: Vec<u32>,
     /// The base frames of the last known chunk before the open group started.
     before: Vec<u32>,
-    /// Base frames of known chunks since the open group started, with how many they held.
+    /// Base frames of known chunks next to the open group's new ones, with how often.
     seen: Vec<(u32, u32)>,
+    /// The last data chunk was new: the next known one borders it.
+    after_new: bool,
 }
 
 impl BaseChooser {
@@ -142,6 +149,19 @@ impl BaseChooser {
             self.last
                 .extend(bases.iter().copied().filter(|&b| b != MISSING_BASE));
         }
+        if std::mem::take(&mut self.after_new) {
+            self.count_last();
+        }
+    }
+
+    /// A new data chunk joins the open group: the known chunk before it borders it.
+    fn new_chunk(&mut self) {
+        if !std::mem::replace(&mut self.after_new, true) {
+            self.count_last();
+        }
+    }
+
+    fn count_last(&mut self) {
         for &base in &self.last {
             match self.seen.iter_mut().find(|(f, _)| *f == base) {
                 Some((_, hits)) => *hits += 1,
@@ -498,8 +518,11 @@ impl Deduper<'_> {
             self.uses.groups[stored_in as usize].widen(ChunkSpan::at(place));
             return Ok(());
         }
-        if !is_tree_node && self.data.chunks.is_empty() {
-            self.bases.group_started();
+        if !is_tree_node {
+            if self.data.chunks.is_empty() {
+                self.bases.group_started();
+            }
+            self.bases.new_chunk();
         }
         self.added.new_chunks += 1;
         self.added.new_raw += bytes.len() as u64;

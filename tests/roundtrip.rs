@@ -105,11 +105,27 @@ fn a_one_row_change_adds_about_one_chunk() {
     let middle = changed.len() / 2;
     let line_start = middle + changed[middle..].iter().position(|&b| b == b'\n').unwrap() + 1;
     changed[line_start..line_start + 6].copy_from_slice(b"999999");
+    let packs_before = repo.store().list("packs").unwrap();
     let summary = backup(&repo, &changed, &[]);
     let added = summary.snapshot.snapshot.added;
     // One or two data chunks (a change near a cut point touches two) plus the tree nodes above.
     assert!(added.new_chunks <= 2 + 3, "{added:?}");
     assert!(added.new_raw <= 2 * 128 * 1024 + 3 * 32 * 1024, "{added:?}");
+    // The changed chunks are a delta frame of their old frame, whatever lies after them.
+    let new_pack = repo
+        .store()
+        .list("packs")
+        .unwrap()
+        .into_iter()
+        .find(|p| !packs_before.iter().any(|b| b.name == p.name))
+        .expect("a new pack");
+    let id: bkp::Id = new_pack.name.rsplit('/').next().unwrap().parse().unwrap();
+    let frames = repo.read_pack(&id).unwrap().header.frames;
+    let data = frames.iter().find(|f| !f.bases.is_empty());
+    assert!(
+        data.is_some_and(|f| f.sealed_len < 1024),
+        "no small delta frame in {frames:?}"
+    );
     // The changed chunk is a delta of its old frame: a few bytes. What remains is the snapshot,
     // the index file and a pack (4 KiB each at least) and the changed tree node (<= 32 KiB).
     assert!(
