@@ -25,10 +25,11 @@ use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
 use crate::frame::{ChunkEntry, Frame, FrameEncoder, FrameRef, MAX_BASES};
 use crate::id::Id;
-use crate::index::{Index, IndexedPack, MISSING_BASE};
+use crate::index::{IndexedPack, PackLocation};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::FrameReader;
-use crate::repo::{Repository, hostname};
+use crate::parent::{Base, Known, ParentWindow};
+use crate::repo::{ParentPacks, Repository, hostname};
 use crate::snapshot::{AddedBytes, ChunkSpan, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::store::Pending;
@@ -100,18 +101,20 @@ struct Group {
     seq: u32,
     raw: Vec<u8>,
     chunks: Vec<ChunkEntry>,
-    /// Base frames to compress against (frame numbers in the index); empty for a base frame.
-    bases: Vec<u32>,
+    /// Base frames to compress against; empty for a base frame.
+    bases: Vec<Base>,
     /// While the group waits for the next known chunk: the bases from before it, last resort.
-    before: Vec<u32>,
+    before: Vec<Base>,
 }
 
 impl Group {
-    /// Ready to compress: the bases in frame order, the fallbacks used.
+    /// Ready to compress: the bases in a fixed order (a worker keeps the dictionary of bases
+    /// that the next group starts with), the fallbacks used.
     fn with_final_bases(mut self) -> Group {
         let before = std::mem::take(&mut self.before);
         add_bases(&mut self.bases, &before);
-        self.bases.sort_unstable();
+        self.bases
+            .sort_unstable_by_key(|b| (b.name.pack, b.name.frame));
         self
     }
 }
@@ -129,26 +132,19 @@ impl Group {
 #[derive(Default)]
 struct BaseChooser {
     /// The base frames of the last known data chunk.
-    last: Vec<u32>,
+    last: Vec<Base>,
     /// The base frames of the last known chunk before the open group started.
-    before: Vec<u32>,
+    before: Vec<Base>,
     /// Base frames of known chunks next to the open group's new ones, with how often.
-    seen: Vec<(u32, u32)>,
+    seen: Vec<(Base, u32)>,
     /// The last data chunk was new: the next known one borders it.
     after_new: bool,
 }
 
 impl BaseChooser {
-    /// A known data chunk lies in `frame`.
-    fn known(&mut self, index: &Index, frame: u32) {
-        let bases = index.bases(frame);
-        self.last.clear();
-        if bases.is_empty() {
-            self.last.push(frame);
-        } else {
-            self.last
-                .extend(bases.iter().copied().filter(|&b| b != MISSING_BASE));
-        }
+    /// A known data chunk lies in a frame with these bases (itself, if it is a base frame).
+    fn known(&mut self, bases: Vec<Base>) {
+        self.last = bases;
         if std::mem::take(&mut self.after_new) {
             self.count_last();
         }
@@ -162,10 +158,10 @@ impl BaseChooser {
     }
 
     fn count_last(&mut self) {
-        for &base in &self.last {
-            match self.seen.iter_mut().find(|(f, _)| *f == base) {
+        for base in &self.last {
+            match self.seen.iter_mut().find(|(f, _)| f == base) {
                 Some((_, hits)) => *hits += 1,
-                None => self.seen.push((base, 1)),
+                None => self.seen.push((base.clone(), 1)),
             }
         }
     }
@@ -177,55 +173,44 @@ impl BaseChooser {
 
     /// The bases found inside the group just closed, most used first; [`add_bases`] completes
     /// them.
-    fn group_closed(&mut self) -> (Vec<u32>, Vec<u32>) {
+    fn group_closed(&mut self) -> (Vec<Base>, Vec<Base>) {
         self.seen
-            .sort_by_key(|&(frame, hits)| (std::cmp::Reverse(hits), frame));
-        let inside = self.seen.iter().map(|&(f, _)| f).collect();
-        self.seen.clear();
+            .sort_by_key(|(base, hits)| (std::cmp::Reverse(*hits), base.name.pack, base.name.frame));
+        let inside = self.seen.drain(..).map(|(base, _)| base).collect();
         (inside, std::mem::take(&mut self.before))
     }
 }
 
 /// Appends `more` to `bases` while there is room, without repeats.
-fn add_bases(bases: &mut Vec<u32>, more: &[u32]) {
-    for &base in more {
-        if bases.len() < MAX_BASES && !bases.contains(&base) {
-            bases.push(base);
+fn add_bases(bases: &mut Vec<Base>, more: &[Base]) {
+    for base in more {
+        if bases.len() < MAX_BASES && !bases.contains(base) {
+            bases.push(base.clone());
         }
     }
 }
 
-/// The bases of the groups being compressed.
-struct BaseFrames<'a> {
-    index: &'a Index,
+/// Fills `dictionary` with `bases` and returns how the pack header names them. A base that
+/// cannot be read leaves the group a base frame: the backup does not depend on damaged data
+/// (`bkp check` reports the damage).
+fn fill_dictionary(
+    reader: &mut FrameReader<'_>,
+    bases: &[Base],
+    dictionary: &mut Dictionary,
+) -> Vec<FrameRef> {
+    if dictionary.fill(reader, bases).is_err() {
+        *dictionary = Dictionary::default();
+        return Vec::new();
+    }
+    bases.iter().map(|b| b.name).collect()
 }
 
-impl BaseFrames<'_> {
-    /// Fills `dictionary` with `bases` and returns how the pack header names them. A base that
-    /// cannot be read leaves the group a base frame: the backup does not depend on damaged data
-    /// (`bkp check` reports the damage).
-    fn dictionary(
-        &self,
-        reader: &mut FrameReader<'_>,
-        bases: &[u32],
-        dictionary: &mut Dictionary,
-    ) -> Vec<FrameRef> {
-        debug_assert!(!bases.contains(&MISSING_BASE));
-        if dictionary.fill(self.index, reader, bases).is_err() {
-            *dictionary = Dictionary::default();
-            return Vec::new();
-        }
-        bases.iter().map(|&f| self.index.frame_ref(f)).collect()
-    }
-
-    /// What `raw_len` bytes would take compressed alone, judged by the bases' own ratio.
-    fn plain_estimate(&self, bases: &[u32], raw_len: usize) -> usize {
-        let (sealed, raw) = bases.iter().fold((0u64, 0u64), |(s, r), &f| {
-            let frame = self.index.frame(f);
-            (s + frame.sealed_len as u64, r + frame.raw_len as u64)
-        });
-        (raw_len as u64 * sealed / raw.max(1)) as usize
-    }
+/// What `raw_len` bytes would take compressed alone, judged by the bases' own ratio.
+fn plain_estimate(bases: &[Base], raw_len: usize) -> usize {
+    let (sealed, raw) = bases.iter().fold((0u64, 0u64), |(s, r), b| {
+        (s + b.frame.sealed_len as u64, r + b.frame.raw_len as u64)
+    });
+    (raw_len as u64 * sealed / raw.max(1)) as usize
 }
 
 /// A worker's dictionary: the plaintexts of its group's base frames, concatenated, decoded
@@ -236,7 +221,7 @@ impl BaseFrames<'_> {
 /// ~80 MB heap); a worker now decodes again a base that the other one decoded.
 #[derive(Default)]
 struct Dictionary {
-    bases: Vec<u32>,
+    bases: Vec<FrameRef>,
     /// Where each base's plaintext ends in `bytes`.
     ends: Vec<usize>,
     bytes: Vec<u8>,
@@ -244,20 +229,20 @@ struct Dictionary {
 
 impl Dictionary {
     /// Makes this the dictionary of `bases`, keeping the leading ones it already holds.
-    fn fill(&mut self, index: &Index, reader: &mut FrameReader<'_>, bases: &[u32]) -> Result<()> {
-        if self.bases == bases || bases.is_empty() {
+    fn fill(&mut self, reader: &mut FrameReader<'_>, bases: &[Base]) -> Result<()> {
+        if bases.is_empty() || self.bases.iter().eq(bases.iter().map(|b| &b.name)) {
             return Ok(());
         }
         // The longest run of held bases that `bases` starts with: moved to the front.
         let (mut kept, mut kept_len) = (0, 0);
         if let Some(first) = bases
             .first()
-            .and_then(|b| self.bases.iter().position(|h| h == b))
+            .and_then(|b| self.bases.iter().position(|h| *h == b.name))
         {
             kept = bases
                 .iter()
                 .zip(&self.bases[first..])
-                .take_while(|(b, h)| b == h)
+                .take_while(|(b, h)| b.name == **h)
                 .count();
             let start = first.checked_sub(1).map_or(0, |i| self.ends[i]);
             let end = self.ends[first + kept - 1];
@@ -267,20 +252,20 @@ impl Dictionary {
         self.bytes.truncate(kept_len);
         self.ends.clear();
         let mut end = 0;
-        for &base in &bases[..kept] {
-            end += index.frame(base).raw_len as usize;
+        for base in &bases[..kept] {
+            end += base.frame.raw_len as usize;
             self.ends.push(end);
         }
         self.bases.clear();
-        self.bases.extend_from_slice(&bases[..kept]);
+        self.bases.extend(bases[..kept].iter().map(|b| b.name));
         // Exactly: grown by doubling, a 4.1 MiB dictionary took 8 MiB, in every worker.
-        let len: usize = bases.iter().map(|&b| index.frame(b).raw_len as usize).sum();
+        let len: usize = bases.iter().map(|b| b.frame.raw_len as usize).sum();
         self.bytes
             .reserve_exact(len.saturating_sub(self.bytes.len()));
-        for &base in &bases[kept..] {
+        for base in &bases[kept..] {
             // (On an error the caller discards the dictionary.)
-            reader.read_appending(base, &mut self.bytes)?;
-            self.bases.push(base);
+            reader.read_base_appending(&base.frame, &base.pack, &mut self.bytes)?;
+            self.bases.push(base.name);
             self.ends.push(self.bytes.len());
         }
         Ok(())
@@ -397,7 +382,7 @@ impl RecentChunks {
 /// Decides what is new and batches it into groups for the workers.
 struct Deduper<'a> {
     repo: &'a Repository,
-    index: &'a Index,
+    known: Known,
     stored_this_session: RecentChunks,
     uses: PackUses,
     data: Group,
@@ -420,36 +405,36 @@ struct Deduper<'a> {
 /// numbers: gathered while the stream is deduplicated, resolved once its packs are stored.
 #[derive(Default)]
 struct PackUses {
-    /// Packs (numbers in the index) holding known chunks or their frames' bases.
-    known: HashMap<u32, ChunkSpan>,
+    /// Packs holding known chunks or their frames' bases, with their lengths.
+    known: HashMap<Id, (u64, ChunkSpan)>,
     /// Each group of this backup (by [`Group::seq`]): its first chunk's, and those of its
     /// chunks' repeats.
     groups: Vec<ChunkSpan>,
-    /// (group, pack in the index) for every pack holding a base of a group: the snapshot uses
+    /// (group, pack, its length) for every pack holding a base of a group: the snapshot uses
     /// it wherever it uses the group.
-    group_bases: Vec<(u32, u32)>,
+    group_bases: Vec<(u32, Id, u64)>,
 }
 
 impl PackUses {
-    /// Stream chunk `place` uses index pack `pack`.
-    fn known_pack(&mut self, pack: u32, place: u64) {
+    /// Stream chunk `place` uses `pack`.
+    fn known_pack(&mut self, pack: &PackLocation, place: u64) {
         self.known
-            .entry(pack)
-            .and_modify(|s| s.widen(ChunkSpan::at(place)))
-            .or_insert(ChunkSpan::at(place));
+            .entry(pack.id)
+            .and_modify(|(_, s)| s.widen(ChunkSpan::at(place)))
+            .or_insert((pack.len, ChunkSpan::at(place)));
     }
 
     /// Every pack the snapshot depends on (sorted by id), with the stream chunks that use it:
     /// the packs this backup stored, those holding known chunks, and those holding the bases
     /// of either's frames.
-    fn resolve(&self, index: &Index, stored: &Stored) -> Vec<PackRef> {
+    fn resolve(&self, stored: &Stored) -> Vec<PackRef> {
         let mut known = self.known.clone();
-        for &(group, pack) in &self.group_bases {
+        for &(group, pack, len) in &self.group_bases {
             let span = self.groups[group as usize];
             known
                 .entry(pack)
-                .and_modify(|s| s.widen(span))
-                .or_insert(span);
+                .and_modify(|(_, s)| s.widen(span))
+                .or_insert((len, span));
         }
         let mut packs = stored.packs.clone();
         for &(group, at) in &stored.group_packs {
@@ -457,13 +442,10 @@ impl PackUses {
             let uses = &mut packs[at as usize].uses;
             *uses = Some(uses.map_or(span, |u| u.union(span)));
         }
-        packs.extend(known.into_iter().map(|(p, span)| {
-            let pack = index.pack(p);
-            PackRef {
-                id: pack.id,
-                len: pack.len,
-                uses: Some(span),
-            }
+        packs.extend(known.into_iter().map(|(id, (len, span))| PackRef {
+            id,
+            len,
+            uses: Some(span),
         }));
         packs.sort_unstable_by_key(|p| p.id);
         // A pack named twice (by two index files, or stored and found): one entry, all uses.
@@ -486,16 +468,13 @@ impl Deduper<'_> {
     /// `place` is where a restore needs it: its number in the stream, or for a tree node the
     /// number of the first stream chunk below it.
     fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool, place: u64) -> Result<()> {
-        if let Some(frame) = self.index.chunk_frame(&id) {
-            self.uses.known_pack(self.index.frame(frame).pack, place);
-            for &base in self.index.bases(frame) {
-                // (Never missing: the index holds no chunks of frames without their bases.)
-                if base != MISSING_BASE {
-                    self.uses.known_pack(self.index.frame(base).pack, place);
-                }
+        if let Some(chunk) = self.known.chunk(&id, is_tree_node)? {
+            self.uses.known_pack(&chunk.pack, place);
+            for base in &chunk.bases {
+                self.uses.known_pack(&base.pack, place);
             }
             if !is_tree_node {
-                self.bases.known(self.index, frame);
+                self.bases.known(chunk.bases);
                 if let Some(mut waiting) = self.waiting.take() {
                     // Where the group's old content ends: often a frame it had not met yet.
                     add_bases(&mut waiting.bases, &self.bases.last);
@@ -568,7 +547,7 @@ impl Deduper<'_> {
                 let (inside, before) = self.bases.group_closed();
                 add_bases(&mut full.bases, &inside);
                 full.before = before;
-                if self.index.chunk_count() == 0 {
+                if self.known.is_empty() {
                     self.send(full)?;
                 } else if let Some(previous) = self.waiting.replace(full) {
                     self.send(previous.with_final_bases())?;
@@ -585,11 +564,11 @@ impl Deduper<'_> {
     }
 
     fn send(&mut self, group: Group) -> Result<()> {
-        for &base in &group.bases {
-            let entry = (group.seq, self.index.frame(base).pack);
+        for base in &group.bases {
+            let entry = (group.seq, base.pack.id, base.pack.len);
             let this_group = self.uses.group_bases.iter().rev();
             if !this_group
-                .take_while(|(seq, _)| *seq == group.seq)
+                .take_while(|(seq, _, _)| *seq == group.seq)
                 .any(|e| *e == entry)
             {
                 self.uses.group_bases.push(entry);
@@ -626,13 +605,13 @@ fn compress_worker(
     spare: Sender<Vec<u8>>,
     key: &CipherKey,
     level: i32,
-    (base_frames, mut reader): (&BaseFrames<'_>, FrameReader<'_>),
+    mut reader: FrameReader<'_>,
 ) {
     let mut encoder = FrameEncoder::new(level);
     let mut dictionary = Dictionary::default();
     for group in groups {
-        let bases = base_frames.dictionary(&mut reader, &group.bases, &mut dictionary);
-        let estimate = base_frames.plain_estimate(&group.bases, group.raw.len());
+        let bases = fill_dictionary(&mut reader, &group.bases, &mut dictionary);
+        let estimate = plain_estimate(&group.bases, group.raw.len());
         // (A base frame keeps the dictionary for the next group, unused.)
         let prefix = if bases.is_empty() {
             &[][..]
@@ -751,15 +730,20 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
-    let index = repo.load_index_for_series(&options.tags)?;
+    let parent = repo.parent_for_backup(&options.tags)?;
     let session = PackSession::new(key);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
 
-    let base_frames = BaseFrames { index: &index };
     let (root, stream, added, packs, depends_on) = std::thread::scope(|scope| {
+        let known = match parent {
+            ParentPacks::Index(index) => Known::Index(index),
+            ParentPacks::Uses(packs) => {
+                Known::Parent(Box::new(ParentWindow::start(scope, repo, &packs)?))
+            }
+        };
         let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
             blocks,
@@ -774,15 +758,15 @@ pub fn backup(
         for _ in 0..threads {
             let (groups, frames, spare) = (group_rx.clone(), frame_tx.clone(), spare_tx.clone());
             let (key, level) = (&session.data_key, options.compression_level);
-            let bases = (&base_frames, FrameReader::new(repo, &index));
-            scope.spawn(move || compress_worker(groups, frames, spare, key, level, bases));
+            let reader = FrameReader::of_fetches(repo);
+            scope.spawn(move || compress_worker(groups, frames, spare, key, level, reader));
         }
         drop((group_rx, frame_tx, spare_tx));
         let writer = scope.spawn(|| pack_writer(repo, &session, frame_rx, options.pack_size));
 
         let mut dedup = Deduper {
             repo,
-            index: &index,
+            known,
             stored_this_session: RecentChunks::default(),
             uses: PackUses::default(),
             data: Group::default(),
@@ -806,7 +790,7 @@ pub fn backup(
         let stream = facts
             .recv()
             .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?;
-        let depends_on = dedup.uses.resolve(&index, &packs);
+        let depends_on = dedup.uses.resolve(&packs);
         Ok::<_, Error>((root, stream, dedup.added, packs, depends_on))
     })?;
 
@@ -1025,7 +1009,18 @@ mod tests {
             vec![a],
             vec![],
         ] {
-            dictionary.fill(&index, &mut reader, &bases).unwrap();
+            let as_bases: Vec<Base> = bases
+                .iter()
+                .map(|&f| {
+                    let frame = *index.frame(f);
+                    Base {
+                        name: index.frame_ref(f),
+                        pack: index.pack(frame.pack).clone(),
+                        frame,
+                    }
+                })
+                .collect();
+            dictionary.fill(&mut reader, &as_bases).unwrap();
             if bases.is_empty() {
                 // (Left as it was, unused by a base frame.)
                 assert_eq!(dictionary.bytes, raw[&a]);
@@ -1033,7 +1028,8 @@ mod tests {
             }
             let expected: Vec<u8> = bases.iter().flat_map(|f| raw[f].clone()).collect();
             assert_eq!(dictionary.bytes, expected, "{bases:?}");
-            assert_eq!(dictionary.bases, bases);
+            let names: Vec<FrameRef> = bases.iter().map(|&f| index.frame_ref(f)).collect();
+            assert_eq!(dictionary.bases, names);
         }
     }
 

@@ -48,6 +48,7 @@ mod listing;
 mod pack;
 mod pack_reader;
 mod padding;
+mod parent;
 pub mod prune;
 mod repack;
 mod repo;

@@ -61,10 +61,14 @@ impl<'a> FrameReader<'a> {
         Ok(raw)
     }
 
-    /// Reads and decodes a base frame (one that needs no dictionary), appending its plaintext
-    /// to `out`.
-    pub fn read_appending(&mut self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
-        let fetch = fetch(self.repo, self.index()?, frame)?;
+    /// Reads and decodes a base frame given by its location, appending its plaintext to `out`.
+    pub fn read_base_appending(
+        &mut self,
+        frame: &FrameLocation,
+        pack: &PackLocation,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let fetch = fetch_frame(self.repo, frame, pack)?;
         self.open_into(fetch, &[], out)
     }
 

@@ -85,6 +85,13 @@ pub struct Repository {
     damaged: Mutex<BTreeMap<String, String>>,
 }
 
+/// What a backup deduplicates against, as [`Repository::parent_for_backup`] found it.
+pub(crate) enum ParentPacks {
+    Index(Index),
+    /// The parent's packs, each with its uses.
+    Uses(Vec<PackRef>),
+}
+
 pub fn pack_name(id: &Id) -> String {
     let hex = id.to_hex();
     format!("packs/{}/{}", &hex[..2], hex)
@@ -352,16 +359,17 @@ impl Repository {
         index.finish_for_lookups(true)
     }
 
-    /// The index a backup of a series deduplicates against: that of the packs its parent
-    /// snapshot (the series' newest) named, read from their headers, so that a backup reads
-    /// what its parent needs and not every index file of the repository. If the parent names
-    /// none (a series' first backup, or the first by this bkp), or one of its packs is marked
-    /// obsolete (a prune repacked it), gone or damaged, every index file instead
-    /// ([`Repository::load_index_for_backup`]): the chunks moved elsewhere, and the next
-    /// backup's parent names where.
-    pub(crate) fn load_index_for_series(&self, tags: &[String]) -> Result<Index> {
+    /// What a backup of a series deduplicates against. If the series' parent (its newest
+    /// snapshot) says where it uses each of its packs, those packs, for the backup to read as
+    /// its stream reaches where the parent used them ([`crate::parent`]). If it names packs
+    /// without their uses (written by bkp 0.2 before BKPSNP03), the index of those packs, read
+    /// from their headers. If it names none (a series' first backup, or the first by this
+    /// bkp), or one of its packs is marked obsolete (a prune repacked it), gone or damaged,
+    /// every index file instead ([`Repository::load_index_for_backup`]): the chunks moved
+    /// elsewhere, and the next backup's parent names where.
+    pub(crate) fn parent_for_backup(&self, tags: &[String]) -> Result<ParentPacks> {
         let Some(parent) = self.parent_of(tags)? else {
-            return self.load_index_for_backup();
+            return self.load_index_for_backup().map(ParentPacks::Index);
         };
         let obsolete = self.marked_packs()?;
         if parent
@@ -370,16 +378,19 @@ impl Repository {
             .iter()
             .any(|p| obsolete.contains(&p.id))
         {
-            return self.load_index_for_backup();
+            return self.load_index_for_backup().map(ParentPacks::Index);
+        }
+        if parent.snapshot.packs_have_uses() {
+            return Ok(ParentPacks::Uses(parent.snapshot.packs));
         }
         let mut index = SpillingIndex::with_memory(lookup_memory());
         if self
             .index_of_packs(&parent.snapshot.packs, &mut index)?
             .is_none()
         {
-            return self.load_index_for_backup();
+            return self.load_index_for_backup().map(ParentPacks::Index);
         }
-        index.finish_for_lookups(true)
+        index.finish_for_lookups(true).map(ParentPacks::Index)
     }
 
     /// The index of the packs `snapshot` names, read from their headers: what a restore

@@ -25,7 +25,7 @@ use crate::index::Index;
 use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch, fetch_frame};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
-use crate::stream_index::{FrameKey, MAX_CHUNKS_HELD, StreamIndex};
+use crate::stream_index::{FrameKey, MAX_CHUNKS_HELD, StreamIndex, Strictness};
 use crate::tree::TreeWalker;
 
 /// Decoded frames kept for reuse by later runs.
@@ -542,6 +542,7 @@ fn restore_with(
                 repo,
                 &entry.snapshot.packs,
                 MAX_CHUNKS_HELD,
+                Strictness::Exact,
             )?)),
         };
         let planner = Planner {

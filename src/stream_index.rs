@@ -33,6 +33,18 @@ const HEADER_THREADS: usize = 4;
 /// snapshot that does not say where it uses its packs.
 pub const MAX_CHUNKS_HELD: usize = 1 << 19;
 
+/// What a stream index does when it cannot hold what its snapshot's packs say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strictness {
+    /// For a restore: a header that cannot be read, or more chunk locations than its room,
+    /// is an error (the restore's next pass takes over).
+    Exact,
+    /// For a backup deduplicating against its parent: a pack whose header cannot be read is
+    /// left out, and to stay within its room the index lets go of the packs whose last use is
+    /// soonest. The backup then stores more than it had to, never anything wrong.
+    BestEffort,
+}
+
 /// A frame as the stream index names it: its pack's position in the order of first use, and
 /// its position in that pack's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +111,7 @@ pub struct StreamIndex {
     /// A unit for each header that may be read ahead; one comes back per header taken in.
     room: Sender<()>,
     max_chunks_held: usize,
+    strictness: Strictness,
 }
 
 fn short_prefix(id: &Id) -> [u8; 8] {
@@ -106,13 +119,14 @@ fn short_prefix(id: &Id) -> [u8; 8] {
 }
 
 impl StreamIndex {
-    /// Starts reading the headers of `packs` (every one with its uses) in `scope`; holding
-    /// more than `max_chunks_held` chunk locations at once ([`MAX_CHUNKS_HELD`]) is an error.
+    /// Starts reading the headers of `packs` (every one with its uses) in `scope`, to hold at
+    /// most `max_chunks_held` chunk locations at once ([`MAX_CHUNKS_HELD`]).
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
         packs: &[PackRef],
         max_chunks_held: usize,
+        strictness: Strictness,
     ) -> Result<StreamIndex> {
         let mut order = Vec::with_capacity(packs.len());
         for pack in packs {
@@ -169,19 +183,40 @@ impl StreamIndex {
             arrived: BTreeMap::new(),
             room,
             max_chunks_held,
+            strictness,
         })
     }
 
     /// Where a chunk needed at stream chunk `place` is, among the packs the snapshot uses there.
     /// Places never go back.
     pub fn chunk(&mut self, id: &Id, place: u64) -> Result<Option<Located>> {
-        self.reach(place)?;
+        self.chunk_near(id, place, place)
+    }
+
+    /// Where a chunk is among the packs held once every pack first used by `take_in_to` is
+    /// taken in and those last used before `let_go_before` are let go (both may only grow;
+    /// a smaller one than before changes nothing).
+    pub fn chunk_near(
+        &mut self,
+        id: &Id,
+        take_in_to: u64,
+        let_go_before: u64,
+    ) -> Result<Option<Located>> {
+        self.reach(take_in_to, let_go_before)?;
         if self.held > self.max_chunks_held {
-            return Err(Error::Missing {
-                object: format!(
-                    "room for the chunk locations of the packs in use at stream chunk {place}"
-                ),
-            });
+            if self.strictness == Strictness::Exact {
+                return Err(Error::Missing {
+                    object: format!(
+                        "room for the chunk locations of the packs in use at stream chunk \
+                         {take_in_to}"
+                    ),
+                });
+            }
+            while self.held > self.max_chunks_held
+                && let Some(Reverse((_, pack))) = self.ending.pop()
+            {
+                self.let_go(pack);
+            }
         }
         let prefix = short_prefix(id);
         for at in 0..self.recent.len() {
@@ -230,6 +265,11 @@ impl StreamIndex {
             .collect()
     }
 
+    /// The stream chunks at which the snapshot uses a pack.
+    pub fn uses(&self, pack: u32) -> ChunkSpan {
+        self.order[pack as usize].1
+    }
+
     /// A frame's location and its pack's.
     pub fn location(&self, frame: FrameKey) -> Result<(&FrameLocation, &PackLocation)> {
         let (location, _) = self.frame(frame)?;
@@ -249,26 +289,36 @@ impl StreamIndex {
         self.frame(key).is_ok_and(|(_, bases)| bases.is_empty())
     }
 
-    /// Takes in every pack first used by `place` and lets go of those last used before it.
-    fn reach(&mut self, place: u64) -> Result<()> {
+    /// Takes in every pack first used by `take_in_to` and lets go of those last used before
+    /// `let_go_before`.
+    fn reach(&mut self, take_in_to: u64, let_go_before: u64) -> Result<()> {
         while let Some(&(_, uses)) = self.order.get(self.next)
-            && uses.first <= place
+            && uses.first <= take_in_to
         {
-            let header = self.take_header(self.next)?;
-            self.take_in(self.next as u32, uses.last, header);
+            let at = self.next;
             self.next += 1;
-        }
-        while let Some(&Reverse((last, pack))) = self.ending.peek()
-            && last < place
-        {
-            self.ending.pop();
-            if let Some(gone) = self.live.remove(&pack) {
-                self.held -= gone.chunks.len();
-                self.recent.retain(|&p| p != pack);
-                self.moved.retain(|_, key| key.pack != pack);
+            match self.take_header(at) {
+                Ok(header) => self.take_in(at as u32, uses.last, header),
+                // (A backup stores that pack's chunks again; `bkp check` reports the damage.)
+                Err(_) if self.strictness == Strictness::BestEffort => {}
+                Err(e) => return Err(e),
             }
         }
+        while let Some(&Reverse((last, pack))) = self.ending.peek()
+            && last < let_go_before
+        {
+            self.ending.pop();
+            self.let_go(pack);
+        }
         Ok(())
+    }
+
+    fn let_go(&mut self, pack: u32) {
+        if let Some(gone) = self.live.remove(&pack) {
+            self.held -= gone.chunks.len();
+            self.recent.retain(|&p| p != pack);
+            self.moved.retain(|_, key| key.pack != pack);
+        }
     }
 
     /// Header number `at` of `order`, waiting for it if it is still being read.
@@ -377,7 +427,8 @@ mod tests {
         assert!(snapshot.packs.len() > 40, "{} packs", snapshot.packs.len());
         let chunks = snapshot.added.chunks;
         let (most_live, most_chunks) = std::thread::scope(|scope| {
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, usize::MAX).unwrap();
+            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, usize::MAX, Strictness::Exact)
+                    .unwrap();
             let (mut most_live, mut most_chunks) = (0, 0);
             for place in 0..chunks {
                 index.chunk(&Id([0; 32]), place).unwrap();
@@ -392,7 +443,8 @@ mod tests {
         // With room for fewer locations than that, the index says so rather than grow.
         std::thread::scope(|scope| {
             let room = most_chunks / 2;
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, room).unwrap();
+            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, room, Strictness::Exact)
+                    .unwrap();
             let failed = (0..chunks).find_map(|place| index.chunk(&Id([0; 32]), place).err());
             assert!(matches!(failed, Some(Error::Missing { .. })), "{failed:?}");
         });
