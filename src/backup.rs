@@ -28,8 +28,8 @@ use crate::id::Id;
 use crate::index::{IndexedPack, PackLocation};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::FrameReader;
-use crate::parent::{Base, Known, ParentWindow};
-use crate::repo::{ParentPacks, Repository, hostname};
+use crate::parent::{Base, Known};
+use crate::repo::{Repository, hostname};
 use crate::snapshot::{AddedBytes, ChunkSpan, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::store::Pending;
@@ -174,8 +174,9 @@ impl BaseChooser {
     /// The bases found inside the group just closed, most used first; [`add_bases`] completes
     /// them.
     fn group_closed(&mut self) -> (Vec<Base>, Vec<Base>) {
-        self.seen
-            .sort_by_key(|(base, hits)| (std::cmp::Reverse(*hits), base.name.pack, base.name.frame));
+        self.seen.sort_by_key(|(base, hits)| {
+            (std::cmp::Reverse(*hits), base.name.pack, base.name.frame)
+        });
         let inside = self.seen.drain(..).map(|(base, _)| base).collect();
         (inside, std::mem::take(&mut self.before))
     }
@@ -468,7 +469,7 @@ impl Deduper<'_> {
     /// `place` is where a restore needs it: its number in the stream, or for a tree node the
     /// number of the first stream chunk below it.
     fn offer(&mut self, id: Id, bytes: &[u8], is_tree_node: bool, place: u64) -> Result<()> {
-        if let Some(chunk) = self.known.chunk(&id, is_tree_node)? {
+        if let Some(chunk) = self.known.chunk(self.repo, &id, is_tree_node)? {
             self.uses.known_pack(&chunk.pack, place);
             for base in &chunk.bases {
                 self.uses.known_pack(&base.pack, place);
@@ -738,12 +739,7 @@ pub fn backup(
     };
 
     let (root, stream, added, packs, depends_on) = std::thread::scope(|scope| {
-        let known = match parent {
-            ParentPacks::Index(index) => Known::Index(index),
-            ParentPacks::Uses(packs) => {
-                Known::Parent(Box::new(ParentWindow::start(scope, repo, &packs)?))
-            }
-        };
+        let known = Known::start(scope, repo, parent)?;
         let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
             blocks,

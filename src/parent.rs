@@ -7,7 +7,9 @@
 //! and holds the parent's packs used near there ([`ParentWindow`]), instead of reading every
 //! header of the parent before it reads its first byte of stdin (5.9 s and 9,338 requests for
 //! a 100 GiB parent, with mysqldump waiting on a full pipe). Content that moved further than
-//! the window reaches is stored again: a larger backup, never a wrong one.
+//! the window reaches is stored again: a larger backup, never a wrong one. A parent whose packs
+//! are each used all over its stream (a prune's repack mixes frames from everywhere) does not
+//! fit a window: then the backup reads the index of all its packs after all, where it is.
 
 use std::thread::Scope;
 
@@ -15,7 +17,7 @@ use crate::error::Result;
 use crate::frame::FrameRef;
 use crate::id::Id;
 use crate::index::{FrameLocation, Index, MISSING_BASE, PackLocation};
-use crate::repo::Repository;
+use crate::repo::{ParentPacks, Repository};
 use crate::snapshot::PackRef;
 use crate::stream_index::{FrameKey, StreamIndex, Strictness};
 
@@ -49,6 +51,23 @@ pub enum Known {
 }
 
 impl Known {
+    /// What a backup deduplicates against, from what [`Repository::parent_for_backup`] found.
+    pub fn start<'scope, 'env>(
+        scope: &'scope Scope<'scope, 'env>,
+        repo: &'env Repository,
+        parent: ParentPacks,
+    ) -> Result<Known> {
+        Ok(match parent {
+            ParentPacks::Index(index) => Known::Index(index),
+            ParentPacks::Uses(packs) => Known::Parent(Box::new(ParentWindow::start(
+                scope,
+                repo,
+                packs,
+                Reach::DEFAULT,
+            )?)),
+        })
+    }
+
     /// Whether there is anything to deduplicate against (a first backup has nothing).
     pub fn is_empty(&self) -> bool {
         match self {
@@ -58,10 +77,23 @@ impl Known {
     }
 
     /// Chunk `id`: the new stream's next data chunk, or a tree node above the data so far.
-    pub fn chunk(&mut self, id: &Id, is_tree_node: bool) -> Result<Option<KnownChunk>> {
+    pub fn chunk(
+        &mut self,
+        repo: &Repository,
+        id: &Id,
+        is_tree_node: bool,
+    ) -> Result<Option<KnownChunk>> {
+        if let Known::Parent(window) = self {
+            match window.chunk(id, is_tree_node)? {
+                Lookup::Done(found) => return Ok(found),
+                Lookup::DoesNotFit => {
+                    *self = Known::Index(repo.index_of_parent_packs(&window.parent_packs)?);
+                }
+            }
+        }
         match self {
             Known::Index(index) => Ok(index_chunk(index, id)),
-            Known::Parent(window) => window.chunk(id, is_tree_node),
+            Known::Parent(_) => unreachable!("replaced by an index above"),
         }
     }
 }
@@ -91,9 +123,33 @@ fn index_chunk(index: &Index, id: &Id) -> Option<KnownChunk> {
     })
 }
 
+/// How far a [`ParentWindow`] reaches, in the parent's stream chunks.
+#[derive(Clone, Copy, Debug)]
+pub struct Reach {
+    /// Held ahead of the estimate.
+    pub ahead: u64,
+    /// Held after the last chunk found.
+    pub behind: u64,
+    /// Chunk locations held before the window stops guessing further ahead; with twice as
+    /// many due at once, it gives way to the index of all the parent's packs.
+    pub max_chunks_held: usize,
+}
+
+impl Reach {
+    /// 32 k chunks are ~512 MiB of dump; a header's locations are 20 bytes a chunk, so the
+    /// window holds 5 MiB of them at most.
+    pub const DEFAULT: Reach = Reach {
+        ahead: 32 << 10,
+        behind: 32 << 10,
+        max_chunks_held: 256 << 10,
+    };
+}
+
 /// The parent's packs in use near where the backup estimates it is in the parent's stream.
 pub struct ParentWindow {
     packs: StreamIndex,
+    parent_packs: Vec<PackRef>,
+    reach: Reach,
     /// The estimate: the parent's stream chunk that the new stream's next data chunk most
     /// likely repeats.
     at: u64,
@@ -106,41 +162,48 @@ pub struct ParentWindow {
     not_found: u64,
 }
 
-impl ParentWindow {
-    /// Parent stream chunks held ahead of the estimate, and after the last chunk found: 32 k
-    /// chunks are ~512 MiB of dump; a header's locations are 20 bytes a chunk.
-    const AHEAD: u64 = 32 << 10;
-    const BEHIND: u64 = 32 << 10;
-    /// Chunk locations held at most (5 MiB).
-    const MAX_CHUNKS_HELD: usize = 256 << 10;
+/// What a [`ParentWindow`] found.
+enum Lookup {
+    Done(Option<KnownChunk>),
+    /// The packs the parent uses here hold more than the window's room.
+    DoesNotFit,
+}
 
+impl ParentWindow {
     /// `packs`: the parent's, every one with its uses.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
-        packs: &[PackRef],
+        parent_packs: Vec<PackRef>,
+        reach: Reach,
     ) -> Result<ParentWindow> {
         Ok(ParentWindow {
-            packs: StreamIndex::start(
-                scope,
-                repo,
-                packs,
-                Self::MAX_CHUNKS_HELD,
-                Strictness::BestEffort,
-            )?,
+            packs: StreamIndex::start(scope, repo, &parent_packs, Strictness::BestEffort)?,
+            parent_packs,
+            reach,
             at: 0,
             at_last_found: 0,
             not_found: 0,
         })
     }
 
-    fn chunk(&mut self, id: &Id, is_tree_node: bool) -> Result<Option<KnownChunk>> {
-        let take_in_to = self.at + Self::AHEAD + 2 * self.not_found;
-        let let_go_before = self.at_last_found.saturating_sub(Self::BEHIND);
+    fn chunk(&mut self, id: &Id, is_tree_node: bool) -> Result<Lookup> {
+        // Reaching further ahead while chunks are not found is a guess (that part of the
+        // parent was deleted): made only while there is room for it.
+        let mut take_in_to = self.at + self.reach.ahead;
+        if self.packs.held() < self.reach.max_chunks_held {
+            take_in_to += 2 * self.not_found;
+        }
+        let let_go_before = self.at_last_found.saturating_sub(self.reach.behind);
         let found = self.packs.chunk_near(id, take_in_to, let_go_before)?;
+        // (Twice the room: the guess stops at the room, and the step that reaches it may take
+        // in more.)
+        if self.packs.held() > 2 * self.reach.max_chunks_held {
+            return Ok(Lookup::DoesNotFit);
+        }
         // A tree node is placed at its first chunk, behind the estimate: it moves nothing.
         if is_tree_node {
-            return Ok(found.and_then(|f| self.known(f.frame)));
+            return Ok(Lookup::Done(found.and_then(|f| self.known(f.frame))));
         }
         let known = found.and_then(|f| Some((f.frame.pack, self.known(f.frame)?)));
         match known {
@@ -150,12 +213,12 @@ impl ParentWindow {
                 self.at = (self.at + 1).clamp(uses.first, uses.last.max(uses.first));
                 self.at_last_found = self.at;
                 self.not_found = 0;
-                Ok(Some(known))
+                Ok(Lookup::Done(Some(known)))
             }
             None => {
                 self.at += 1;
                 self.not_found += 1;
-                Ok(None)
+                Ok(Lookup::Done(None))
             }
         }
     }
@@ -182,5 +245,126 @@ impl ParentWindow {
             pack: pack.clone(),
             bases,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::chunker::{Chunker, GearTable};
+    use crate::{BackupOptions, Source};
+
+    fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        blake3::Hasher::new_keyed(&[seed; 32])
+            .finalize_xof()
+            .fill(&mut data);
+        data
+    }
+
+    fn chunk_ids(repo: &Repository, data: &[u8]) -> Vec<Id> {
+        let key = repo.key();
+        let gear = GearTable::from_key(&key.chunker_key);
+        let mut chunker = Chunker::new(data, repo.config().chunker, gear).unwrap();
+        let mut ids = Vec::new();
+        while let Some(chunk) = chunker.next_chunk().unwrap() {
+            ids.push(key.chunk_id(chunk));
+        }
+        ids
+    }
+
+    #[test]
+    fn the_window_follows_a_stream_that_lost_or_gained_more_than_it_reaches() {
+        let repo = crate::repo::test_repository();
+        let small = BackupOptions {
+            group_size: 64 << 10,
+            pack_size: 128 << 10,
+            ..BackupOptions::default()
+        };
+        let day1 = pseudo_random(24_000_000, 1);
+        let source = Source::spawn(std::io::Cursor::new(day1.clone()));
+        let parent = crate::backup(&repo, source, &small, &mut |_| {})
+            .unwrap()
+            .snapshot
+            .snapshot;
+        let day1_ids: HashSet<Id> = chunk_ids(&repo, &day1).into_iter().collect();
+        let reach = Reach {
+            ahead: 64,
+            behind: 64,
+            max_chunks_held: 600,
+        };
+        let new_part = pseudo_random(1_500_000, 2);
+        let cut = 2_000_000..3_500_000;
+        let deleted = [&day1[..cut.start], &day1[cut.end..]].concat();
+        let inserted = [&day1[..cut.start], &new_part[..], &day1[cut.start..]].concat();
+        for (case, day2) in [
+            ("unchanged", &day1),
+            ("deleted", &deleted),
+            ("inserted", &inserted),
+        ] {
+            let ids = chunk_ids(&repo, day2);
+            let in_parent = ids.iter().filter(|id| day1_ids.contains(id)).count();
+            let (found, most_held) = std::thread::scope(|scope| {
+                let packs = parent.packs.clone();
+                let mut window = ParentWindow::start(scope, &repo, packs, reach).unwrap();
+                let (mut found, mut most_held) = (0, 0);
+                for id in &ids {
+                    match window.chunk(id, false).unwrap() {
+                        Lookup::Done(chunk) => found += chunk.is_some() as usize,
+                        Lookup::DoesNotFit => panic!("{case}: does not fit"),
+                    }
+                    most_held = most_held.max(window.packs.held());
+                }
+                (found, most_held)
+            });
+            assert!(
+                found * 10 >= in_parent * 9,
+                "{case}: {found} of the {in_parent} chunks the parent has found"
+            );
+            assert!(
+                most_held * 2 < day1_ids.len(),
+                "{case}: {most_held} of {} chunk locations held at once",
+                day1_ids.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_parent_whose_packs_do_not_fit_the_window_is_read_whole_and_deduplicates_as_well() {
+        let repo = crate::repo::test_repository();
+        let small = BackupOptions {
+            group_size: 64 << 10,
+            pack_size: 128 << 10,
+            ..BackupOptions::default()
+        };
+        let day1 = pseudo_random(6_000_000, 3);
+        let source = Source::spawn(std::io::Cursor::new(day1.clone()));
+        let mut packs = crate::backup(&repo, source, &small, &mut |_| {})
+            .unwrap()
+            .snapshot
+            .snapshot
+            .packs;
+        // Every pack said to be used all over the stream (as after a repack).
+        let last = chunk_ids(&repo, &day1).len() as u64;
+        for pack in &mut packs {
+            pack.uses = Some(crate::snapshot::ChunkSpan { first: 0, last });
+        }
+        let reach = Reach {
+            ahead: 8,
+            behind: 8,
+            max_chunks_held: 20,
+        };
+        let ids = chunk_ids(&repo, &day1);
+        std::thread::scope(|scope| {
+            let window = ParentWindow::start(scope, &repo, packs, reach).unwrap();
+            let mut known = Known::Parent(Box::new(window));
+            for id in &ids {
+                let found = known.chunk(&repo, id, false).unwrap();
+                assert!(found.is_some(), "a chunk of the parent not found");
+            }
+            assert!(matches!(known, Known::Index(_)));
+        });
     }
 }

@@ -383,14 +383,18 @@ impl Repository {
         if parent.snapshot.packs_have_uses() {
             return Ok(ParentPacks::Uses(parent.snapshot.packs));
         }
+        self.index_of_parent_packs(&parent.snapshot.packs)
+            .map(ParentPacks::Index)
+    }
+
+    /// The index of a parent's packs, read from their headers; every index file if one is
+    /// gone or damaged.
+    pub(crate) fn index_of_parent_packs(&self, packs: &[PackRef]) -> Result<Index> {
         let mut index = SpillingIndex::with_memory(lookup_memory());
-        if self
-            .index_of_packs(&parent.snapshot.packs, &mut index)?
-            .is_none()
-        {
-            return self.load_index_for_backup().map(ParentPacks::Index);
+        if self.index_of_packs(packs, &mut index)?.is_none() {
+            return self.load_index_for_backup();
         }
-        index.finish_for_lookups(true).map(ParentPacks::Index)
+        index.finish_for_lookups(true)
     }
 
     /// The index of the packs `snapshot` names, read from their headers: what a restore

@@ -541,8 +541,9 @@ fn restore_with(
                 scope,
                 repo,
                 &entry.snapshot.packs,
-                MAX_CHUNKS_HELD,
-                Strictness::Exact,
+                Strictness::Exact {
+                    max_chunks_held: MAX_CHUNKS_HELD,
+                },
             )?)),
         };
         let planner = Planner {

@@ -36,12 +36,13 @@ pub const MAX_CHUNKS_HELD: usize = 1 << 19;
 /// What a stream index does when it cannot hold what its snapshot's packs say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strictness {
-    /// For a restore: a header that cannot be read, or more chunk locations than its room,
-    /// is an error (the restore's next pass takes over).
-    Exact,
+    /// For a restore: a header that cannot be read, or holding more than `max_chunks_held`
+    /// chunk locations at once ([`MAX_CHUNKS_HELD`]), is an error (the restore's next pass
+    /// takes over).
+    Exact { max_chunks_held: usize },
     /// For a backup deduplicating against its parent: a pack whose header cannot be read is
-    /// left out, and to stay within its room the index lets go of the packs whose last use is
-    /// soonest. The backup then stores more than it had to, never anything wrong.
+    /// left out (the backup stores its chunks again, `bkp check` reports the damage), and the
+    /// caller watches what is held ([`StreamIndex::held`]).
     BestEffort,
 }
 
@@ -110,7 +111,6 @@ pub struct StreamIndex {
     arrived: BTreeMap<usize, Result<Arrived>>,
     /// A unit for each header that may be read ahead; one comes back per header taken in.
     room: Sender<()>,
-    max_chunks_held: usize,
     strictness: Strictness,
 }
 
@@ -119,13 +119,11 @@ fn short_prefix(id: &Id) -> [u8; 8] {
 }
 
 impl StreamIndex {
-    /// Starts reading the headers of `packs` (every one with its uses) in `scope`, to hold at
-    /// most `max_chunks_held` chunk locations at once ([`MAX_CHUNKS_HELD`]).
+    /// Starts reading the headers of `packs` (every one with its uses) in `scope`.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
         packs: &[PackRef],
-        max_chunks_held: usize,
         strictness: Strictness,
     ) -> Result<StreamIndex> {
         let mut order = Vec::with_capacity(packs.len());
@@ -182,7 +180,6 @@ impl StreamIndex {
             headers,
             arrived: BTreeMap::new(),
             room,
-            max_chunks_held,
             strictness,
         })
     }
@@ -203,20 +200,14 @@ impl StreamIndex {
         let_go_before: u64,
     ) -> Result<Option<Located>> {
         self.reach(take_in_to, let_go_before)?;
-        if self.held > self.max_chunks_held {
-            if self.strictness == Strictness::Exact {
-                return Err(Error::Missing {
-                    object: format!(
-                        "room for the chunk locations of the packs in use at stream chunk \
-                         {take_in_to}"
-                    ),
-                });
-            }
-            while self.held > self.max_chunks_held
-                && let Some(Reverse((_, pack))) = self.ending.pop()
-            {
-                self.let_go(pack);
-            }
+        if let Strictness::Exact { max_chunks_held } = self.strictness
+            && self.held > max_chunks_held
+        {
+            return Err(Error::Missing {
+                object: format!(
+                    "room for the chunk locations of the packs in use at stream chunk {take_in_to}"
+                ),
+            });
         }
         let prefix = short_prefix(id);
         for at in 0..self.recent.len() {
@@ -265,6 +256,11 @@ impl StreamIndex {
             .collect()
     }
 
+    /// Chunk locations held now.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
     /// The stream chunks at which the snapshot uses a pack.
     pub fn uses(&self, pack: u32) -> ChunkSpan {
         self.order[pack as usize].1
@@ -308,17 +304,13 @@ impl StreamIndex {
             && last < let_go_before
         {
             self.ending.pop();
-            self.let_go(pack);
+            if let Some(gone) = self.live.remove(&pack) {
+                self.held -= gone.chunks.len();
+                self.recent.retain(|&p| p != pack);
+                self.moved.retain(|_, key| key.pack != pack);
+            }
         }
         Ok(())
-    }
-
-    fn let_go(&mut self, pack: u32) {
-        if let Some(gone) = self.live.remove(&pack) {
-            self.held -= gone.chunks.len();
-            self.recent.retain(|&p| p != pack);
-            self.moved.retain(|_, key| key.pack != pack);
-        }
     }
 
     /// Header number `at` of `order`, waiting for it if it is still being read.
@@ -397,6 +389,10 @@ mod tests {
     use super::*;
     use crate::{BackupOptions, Source};
 
+    fn exact(max_chunks_held: usize) -> Strictness {
+        Strictness::Exact { max_chunks_held }
+    }
+
     fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
         let mut data = vec![0u8; len];
         blake3::Hasher::new_keyed(&[seed; 32])
@@ -427,8 +423,8 @@ mod tests {
         assert!(snapshot.packs.len() > 40, "{} packs", snapshot.packs.len());
         let chunks = snapshot.added.chunks;
         let (most_live, most_chunks) = std::thread::scope(|scope| {
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, usize::MAX, Strictness::Exact)
-                    .unwrap();
+            let mut index =
+                StreamIndex::start(scope, &repo, &snapshot.packs, exact(usize::MAX)).unwrap();
             let (mut most_live, mut most_chunks) = (0, 0);
             for place in 0..chunks {
                 index.chunk(&Id([0; 32]), place).unwrap();
@@ -443,8 +439,7 @@ mod tests {
         // With room for fewer locations than that, the index says so rather than grow.
         std::thread::scope(|scope| {
             let room = most_chunks / 2;
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, room, Strictness::Exact)
-                    .unwrap();
+            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, exact(room)).unwrap();
             let failed = (0..chunks).find_map(|place| index.chunk(&Id([0; 32]), place).err());
             assert!(matches!(failed, Some(Error::Missing { .. })), "{failed:?}");
         });
