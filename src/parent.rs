@@ -9,7 +9,9 @@
 //! a 100 GiB parent, with mysqldump waiting on a full pipe). Content that moved further than
 //! the window reaches is stored again: a larger backup, never a wrong one. A parent whose packs
 //! are each used all over its stream (a prune's repack mixes frames from everywhere) does not
-//! fit a window: then the backup reads the index of all its packs after all, where it is.
+//! fit a window: then the backup reads the index of all its packs after all, where it is; and
+//! where one of the parent's packs is gone (a prune repacked it and deleted it), every index
+//! file, which names where its frames went.
 
 use std::thread::Scope;
 
@@ -89,6 +91,9 @@ impl Known {
                 Lookup::DoesNotFit => {
                     *self = Known::Index(repo.index_of_parent_packs(&window.parent_packs)?);
                 }
+                // Most likely a prune repacked it and deleted it since: its frames are in
+                // other packs now, which only the index files name.
+                Lookup::PackGone => *self = Known::Index(repo.load_index_for_backup()?),
             }
         }
         match self {
@@ -167,6 +172,8 @@ enum Lookup {
     Done(Option<KnownChunk>),
     /// The packs the parent uses here hold more than the window's room.
     DoesNotFit,
+    /// A pack's header could not be read.
+    PackGone,
 }
 
 impl ParentWindow {
@@ -196,6 +203,9 @@ impl ParentWindow {
         }
         let let_go_before = self.at_last_found.saturating_sub(self.reach.behind);
         let found = self.packs.chunk_near(id, take_in_to, let_go_before)?;
+        if self.packs.left_out() > 0 {
+            return Ok(Lookup::PackGone);
+        }
         // (Twice the room: the guess stops at the room, and the step that reaches it may take
         // in more.)
         if self.packs.held() > 2 * self.reach.max_chunks_held {
@@ -313,7 +323,7 @@ mod tests {
                 for id in &ids {
                     match window.chunk(id, false).unwrap() {
                         Lookup::Done(chunk) => found += chunk.is_some() as usize,
-                        Lookup::DoesNotFit => panic!("{case}: does not fit"),
+                        _ => panic!("{case}: the window gave way to an index"),
                     }
                     most_held = most_held.max(window.packs.held());
                 }

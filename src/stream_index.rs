@@ -41,8 +41,8 @@ pub enum Strictness {
     /// takes over).
     Exact { max_chunks_held: usize },
     /// For a backup deduplicating against its parent: a pack whose header cannot be read is
-    /// left out (the backup stores its chunks again, `bkp check` reports the damage), and the
-    /// caller watches what is held ([`StreamIndex::held`]).
+    /// left out, and the caller watches what is held and left out ([`StreamIndex::held`],
+    /// [`StreamIndex::left_out`]).
     BestEffort,
 }
 
@@ -112,6 +112,7 @@ pub struct StreamIndex {
     /// A unit for each header that may be read ahead; one comes back per header taken in.
     room: Sender<()>,
     strictness: Strictness,
+    left_out: usize,
 }
 
 fn short_prefix(id: &Id) -> [u8; 8] {
@@ -181,6 +182,7 @@ impl StreamIndex {
             arrived: BTreeMap::new(),
             room,
             strictness,
+            left_out: 0,
         })
     }
 
@@ -256,6 +258,11 @@ impl StreamIndex {
             .collect()
     }
 
+    /// Packs left out because their header could not be read.
+    pub fn left_out(&self) -> usize {
+        self.left_out
+    }
+
     /// Chunk locations held now.
     pub fn held(&self) -> usize {
         self.held
@@ -295,8 +302,7 @@ impl StreamIndex {
             self.next += 1;
             match self.take_header(at) {
                 Ok(header) => self.take_in(at as u32, uses.last, header),
-                // (A backup stores that pack's chunks again; `bkp check` reports the damage.)
-                Err(_) if self.strictness == Strictness::BestEffort => {}
+                Err(_) if self.strictness == Strictness::BestEffort => self.left_out += 1,
                 Err(e) => return Err(e),
             }
         }
