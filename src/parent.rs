@@ -64,7 +64,7 @@ impl Known {
             ParentPacks::Uses(packs) => Known::Parent(Box::new(ParentWindow::start(
                 scope,
                 repo,
-                packs,
+                &packs,
                 Reach::DEFAULT,
             )?)),
         })
@@ -89,7 +89,7 @@ impl Known {
             match window.chunk(id, is_tree_node)? {
                 Lookup::Done(found) => return Ok(found),
                 Lookup::DoesNotFit => {
-                    *self = Known::Index(repo.index_of_parent_packs(&window.parent_packs)?);
+                    *self = Known::Index(repo.index_of_parent_packs(&window.packs.packs())?);
                 }
                 // Most likely a prune repacked it and deleted it since: its frames are in
                 // other packs now, which only the index files name.
@@ -153,7 +153,6 @@ impl Reach {
 /// The parent's packs in use near where the backup estimates it is in the parent's stream.
 pub struct ParentWindow {
     packs: StreamIndex,
-    parent_packs: Vec<PackRef>,
     reach: Reach,
     /// The estimate: the parent's stream chunk that the new stream's next data chunk most
     /// likely repeats.
@@ -181,12 +180,11 @@ impl ParentWindow {
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
-        parent_packs: Vec<PackRef>,
+        parent_packs: &[PackRef],
         reach: Reach,
     ) -> Result<ParentWindow> {
         Ok(ParentWindow {
-            packs: StreamIndex::start(scope, repo, &parent_packs, Strictness::BestEffort)?,
-            parent_packs,
+            packs: StreamIndex::start(scope, repo, parent_packs, Strictness::BestEffort)?,
             reach,
             at: 0,
             at_last_found: 0,
@@ -264,15 +262,7 @@ mod tests {
 
     use super::*;
     use crate::chunker::{Chunker, GearTable};
-    use crate::{BackupOptions, Source};
-
-    fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
-        let mut data = vec![0u8; len];
-        blake3::Hasher::new_keyed(&[seed; 32])
-            .finalize_xof()
-            .fill(&mut data);
-        data
-    }
+    use crate::repo::{pseudo_random, small_packs, test_backup, test_repository};
 
     fn chunk_ids(repo: &Repository, data: &[u8]) -> Vec<Id> {
         let key = repo.key();
@@ -287,18 +277,9 @@ mod tests {
 
     #[test]
     fn the_window_follows_a_stream_that_lost_or_gained_more_than_it_reaches() {
-        let repo = crate::repo::test_repository();
-        let small = BackupOptions {
-            group_size: 64 << 10,
-            pack_size: 128 << 10,
-            ..BackupOptions::default()
-        };
+        let repo = test_repository();
         let day1 = pseudo_random(24_000_000, 1);
-        let source = Source::spawn(std::io::Cursor::new(day1.clone()));
-        let parent = crate::backup(&repo, source, &small, &mut |_| {})
-            .unwrap()
-            .snapshot
-            .snapshot;
+        let parent = test_backup(&repo, &day1, &small_packs()).snapshot;
         let day1_ids: HashSet<Id> = chunk_ids(&repo, &day1).into_iter().collect();
         let reach = Reach {
             ahead: 64,
@@ -317,8 +298,7 @@ mod tests {
             let ids = chunk_ids(&repo, day2);
             let in_parent = ids.iter().filter(|id| day1_ids.contains(id)).count();
             let (found, most_held) = std::thread::scope(|scope| {
-                let packs = parent.packs.clone();
-                let mut window = ParentWindow::start(scope, &repo, packs, reach).unwrap();
+                let mut window = ParentWindow::start(scope, &repo, &parent.packs, reach).unwrap();
                 let (mut found, mut most_held) = (0, 0);
                 for id in &ids {
                     match window.chunk(id, false).unwrap() {
@@ -343,19 +323,9 @@ mod tests {
 
     #[test]
     fn a_parent_whose_packs_do_not_fit_the_window_is_read_whole_and_deduplicates_as_well() {
-        let repo = crate::repo::test_repository();
-        let small = BackupOptions {
-            group_size: 64 << 10,
-            pack_size: 128 << 10,
-            ..BackupOptions::default()
-        };
+        let repo = test_repository();
         let day1 = pseudo_random(6_000_000, 3);
-        let source = Source::spawn(std::io::Cursor::new(day1.clone()));
-        let mut packs = crate::backup(&repo, source, &small, &mut |_| {})
-            .unwrap()
-            .snapshot
-            .snapshot
-            .packs;
+        let mut packs = test_backup(&repo, &day1, &small_packs()).snapshot.packs;
         // Every pack said to be used all over the stream (as after a repack).
         let last = chunk_ids(&repo, &day1).len() as u64;
         for pack in &mut packs {
@@ -368,7 +338,7 @@ mod tests {
         };
         let ids = chunk_ids(&repo, &day1);
         std::thread::scope(|scope| {
-            let window = ParentWindow::start(scope, &repo, packs, reach).unwrap();
+            let window = ParentWindow::start(scope, &repo, &packs, reach).unwrap();
             let mut known = Known::Parent(Box::new(window));
             for id in &ids {
                 let found = known.chunk(&repo, id, false).unwrap();

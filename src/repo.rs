@@ -169,6 +169,39 @@ pub(crate) fn test_repository() -> Repository {
     Repository::init(Store::memory(), b"pw", &options).expect("a memory repository")
 }
 
+/// Options that make many small groups and packs of a few MB of test data.
+#[cfg(test)]
+pub(crate) fn small_packs() -> crate::BackupOptions {
+    crate::BackupOptions {
+        group_size: 64 << 10,
+        pack_size: 128 << 10,
+        ..crate::BackupOptions::default()
+    }
+}
+
+/// `len` incompressible bytes without repeats, from `seed`.
+#[cfg(test)]
+pub(crate) fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    blake3::Hasher::new_keyed(&[seed; 32])
+        .finalize_xof()
+        .fill(&mut data);
+    data
+}
+
+/// Backs `data` up with `options`.
+#[cfg(test)]
+pub(crate) fn test_backup(
+    repo: &Repository,
+    data: &[u8],
+    options: &crate::BackupOptions,
+) -> SnapshotEntry {
+    let source = crate::Source::spawn(std::io::Cursor::new(data.to_vec()));
+    crate::backup(repo, source, options, &mut |_| {})
+        .expect("a test backup")
+        .snapshot
+}
+
 impl Repository {
     /// Creates a repository in an empty store.
     pub fn init(store: Store, password: &[u8], options: &InitOptions) -> Result<Repository> {

@@ -258,6 +258,11 @@ impl StreamIndex {
             .collect()
     }
 
+    /// The snapshot's packs, in the order of first use.
+    pub fn packs(&self) -> Vec<PackRef> {
+        self.order.iter().map(|(pack, _)| *pack).collect()
+    }
+
     /// Packs left out because their header could not be read.
     pub fn left_out(&self) -> usize {
         self.left_out
@@ -393,39 +398,22 @@ fn live_pack(number: u32, pack: IndexedPack) -> Result<Arrived> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackupOptions, Source};
+    use crate::repo::{pseudo_random, small_packs, test_backup, test_repository};
 
     fn exact(max_chunks_held: usize) -> Strictness {
         Strictness::Exact { max_chunks_held }
     }
 
-    fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
-        let mut data = vec![0u8; len];
-        blake3::Hasher::new_keyed(&[seed; 32])
-            .finalize_xof()
-            .fill(&mut data);
-        data
-    }
-
     #[test]
     fn the_stream_index_holds_the_packs_of_a_small_part_of_the_stream_at_a_time() {
-        let repo = crate::repo::test_repository();
-        let small = BackupOptions {
-            group_size: 64 << 10,
-            pack_size: 128 << 10,
-            ..BackupOptions::default()
-        };
+        let repo = test_repository();
         let day1 = pseudo_random(8_000_000, 1);
         let mut day2 = day1.clone();
         for at in (10_000..8_000_000).step_by(500_000) {
             day2[at..at + 100].fill(9);
         }
-        let mut entry = None;
-        for data in [&day1, &day2] {
-            let source = Source::spawn(std::io::Cursor::new(data.clone()));
-            entry = Some(crate::backup(&repo, source, &small, &mut |_| {}).unwrap());
-        }
-        let snapshot = entry.unwrap().snapshot.snapshot;
+        test_backup(&repo, &day1, &small_packs());
+        let snapshot = test_backup(&repo, &day2, &small_packs()).snapshot;
         assert!(snapshot.packs.len() > 40, "{} packs", snapshot.packs.len());
         let chunks = snapshot.added.chunks;
         let (most_live, most_chunks) = std::thread::scope(|scope| {
@@ -462,17 +450,9 @@ mod tests {
 
     #[test]
     fn a_restore_through_packs_whose_uses_are_wrong_falls_back_and_is_exact() {
-        let repo = crate::repo::test_repository();
-        let small = BackupOptions {
-            group_size: 64 << 10,
-            pack_size: 128 << 10,
-            ..BackupOptions::default()
-        };
+        let repo = test_repository();
         let data = pseudo_random(3_000_000, 2);
-        let source = Source::spawn(std::io::Cursor::new(data.clone()));
-        let entry = crate::backup(&repo, source, &small, &mut |_| {})
-            .unwrap()
-            .snapshot;
+        let entry = test_backup(&repo, &data, &small_packs());
         // Packs said to be used only at the start (let go too early), or only at the end
         // (taken in too late): a damaged or planted snapshot, or a bug.
         for wrong in [

@@ -126,7 +126,8 @@ fn try_backup_across(
     let (started, has_started) = mpsc::channel();
     std::thread::scope(|scope| {
         let running = scope.spawn(|| {
-            // Events come once chunks flow, so after the backup has loaded its index.
+            // Events come once the first chunk is looked up, so after the backup has taken
+            // in the parent's packs used at the start.
             let mut started = Some(started);
             bkp::backup(repo, source, &BackupOptions::default(), &mut |_| {
                 if let Some(started) = started.take() {
