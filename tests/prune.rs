@@ -106,8 +106,8 @@ impl Read for Gated {
     }
 }
 
-/// Backs up `data`, running `meanwhile` once the backup has looked up its first chunk and before it
-/// reads past the first MiB.
+/// Backs up `data`, running `meanwhile` once the backup has looked up its first chunk and
+/// before it reads past the first MiB.
 fn backup_across(repo: &Repository, data: &[u8], meanwhile: impl FnOnce()) -> bkp::BackupSummary {
     try_backup_across(repo, data, meanwhile).unwrap()
 }
