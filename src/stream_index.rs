@@ -5,6 +5,8 @@
 //! 100 GB snapshot's ~6.5 M chunk locations were sorted on disk before its first byte (32 s).
 //!
 //! Headers are read ahead, in the order of first use, by a few threads ([`HEADERS_AHEAD`]).
+//! A backup reads its parent's packs the same way, at an estimate of where in the parent's
+//! stream it is ([`crate::parent`]).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
