@@ -176,7 +176,7 @@ enum Lookup {
 }
 
 impl ParentWindow {
-    /// `packs`: the parent's, every one with its uses.
+    /// `parent_packs`: every one with its uses.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
         repo: &'env Repository,
