@@ -114,9 +114,10 @@ pub enum Error {
     #[error("writing the restored stream failed: {0}")]
     Sink(io::Error),
 
-    /// Prune, check and stats of a large repository sort on local disk ([`crate::spill`]).
+    /// Prune, check and stats of a large repository sort on local disk ([`crate::spill`]), and
+    /// a backup to a remote store fills its next pack there.
     #[error(
-        "writing temporary files in {dir} failed: {cause} (prune, check and stats of a large repository need about 60 bytes of temporary space per chunk: set TMPDIR to a writable directory with room)"
+        "writing temporary files in {dir} failed: {cause} (a backup to S3 needs ~10 MiB there, prune, check and stats of a large repository about 60 bytes per chunk: set TMPDIR to a writable directory with room)"
     )]
     TempFiles { dir: String, cause: io::Error },
 

@@ -13,6 +13,9 @@
 //! outside; the trailer has a fixed size. Version 1 packs (`BKPPCK01`) differ only in a header
 //! without `moved`, and are still read.
 
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CipherKey, MasterKey, OpeningKey, SEAL_OVERHEAD};
@@ -22,6 +25,7 @@ pub use crate::frame::{ChunkEntry, Frame, FrameRef};
 use crate::id::Id;
 use crate::index::IndexedPack;
 use crate::padding::padded_len;
+use crate::spill;
 
 pub const PACK_MAGIC: &[u8; 8] = b"BKPPCK02";
 /// Target size of a stored pack ([`PackWriter`]): one PUT each, a few per GiB of new data.
@@ -108,7 +112,7 @@ impl PackSession {
     }
 }
 
-/// Builds one pack in memory, up to a target size.
+/// Builds one pack, up to a target size.
 ///
 /// Padding rounds every pack up to its Padmé bucket (steps of 128 KiB between 4 and 8 MiB), so
 /// where a pack ends decides how much of it is padding: closing it once it reached the target
@@ -122,26 +126,94 @@ impl PackSession {
 /// held by the writer, by every reader of the pack's header and, 64 packs at a time, by the
 /// backup until it wrote their index file: the memory of a day-2 backup of a 10 GB dump.
 pub struct PackWriter {
-    buf: Vec<u8>,
+    body: PackBody,
     header: PackHeader,
     /// Serialized size of `header`'s entries so far.
     header_len: usize,
     target: usize,
 }
 
+/// Where a pack's frames wait until it is finished.
+enum PackBody {
+    Memory(Vec<u8>),
+    /// A private temporary file ([`crate::spill`]): for a pack that fills while the previous one
+    /// uploads, so that memory holds one pack, not two.
+    Spilled {
+        out: BufWriter<File>,
+        len: usize,
+    },
+}
+
+impl PackBody {
+    fn len(&self) -> usize {
+        match self {
+            PackBody::Memory(buf) => buf.len(),
+            PackBody::Spilled { len, .. } => *len,
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        match self {
+            PackBody::Memory(buf) => buf.extend_from_slice(bytes),
+            PackBody::Spilled { out, len } => {
+                out.write_all(bytes).map_err(spill::temp_error)?;
+                *len += bytes.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything appended, in memory, with room for `more` bytes.
+    fn into_memory(self, more: usize) -> Result<Vec<u8>> {
+        match self {
+            PackBody::Memory(buf) => Ok(buf),
+            PackBody::Spilled { out, len } => {
+                let mut file = out
+                    .into_inner()
+                    .map_err(|e| spill::temp_error(e.into_error()))?;
+                let mut buf = Vec::with_capacity(len + more);
+                file.seek(SeekFrom::Start(0))
+                    .and_then(|_| file.take(len as u64).read_to_end(&mut buf))
+                    .map_err(spill::temp_error)?;
+                if buf.len() != len {
+                    return Err(Error::Internal(
+                        "a pack's temporary file was cut short".into(),
+                    ));
+                }
+                Ok(buf)
+            }
+        }
+    }
+}
+
 impl PackWriter {
-    /// A pack of about `target` bytes (stored, padding included).
+    /// A pack of about `target` bytes (stored, padding included), built in memory.
     pub fn new(session: &PackSession, target: usize) -> PackWriter {
-        let mut buf = Vec::with_capacity(target);
-        buf.extend_from_slice(PACK_MAGIC);
-        buf.extend_from_slice(&session.data_ephemeral);
-        buf.extend_from_slice(&session.metadata_ephemeral);
-        PackWriter {
-            buf,
+        Self::with_body(
+            session,
+            target,
+            PackBody::Memory(Vec::with_capacity(target)),
+        )
+        .expect("a pack in memory takes its prefix")
+    }
+
+    /// As [`PackWriter::new`], its frames kept in a private temporary file until it is
+    /// finished.
+    pub fn spilled(session: &PackSession, target: usize) -> Result<PackWriter> {
+        let out = BufWriter::with_capacity(64 << 10, spill::anonymous_file()?);
+        Self::with_body(session, target, PackBody::Spilled { out, len: 0 })
+    }
+
+    fn with_body(session: &PackSession, target: usize, mut body: PackBody) -> Result<PackWriter> {
+        body.append(PACK_MAGIC)?;
+        body.append(&session.data_ephemeral)?;
+        body.append(&session.metadata_ephemeral)?;
+        Ok(PackWriter {
+            body,
             header: PackHeader::default(),
             header_len: 0,
             target,
-        }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -168,12 +240,12 @@ impl PackWriter {
     /// What [`PackWriter::finish`] would produce before padding.
     fn unpadded_len(&self) -> u64 {
         // The two vector lengths in front of the header's entries: at most 5 bytes each.
-        (self.buf.len() + self.header_len + 10 + SEAL_OVERHEAD + TRAILER_LEN) as u64
+        (self.body.len() + self.header_len + 10 + SEAL_OVERHEAD + TRAILER_LEN) as u64
     }
 
     /// Adds `frame`, which was known as `moved_from` in the packs it was copied from (empty for
     /// a new frame).
-    pub fn add(&mut self, frame: Frame, moved_from: &[FrameRef]) {
+    pub fn add(&mut self, frame: Frame, moved_from: &[FrameRef]) -> Result<()> {
         let number = self.header.frames.len() as u32;
         for &from in moved_from {
             let moved = MovedFrame {
@@ -184,39 +256,45 @@ impl PackWriter {
             self.header.moved.push(moved);
         }
         let entry = FrameEntry {
-            offset: self.buf.len() as u64,
+            offset: self.body.len() as u64,
             sealed_len: frame.sealed.len() as u32,
             chunks: frame.chunks,
             bases: frame.bases,
         };
+        self.body.append(&frame.sealed)?;
         self.header_len += serialized_size(&entry);
         self.header.frames.push(entry);
-        self.buf.extend_from_slice(&frame.sealed);
+        Ok(())
     }
 
     /// The pack's index entry and the bytes to store under `packs/` as its id.
-    pub fn finish(mut self, session: &PackSession) -> (IndexedPack, Vec<u8>) {
+    pub fn finish(self, session: &PackSession) -> Result<(IndexedPack, Vec<u8>)> {
         let metadata_key = &session.metadata_key;
         let mut header_plain = postcard::to_allocvec(&self.header).expect("header serializes");
         debug_assert!(header_plain.len() <= self.header_len + 10);
-        let unpadded = (self.buf.len() + header_plain.len() + SEAL_OVERHEAD + TRAILER_LEN) as u64;
+        let frames_len = self.body.len();
+        let unpadded = (frames_len + header_plain.len() + SEAL_OVERHEAD + TRAILER_LEN) as u64;
         let padding = (padded_len(unpadded) - unpadded) as usize;
         header_plain.resize(header_plain.len() + padding, 0);
-        let header_offset = self.buf.len() as u64;
         let sealed_header = metadata_key.seal(HEADER_AAD, &header_plain);
-        self.buf.extend_from_slice(&sealed_header);
+        drop(header_plain);
         let mut trailer = [0u8; 16];
-        trailer[..8].copy_from_slice(&header_offset.to_le_bytes());
+        trailer[..8].copy_from_slice(&(frames_len as u64).to_le_bytes());
         trailer[8..].copy_from_slice(&(sealed_header.len() as u64).to_le_bytes());
-        self.buf.extend(metadata_key.seal(TRAILER_AAD, &trailer));
-        debug_assert_eq!(self.buf.len() as u64, padded_len(unpadded));
+        let sealed_trailer = metadata_key.seal(TRAILER_AAD, &trailer);
+        let mut buf = self
+            .body
+            .into_memory(sealed_header.len() + sealed_trailer.len())?;
+        buf.extend_from_slice(&sealed_header);
+        buf.extend_from_slice(&sealed_trailer);
+        debug_assert_eq!(buf.len() as u64, padded_len(unpadded));
         let pack = IndexedPack {
-            id: Id::of_object(&self.buf),
-            len: self.buf.len() as u64,
+            id: Id::of_object(&buf),
+            len: buf.len() as u64,
             data_ephemeral: session.data_ephemeral,
             header: self.header,
         };
-        (pack, self.buf)
+        Ok((pack, buf))
     }
 }
 
@@ -307,8 +385,12 @@ mod tests {
     fn pack_round_trip_through_header_and_frames() {
         let master = MasterKey::generate();
         let s = PackSession::new(&master);
+        round_trip(&master, &s, PackWriter::new(&s, 1 << 20));
+        round_trip(&master, &s, PackWriter::spilled(&s, 1 << 20).unwrap());
+    }
+
+    fn round_trip(master: &MasterKey, s: &PackSession, mut writer: PackWriter) {
         let mut encoder = FrameEncoder::new(3);
-        let mut writer = PackWriter::new(&s, 1 << 20);
         let raw = b"INSERT INTO t VALUES (1);\nINSERT INTO t VALUES (2);\n".repeat(100);
         let chunks = vec![
             ChunkEntry {
@@ -324,10 +406,12 @@ mod tests {
             pack: Id([5; 32]),
             frame: 2,
         };
-        writer.add(
-            encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0),
-            &[base],
-        );
+        writer
+            .add(
+                encoder.seal(&s.data_key, &raw, chunks.clone(), &[], Vec::new(), 0),
+                &[base],
+            )
+            .unwrap();
         let mut dictionary = Vec::new();
         dictionary.extend_from_slice(&raw);
         let frame = encoder.seal(
@@ -338,8 +422,8 @@ mod tests {
             vec![base],
             1 << 20,
         );
-        writer.add(frame, &[]);
-        let (pack, bytes) = writer.finish(&s);
+        writer.add(frame, &[]).unwrap();
+        let (pack, bytes) = writer.finish(s).unwrap();
         assert_eq!(bytes.len() as u64, padded_len(bytes.len() as u64));
         assert_eq!(pack.id, Id::of_object(&bytes));
         assert_eq!(pack.len, bytes.len() as u64);
@@ -403,7 +487,7 @@ mod tests {
             let next = frames.next();
             if next.as_ref().is_none_or(|f| writer.is_full_before(f, &[])) {
                 let full = std::mem::replace(&mut writer, PackWriter::new(&s, PACK_SIZE));
-                let (pack, bytes) = full.finish(&s);
+                let (pack, bytes) = full.finish(&s).unwrap();
                 let frames: usize = pack
                     .header
                     .frames
@@ -416,7 +500,7 @@ mod tests {
                 paddings.push(bytes.len() - content);
             }
             match next {
-                Some(frame) => writer.add(frame, &[]),
+                Some(frame) => writer.add(frame, &[]).unwrap(),
                 None => break,
             }
         }

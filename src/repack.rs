@@ -88,7 +88,7 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
     let mut report = Repacked::default();
     let mut writer = PackWriter::new(&session, PACK_SIZE);
     let mut store_pack = |writer: PackWriter, report: &mut Repacked| -> Result<()> {
-        let (pack, bytes) = writer.finish(&session);
+        let (pack, bytes) = writer.finish(&session)?;
         report.bytes_written += pack.len;
         repo.wait_for_pack(repo.put_pack_soon(&pack.id, bytes))?;
         written.push(pack);
@@ -133,7 +133,7 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
                 let full = std::mem::replace(&mut writer, PackWriter::new(&session, PACK_SIZE));
                 store_pack(full, &mut report)?;
             }
-            writer.add(frame, &moved_from);
+            writer.add(frame, &moved_from)?;
             report.frames += 1;
         }
     }

@@ -66,7 +66,7 @@ fn temp_dir() -> PathBuf {
     std::env::temp_dir()
 }
 
-fn temp_error(e: std::io::Error) -> Error {
+pub(crate) fn temp_error(e: std::io::Error) -> Error {
     Error::TempFiles {
         dir: temp_dir().display().to_string(),
         cause: e,
@@ -74,7 +74,7 @@ fn temp_error(e: std::io::Error) -> Error {
 }
 
 /// An anonymous private file in the temporary directory (created, then unlinked at once).
-fn anonymous_file() -> Result<File> {
+pub(crate) fn anonymous_file() -> Result<File> {
     let dir = temp_dir();
     for _ in 0..16 {
         let mut random = [0u8; 8];
