@@ -788,10 +788,14 @@ pub fn backup(
             repo.config().chunker,
             GearTable::from_key(&key.chunker_key),
         )?;
-        let (group_tx, group_rx) = bounded::<Group>(1);
-        let (frame_tx, frame_rx) = bounded::<(u32, Frame)>(2 * threads);
+        // A rendezvous: a full group waits in the deduper's hands for a free worker. A queue
+        // of one held another 2 MiB group and ran no faster (day 1 of a 3 GiB dump in 13.2 s
+        // either way): the deduper fills a group in a fraction of a worker's time for it.
+        let (group_tx, group_rx) = bounded::<Group>(0);
+        // A sealed frame per worker waits while the pack writer stores a pack.
+        let (frame_tx, frame_rx) = bounded::<(u32, Frame)>(threads);
         // Room for every group buffer there can be (the open data and tree groups, the waiting
-        // group, one queued, one per worker), so none is dropped and allocated again.
+        // group, one handed over, one per worker), so none is dropped and allocated again.
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads + 4);
         for _ in 0..threads {
             let (groups, frames, spare) = (group_rx.clone(), frame_tx.clone(), spare_tx.clone());

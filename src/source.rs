@@ -119,11 +119,11 @@ impl Read for BlockReader {
     }
 }
 
-/// Blocks of read-ahead: 2 MiB, to absorb the chunker's jitter. 8 MiB ran no faster and cost
-/// 6 MiB of peak RSS. A longer pause (opening a large repository) stalls the dump program for
-/// as long whatever the queue's size; seconds are harmless (a dump server's write timeout is
-/// a minute by default).
-const READ_AHEAD_BLOCKS: usize = 8;
+/// Blocks of read-ahead: 1 MiB, to absorb the chunker's jitter (2 MiB ran no faster, 8 MiB
+/// cost 6 MiB of peak RSS). A longer pause (opening a large repository) stalls the dump program
+/// for as long whatever the queue's size; seconds are harmless (a dump server's write timeout
+/// is a minute by default).
+const READ_AHEAD_BLOCKS: usize = 4;
 
 /// The stream to back up, already being read.
 pub struct Source {
