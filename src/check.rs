@@ -74,6 +74,7 @@ pub fn check(
     read_data: ReadData,
     progress: &mut dyn FnMut(&str),
 ) -> Result<CheckReport> {
+    repo.require_full_key("check the repository")?;
     let mut checker = Checker {
         repo,
         report: CheckReport::default(),

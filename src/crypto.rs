@@ -92,10 +92,11 @@ impl Drop for SealingKey {
     }
 }
 
-/// What a reader needs to open one role's messages.
+/// One role's key: what a writer needs to seal, and, in a full key, the secret half that opens
+/// (a put-only key has none).
 #[derive(Clone)]
 pub struct OpeningKey {
-    secret: StaticSecret,
+    secret: Option<StaticSecret>,
     sealing: SealingKey,
 }
 
@@ -133,8 +134,19 @@ impl OpeningKey {
         let secret = StaticSecret::from(secret);
         let public = PublicKey::from(&secret);
         OpeningKey {
-            secret,
+            secret: Some(secret),
             sealing: SealingKey { public, psk },
+        }
+    }
+
+    /// A key that can only seal (a put-only key's).
+    fn sealing_only(public: [u8; 32], psk: [u8; 32]) -> OpeningKey {
+        OpeningKey {
+            secret: None,
+            sealing: SealingKey {
+                public: PublicKey::from(public),
+                psk,
+            },
         }
     }
 
@@ -144,14 +156,37 @@ impl OpeningKey {
 
     /// The session key for a session whose ephemeral public key is `ephemeral_public`;
     /// `None` for a degenerate (low-order) ephemeral key, which no honest writer produces.
-    pub fn session(&self, ephemeral_public: &[u8; 32]) -> Option<CipherKey> {
-        let shared = self
-            .secret
-            .diffie_hellman(&PublicKey::from(*ephemeral_public));
+    /// A put-only key cannot open anything: [`Error::PutOnlyKey`].
+    pub fn session(&self, ephemeral_public: &[u8; 32]) -> Result<Option<CipherKey>> {
+        let Some(secret) = &self.secret else {
+            return Err(Error::PutOnlyKey {
+                refused: "read what the repository stores".to_string(),
+            });
+        };
+        let shared = secret.diffie_hellman(&PublicKey::from(*ephemeral_public));
         if !shared.was_contributory() {
-            return None;
+            return Ok(None);
         }
-        Some(self.sealing.derive(ephemeral_public, shared.as_bytes()))
+        Ok(Some(
+            self.sealing.derive(ephemeral_public, shared.as_bytes()),
+        ))
+    }
+}
+
+/// What a key may do (docs/FORMAT.md §4): a full key everything; a put-only key back up, and
+/// nothing that reads what the repository stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyRole {
+    Full,
+    PutOnly,
+}
+
+impl std::fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyRole::Full => "full",
+            KeyRole::PutOnly => "put-only",
+        })
     }
 }
 
@@ -191,6 +226,14 @@ impl MasterKey {
             metadata: OpeningKey::from_parts(part(3), part(4)),
             chunk_id_key: part(5),
             chunker_key: part(6),
+        }
+    }
+
+    /// Full if it holds both secret halves; put-only if it holds neither.
+    pub fn role(&self) -> KeyRole {
+        match (&self.data.secret, &self.metadata.secret) {
+            (Some(_), Some(_)) => KeyRole::Full,
+            _ => KeyRole::PutOnly,
         }
     }
 
@@ -252,8 +295,7 @@ impl KdfParams {
     }
 }
 
-/// The secrets as serialized inside a key file. Secret halves are optional so that a future
-/// put-only key file (public halves only) is the same structure with fewer fields filled in.
+/// The secrets as serialized inside a key file. A put-only key has no secret halves.
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct KeyMaterial {
     #[zeroize(skip)]
@@ -268,9 +310,19 @@ struct KeyMaterial {
     chunker_key: [u8; 32],
 }
 
-/// A password-wrapped copy of the master key (`keys/<id>`), in plaintext apart from `sealed`.
+/// A put-only key file's plaintext: its key material, and a copy of the repository's config,
+/// which such a key cannot open where it is stored.
 #[derive(Serialize, Deserialize)]
+struct PutOnlyMaterial {
+    material: KeyMaterial,
+    config: Vec<u8>,
+}
+
+/// A password-wrapped copy of the master key (`keys/<id>`), in plaintext apart from `sealed`.
 pub struct KeyFile {
+    /// Stored in plaintext, so that `bkp key list` shows every key's, and authenticated with
+    /// the sealed material: a changed role makes the key file fail to open.
+    pub role: KeyRole,
     pub kdf: KdfParams,
     pub salt: [u8; 16],
     /// Unix seconds; for `bkp key list`.
@@ -278,32 +330,80 @@ pub struct KeyFile {
     sealed: Vec<u8>,
 }
 
+/// A full key's file (every full key ever written, so that bkp before format 4 still opens
+/// repositories that have only full keys).
 pub const KEY_FILE_MAGIC: &[u8; 8] = b"BKPKEY01";
+/// A key file that names its role (format 4): put-only keys.
+pub const ROLE_KEY_FILE_MAGIC: &[u8; 8] = b"BKPKEY02";
+
+/// `BKPKEY01`'s body.
+#[derive(Serialize, Deserialize)]
+struct FullKeyFile {
+    kdf: KdfParams,
+    salt: [u8; 16],
+    created: i64,
+    sealed: Vec<u8>,
+}
+
+/// `BKPKEY02`'s body.
+#[derive(Serialize, Deserialize)]
+struct RoleKeyFile {
+    role: KeyRole,
+    kdf: KdfParams,
+    salt: [u8; 16],
+    created: i64,
+    sealed: Vec<u8>,
+}
+
+/// A key as a password unlocked it.
+pub struct UnlockedKey {
+    pub key: MasterKey,
+    /// A put-only key's copy of the config object's plaintext (docs/FORMAT.md §4).
+    pub config: Option<Vec<u8>>,
+}
 
 impl KeyFile {
+    /// A full key file for `master`.
     pub fn wrap(
         master: &MasterKey,
         password: &[u8],
         kdf: KdfParams,
         created: i64,
     ) -> Result<KeyFile> {
+        let plain =
+            postcard::to_allocvec(&KeyMaterial::of(master)).expect("key material serializes");
+        KeyFile::seal(KeyRole::Full, plain, password, kdf, created)
+    }
+
+    /// A put-only key file for `master`'s repository: its public halves, PSKs, chunk-id and
+    /// chunker keys, and `config` (the config object's plaintext), but no secret half.
+    pub fn wrap_put_only(
+        master: &MasterKey,
+        config: Vec<u8>,
+        password: &[u8],
+        kdf: KdfParams,
+        created: i64,
+    ) -> Result<KeyFile> {
+        let mut material = KeyMaterial::of(master);
+        (material.data_secret, material.metadata_secret) = (None, None);
+        let plain = postcard::to_allocvec(&PutOnlyMaterial { material, config })
+            .expect("key material serializes");
+        KeyFile::seal(KeyRole::PutOnly, plain, password, kdf, created)
+    }
+
+    fn seal(
+        role: KeyRole,
+        mut plain: Vec<u8>,
+        password: &[u8],
+        kdf: KdfParams,
+        created: i64,
+    ) -> Result<KeyFile> {
         let salt = random_bytes();
         let kek = kdf.derive(password, &salt)?;
-        let material = KeyMaterial {
-            repository_id: master.repository_id,
-            data_public: *master.data.sealing.public.as_bytes(),
-            data_secret: Some(master.data.secret.to_bytes()),
-            data_psk: master.data.sealing.psk,
-            metadata_public: *master.metadata.sealing.public.as_bytes(),
-            metadata_secret: Some(master.metadata.secret.to_bytes()),
-            metadata_psk: master.metadata.sealing.psk,
-            chunk_id_key: master.chunk_id_key,
-            chunker_key: master.chunker_key,
-        };
-        let mut plain = postcard::to_allocvec(&material).expect("key material serializes");
-        let sealed = kek.seal(KEY_FILE_MAGIC, &plain);
+        let sealed = kek.seal(&KeyFile::aad(role), &plain);
         plain.zeroize();
         Ok(KeyFile {
+            role,
             kdf,
             salt,
             created,
@@ -311,55 +411,102 @@ impl KeyFile {
         })
     }
 
+    /// What the sealed material is authenticated with: the magic, and for a role key file
+    /// its role's number.
+    fn aad(role: KeyRole) -> Vec<u8> {
+        match role {
+            KeyRole::Full => KEY_FILE_MAGIC.to_vec(),
+            KeyRole::PutOnly => {
+                let mut aad = ROLE_KEY_FILE_MAGIC.to_vec();
+                aad.extend(postcard::to_allocvec(&role).expect("a role serializes"));
+                aad
+            }
+        }
+    }
+
     /// `Ok(None)` when the password is not this key's.
-    pub fn unwrap_with(&self, password: &[u8], object: &str) -> Result<Option<MasterKey>> {
+    pub fn unwrap_with(&self, password: &[u8], object: &str) -> Result<Option<UnlockedKey>> {
         let kek = self.kdf.derive(password, &self.salt)?;
-        let Some(mut plain) = kek.open(KEY_FILE_MAGIC, &self.sealed) else {
+        let Some(mut plain) = kek.open(&KeyFile::aad(self.role), &self.sealed) else {
             return Ok(None);
         };
-        let material: Result<KeyMaterial, _> = postcard::from_bytes(&plain);
-        plain.zeroize();
-        let material =
-            material.map_err(|e| Error::corrupt(object, format!("key material: {e}")))?;
-        let (Some(data_secret), Some(metadata_secret)) =
-            (material.data_secret, material.metadata_secret)
-        else {
-            return Err(Error::invalid(
-                "key",
-                format!("{object} is a restricted key; this operation needs a full key"),
-            ));
+        let decoded = match self.role {
+            KeyRole::Full => {
+                postcard::from_bytes::<KeyMaterial>(&plain).map(|material| (material, None))
+            }
+            KeyRole::PutOnly => postcard::from_bytes::<PutOnlyMaterial>(&plain)
+                .map(|PutOnlyMaterial { material, config }| (material, Some(config))),
         };
-        let data = OpeningKey::from_parts(data_secret, material.data_psk);
-        let metadata = OpeningKey::from_parts(metadata_secret, material.metadata_psk);
-        if data.sealing.public.as_bytes() != &material.data_public
-            || metadata.sealing.public.as_bytes() != &material.metadata_public
-        {
+        plain.zeroize();
+        let (material, config) =
+            decoded.map_err(|e| Error::corrupt(object, format!("key material: {e}")))?;
+        let key = material.unlock(object)?;
+        if key.role() != self.role {
             return Err(Error::corrupt(
                 object,
-                "public and secret keys do not match",
+                format!("its material is not that of a {} key", self.role),
             ));
         }
-        Ok(Some(MasterKey {
-            repository_id: material.repository_id,
-            data,
-            metadata,
-            chunk_id_key: material.chunk_id_key,
-            chunker_key: material.chunker_key,
-        }))
+        Ok(Some(UnlockedKey { key, config }))
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = KEY_FILE_MAGIC.to_vec();
-        out.extend(postcard::to_allocvec(self).expect("key file serializes"));
+        let (magic, body) = match self.role {
+            KeyRole::Full => (
+                KEY_FILE_MAGIC,
+                postcard::to_allocvec(&FullKeyFile {
+                    kdf: self.kdf,
+                    salt: self.salt,
+                    created: self.created,
+                    sealed: self.sealed.clone(),
+                }),
+            ),
+            KeyRole::PutOnly => (
+                ROLE_KEY_FILE_MAGIC,
+                postcard::to_allocvec(&RoleKeyFile {
+                    role: self.role,
+                    kdf: self.kdf,
+                    salt: self.salt,
+                    created: self.created,
+                    sealed: self.sealed.clone(),
+                }),
+            ),
+        };
+        let mut out = magic.to_vec();
+        out.extend(body.expect("key file serializes"));
         out
     }
 
     pub fn decode(bytes: &[u8], object: &str) -> Result<KeyFile> {
-        let body = bytes
-            .strip_prefix(KEY_FILE_MAGIC.as_slice())
-            .ok_or_else(|| Error::corrupt(object, "not a bkp key file (bad magic)"))?;
-        let file: KeyFile =
-            postcard::from_bytes(body).map_err(|e| Error::corrupt(object, e.to_string()))?;
+        let corrupt = |e: postcard::Error| Error::corrupt(object, e.to_string());
+        let file = if let Some(body) = bytes.strip_prefix(KEY_FILE_MAGIC.as_slice()) {
+            let file: FullKeyFile = postcard::from_bytes(body).map_err(corrupt)?;
+            KeyFile {
+                role: KeyRole::Full,
+                kdf: file.kdf,
+                salt: file.salt,
+                created: file.created,
+                sealed: file.sealed,
+            }
+        } else if let Some(body) = bytes.strip_prefix(ROLE_KEY_FILE_MAGIC.as_slice()) {
+            let file: RoleKeyFile = postcard::from_bytes(body).map_err(corrupt)?;
+            if file.role == KeyRole::Full {
+                // Full keys are written as BKPKEY01 only, which every bkp reads.
+                return Err(Error::corrupt(object, "a full key in a role key file"));
+            }
+            KeyFile {
+                role: file.role,
+                kdf: file.kdf,
+                salt: file.salt,
+                created: file.created,
+                sealed: file.sealed,
+            }
+        } else {
+            // A newer key file kind is named as such; anything else is not a key file.
+            let magic = bytes.get(..8).unwrap_or(bytes);
+            crate::envelope::check_magic(ROLE_KEY_FILE_MAGIC, magic, object)?;
+            return Err(Error::corrupt(object, "not a bkp key file (bad magic)"));
+        };
         if !file.kdf.within_limits() {
             let KdfParams {
                 memory_kib,
@@ -374,6 +521,53 @@ impl KeyFile {
             ));
         }
         Ok(file)
+    }
+}
+
+impl KeyMaterial {
+    fn of(master: &MasterKey) -> KeyMaterial {
+        KeyMaterial {
+            repository_id: master.repository_id,
+            data_public: *master.data.sealing.public.as_bytes(),
+            data_secret: master.data.secret.as_ref().map(StaticSecret::to_bytes),
+            data_psk: master.data.sealing.psk,
+            metadata_public: *master.metadata.sealing.public.as_bytes(),
+            metadata_secret: master.metadata.secret.as_ref().map(StaticSecret::to_bytes),
+            metadata_psk: master.metadata.sealing.psk,
+            chunk_id_key: master.chunk_id_key,
+            chunker_key: master.chunker_key,
+        }
+    }
+
+    /// The keys this material holds: both secret halves (a full key) or neither (put-only).
+    fn unlock(&self, object: &str) -> Result<MasterKey> {
+        let (data, metadata) = match (self.data_secret, self.metadata_secret) {
+            (Some(data_secret), Some(metadata_secret)) => {
+                let data = OpeningKey::from_parts(data_secret, self.data_psk);
+                let metadata = OpeningKey::from_parts(metadata_secret, self.metadata_psk);
+                if data.sealing.public.as_bytes() != &self.data_public
+                    || metadata.sealing.public.as_bytes() != &self.metadata_public
+                {
+                    return Err(Error::corrupt(
+                        object,
+                        "public and secret keys do not match",
+                    ));
+                }
+                (data, metadata)
+            }
+            (None, None) => (
+                OpeningKey::sealing_only(self.data_public, self.data_psk),
+                OpeningKey::sealing_only(self.metadata_public, self.metadata_psk),
+            ),
+            _ => return Err(Error::corrupt(object, "it holds one secret half of two")),
+        };
+        Ok(MasterKey {
+            repository_id: self.repository_id,
+            data,
+            metadata,
+            chunk_id_key: self.chunk_id_key,
+            chunker_key: self.chunker_key,
+        })
     }
 }
 
@@ -398,13 +592,13 @@ mod tests {
         let master = MasterKey::generate();
         let (eph, writer) = master.data.sealing().new_session();
         let sealed = writer.seal(b"x", b"payload");
-        let reader = master.data.session(&eph).unwrap();
+        let reader = master.data.session(&eph).unwrap().unwrap();
         assert_eq!(reader.open(b"x", &sealed).unwrap(), b"payload");
         // The metadata role cannot open data.
-        let wrong = master.metadata.session(&eph).unwrap();
+        let wrong = master.metadata.session(&eph).unwrap().unwrap();
         assert!(wrong.open(b"x", &sealed).is_none());
         // A low-order point is refused.
-        assert!(master.data.session(&[0; 32]).is_none());
+        assert!(master.data.session(&[0; 32]).unwrap().is_none());
     }
 
     #[test]
@@ -413,10 +607,63 @@ mod tests {
         let file = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0).unwrap();
         let decoded = KeyFile::decode(&file.encode(), "k").unwrap();
         assert!(decoded.unwrap_with(b"nope", "k").unwrap().is_none());
-        let opened = decoded.unwrap_with(b"pw", "k").unwrap().unwrap();
+        let opened = decoded.unwrap_with(b"pw", "k").unwrap().unwrap().key;
         assert_eq!(opened.repository_id, master.repository_id);
         assert_eq!(opened.chunk_id(b"a"), master.chunk_id(b"a"));
         assert_ne!(opened.chunk_id(b"a"), Id(*blake3::hash(b"a").as_bytes()));
+    }
+
+    #[test]
+    fn a_put_only_key_file_seals_for_the_full_key_and_opens_nothing() {
+        let master = MasterKey::generate();
+        let file = KeyFile::wrap_put_only(
+            &master,
+            b"config".to_vec(),
+            b"pw",
+            KdfParams::INSECURE_FAST,
+            0,
+        )
+        .unwrap();
+        let encoded = file.encode();
+        assert_eq!(&encoded[..8], ROLE_KEY_FILE_MAGIC);
+        let decoded = KeyFile::decode(&encoded, "k").unwrap();
+        assert_eq!(decoded.role, KeyRole::PutOnly);
+        assert!(decoded.unwrap_with(b"nope", "k").unwrap().is_none());
+        let unlocked = decoded.unwrap_with(b"pw", "k").unwrap().unwrap();
+        assert_eq!(unlocked.config.as_deref(), Some(&b"config"[..]));
+        let put_only = unlocked.key;
+        assert_eq!(put_only.role(), KeyRole::PutOnly);
+        assert_eq!(master.role(), KeyRole::Full);
+        assert_eq!(put_only.chunk_id(b"a"), master.chunk_id(b"a"));
+        assert_eq!(put_only.chunker_key, master.chunker_key);
+        // What it seals, the full key opens; it opens nothing, not even its own.
+        for (writer, reader) in [
+            (&put_only.data, &master.data),
+            (&put_only.metadata, &master.metadata),
+        ] {
+            let (eph, session) = writer.sealing().new_session();
+            let sealed = session.seal(b"x", b"payload");
+            let opened = reader.session(&eph).unwrap().unwrap().open(b"x", &sealed);
+            assert_eq!(opened.unwrap(), b"payload");
+            assert!(matches!(
+                writer.session(&eph),
+                Err(Error::PutOnlyKey { .. })
+            ));
+        }
+        // The role is authenticated: a put-only key file relabelled full is refused.
+        let mut relabelled = encoded.clone();
+        relabelled[8] = 0;
+        assert!(KeyFile::decode(&relabelled, "k").is_err());
+        // A full key file written as such opens as full.
+        let full = KeyFile::wrap(&master, b"pw", KdfParams::INSECURE_FAST, 0).unwrap();
+        assert_eq!(&full.encode()[..8], KEY_FILE_MAGIC);
+        let unlocked = KeyFile::decode(&full.encode(), "k")
+            .unwrap()
+            .unwrap_with(b"pw", "k")
+            .unwrap()
+            .unwrap();
+        assert_eq!(unlocked.key.role(), KeyRole::Full);
+        assert!(unlocked.config.is_none());
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn open<T: DeserializeOwned>(
     check_magic(magic, &bytes[..8], object)?;
     let ephemeral_public: [u8; 32] = bytes[8..HEADER_LEN].try_into().expect("32 bytes");
     let plain = reader
-        .session(&ephemeral_public)
+        .session(&ephemeral_public)?
         .and_then(|key| key.open(magic, &bytes[HEADER_LEN..]))
         .ok_or_else(|| {
             Error::corrupt(

@@ -30,6 +30,12 @@ pub enum Error {
     #[error("wrong password: none of the {key_count} key(s) in {location} opens with it")]
     WrongPassword { location: String, key_count: usize },
 
+    /// The password opened a put-only key, which can back up and nothing else.
+    #[error(
+        "the key this password opens is put-only: it can back up, but not {refused} (use the password of a full key for that)"
+    )]
+    PutOnlyKey { refused: String },
+
     #[error(
         "{location} has no key files, so it cannot be opened (an interrupted `bkp init` leaves only a config: if it holds nothing else, delete it and run `bkp init` again)"
     )]

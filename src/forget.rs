@@ -77,6 +77,7 @@ pub fn plan(
     now: SystemTime,
     tz: &TimeZone,
 ) -> Result<Vec<ForgetGroup>> {
+    repo.require_full_key("forget snapshots")?;
     if policy.is_empty() {
         return Err(Error::invalid(
             "policy",
@@ -118,6 +119,7 @@ pub fn plan(
 /// (a marker without its snapshot is passed over by readers; the other way round, `latest`
 /// would not see a snapshot that is still there).
 pub fn remove(repo: &Repository, snapshots: &[Id]) -> Result<()> {
+    repo.require_full_key("forget snapshots")?;
     if snapshots.is_empty() {
         return Ok(());
     }

@@ -276,7 +276,7 @@ mod round_trips {
             let file = KeyFile::wrap(&master, &password, KdfParams::INSECURE_FAST, created).unwrap();
             let decoded = KeyFile::decode(&file.encode(), "k").unwrap();
             prop_assert_eq!(decoded.created, created);
-            let opened = decoded.unwrap_with(&password, "k").unwrap().unwrap();
+            let opened = decoded.unwrap_with(&password, "k").unwrap().unwrap().key;
             prop_assert_eq!(opened.repository_id, master.repository_id);
             prop_assert_eq!(opened.chunk_id(b"x"), master.chunk_id(b"x"));
             prop_assert_eq!(opened.chunker_key, master.chunker_key);

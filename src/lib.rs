@@ -69,7 +69,7 @@ mod walk;
 pub use backup::{BackupEvent, BackupOptions, BackupProgress, BackupSummary, backup};
 pub use check::{CheckReport, Problem, ReadData, check};
 pub use chunker::ChunkerParams;
-pub use crypto::KdfParams;
+pub use crypto::{KdfParams, KeyRole};
 pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport};
 pub use error::{Error, Result};
 pub use id::Id;
@@ -84,4 +84,4 @@ pub use stats::{SnapshotStats, Stats, stats};
 pub use store::{Durability, ObjectInfo, RequestKind, Store};
 
 /// The repository format this bkp writes (docs/FORMAT.md); it reads every earlier version.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;

@@ -86,6 +86,7 @@ impl Repository {
     /// All snapshots carrying every tag in `tags`, oldest first. With tags, in a repository of
     /// format 3, only the snapshots of the series whose tags include them are read.
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotEntry>> {
+        self.require_full_key("list snapshots")?;
         let ids: Vec<Id> = if tags.is_empty() || !self.has_series_markers() {
             let mut ids = Vec::new();
             for object in self.store().list("snapshots")? {
@@ -190,7 +191,7 @@ impl Repository {
     /// name, then deletes the catalogs it read (their live entries are all in the new one, so
     /// a concurrent writer doing the same loses nothing). Returns whether it wrote one.
     pub(crate) fn maintain_catalog(&self, tags: &[String]) -> Result<bool> {
-        if !self.has_series_markers() {
+        if !self.has_series_markers() || self.role() == crate::KeyRole::PutOnly {
             return Ok(false);
         }
         let series = self.series_of(tags);
@@ -309,6 +310,7 @@ impl Repository {
     /// `latest` (the newest complete snapshot with all `tags`, [`Repository::find_latest`]) or
     /// a unique snapshot id prefix.
     pub fn find_snapshot(&self, query: &str, tags: &[String]) -> Result<SnapshotEntry> {
+        self.require_full_key("read snapshots")?;
         if query == "latest" {
             return self.find_latest(tags).map(|(entry, _)| entry);
         }
@@ -325,6 +327,7 @@ impl Repository {
     /// The id of the one snapshot object whose id starts with `prefix`, whether or not it can
     /// be read (`bkp forget ID` removes a damaged one). `tags` is for the message only.
     pub fn find_snapshot_id(&self, prefix: &str, tags: &[String]) -> Result<Id> {
+        self.require_full_key("read snapshots")?;
         let lower = prefix.to_ascii_lowercase();
         if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::invalid(

@@ -352,7 +352,7 @@ pub fn read_header_with(
     let data_ephemeral: [u8; 32] = prefix[8..40].try_into().expect("32 bytes");
     let metadata_ephemeral: [u8; 32] = prefix[40..PREFIX_LEN].try_into().expect("32 bytes");
     let key = metadata
-        .session(&metadata_ephemeral)
+        .session(&metadata_ephemeral)?
         .ok_or_else(|| Error::corrupt(object, "invalid session key"))?;
     let trailer = key
         .open(TRAILER_AAD, &read(len - TRAILER_LEN as u64..len)?)
@@ -443,7 +443,7 @@ mod tests {
         );
         let f = &header.frames[0];
         let sealed = &bytes[f.offset as usize..f.offset as usize + f.sealed_len as usize];
-        let key = master.data.session(&data_eph).unwrap();
+        let key = master.data.session(&data_eph).unwrap().unwrap();
         let mut decoder = FrameDecoder::default();
         let mut out = Vec::new();
         decoder

@@ -97,7 +97,7 @@ impl<'a> FrameReader<'a> {
                     .repo
                     .key()
                     .data
-                    .session(&pack.data_ephemeral)
+                    .session(&pack.data_ephemeral)?
                     .ok_or_else(|| {
                         Error::corrupt(format!("index entry for {name}"), "invalid session key")
                     })?;

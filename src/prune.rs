@@ -87,6 +87,7 @@ pub struct PruneReport {
 
 /// Marks, repacks and deletes as docs/FORMAT.md §10 describes; a dry run changes nothing.
 pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
+    repo.require_full_key("prune")?;
     let PruneOptions {
         grace,
         now,

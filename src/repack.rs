@@ -101,7 +101,7 @@ pub(crate) fn repack(repo: &Repository, index: &Index, plan: &[PackToRepack]) ->
         let (data_ephemeral, header) = pack::read_header(&bytes, &key.metadata, &name)?;
         let old_key = key
             .data
-            .session(&data_ephemeral)
+            .session(&data_ephemeral)?
             .ok_or_else(|| Error::corrupt(&name, "invalid session key"))?;
         for &number in &old.keep {
             let entry = header

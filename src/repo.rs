@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkerParams;
-use crate::crypto::{KdfParams, KeyFile, MasterKey};
+use crate::crypto::{KdfParams, KeyFile, KeyRole, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -270,11 +270,16 @@ impl Repository {
             let Some(file) = skip_damaged_into(&mut damaged, read)? else {
                 continue;
             };
-            let Some(key) = file.unwrap_with(password, &object.name)? else {
+            let Some(unlocked) = file.unwrap_with(password, &object.name)? else {
                 continue;
             };
-            let config: Result<Config> =
-                envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME);
+            let key = unlocked.key;
+            // A put-only key cannot open the config: it carries a copy of it instead.
+            let config: Result<Config> = match &unlocked.config {
+                None => envelope::open(CONFIG_MAGIC, &key.metadata, &config_bytes, CONFIG_NAME),
+                Some(copy) => postcard::from_bytes(copy)
+                    .map_err(|e| Error::corrupt(&object.name, format!("its config: {e}"))),
+            };
             match config {
                 Ok(config) if config.repository_id == key.repository_id => {
                     let key_id = id_of(&object.name).expect("get_named checked the name");
@@ -351,6 +356,22 @@ impl Repository {
         &self.key
     }
 
+    /// What the key that opened the repository may do.
+    pub fn role(&self) -> KeyRole {
+        self.key.role()
+    }
+
+    /// Refuses what a put-only key may not do (`refused` says what: "restore", "list
+    /// snapshots"): before it reads anything, so the refusal is the first and only error.
+    pub fn require_full_key(&self, refused: &str) -> Result<()> {
+        match self.role() {
+            KeyRole::Full => Ok(()),
+            KeyRole::PutOnly => Err(Error::PutOnlyKey {
+                refused: refused.to_string(),
+            }),
+        }
+    }
+
     /// The id of the key file that opened this repository.
     pub fn key_id(&self) -> Id {
         self.key_id
@@ -401,6 +422,10 @@ impl Repository {
     /// every index file instead ([`Repository::load_index_for_backup`]): the chunks moved
     /// elsewhere, and the next backup's parent names where.
     pub(crate) fn parent_for_backup(&self, tags: &[String]) -> Result<ParentPacks> {
+        if self.role() == KeyRole::PutOnly {
+            // It cannot read what is stored: it deduplicates within its own stream only.
+            return Ok(ParentPacks::Index(Index::default()));
+        }
         let Some(parent) = self.parent_of(tags)? else {
             return self.load_index_for_backup().map(ParentPacks::Index);
         };
@@ -726,10 +751,12 @@ impl Repository {
         Ok((id, len))
     }
 
-    /// Brings the repository to format 3: every snapshot gets its series marker, then the
-    /// config says format 3 (the one object ever replaced). Returns how many markers it wrote.
+    /// Brings the repository to the current format: every snapshot gets its series marker
+    /// (format 3), then the config says the current format (the one object ever replaced;
+    /// format 4 adds no objects, only put-only key files). Returns how many markers it wrote.
     /// Snapshots that cannot be read get none (`bkp check` reports them).
     pub fn upgrade(&mut self) -> Result<usize> {
+        self.require_full_key("upgrade the repository")?;
         let mut written = 0;
         for entry in self.snapshots(&[])? {
             if self

@@ -437,6 +437,7 @@ pub fn restore(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
+    repo.require_full_key("restore")?;
     let started = Instant::now();
     let size = entry.snapshot.size;
     let mut sink = Sink {

@@ -81,6 +81,7 @@ impl Users {
 /// snapshot too, and the two are joined in order; what is held is frame-level (which snapshots
 /// use each base frame) and per snapshot.
 pub fn stats(repo: &Repository, tags: &[String]) -> Result<Stats> {
+    repo.require_full_key("show statistics")?;
     let store = repo.store();
     let total = |dir: &str| -> Result<(usize, u64)> {
         let objects = store.list(dir)?;

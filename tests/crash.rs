@@ -246,7 +246,13 @@ fn a_crash_at_any_step_of_a_backup_a_forget_or_a_key_add_loses_nothing() {
     let key_add = Op {
         name: "key add",
         run: Box::new(|repo, _| {
-            bkp::add_key(repo, b"another password", KdfParams::INSECURE_FAST).map(drop)
+            bkp::add_key(
+                repo,
+                b"another password",
+                KdfParams::INSECURE_FAST,
+                bkp::KeyRole::Full,
+            )
+            .map(drop)
         }),
         removes: Vec::new(),
     };

@@ -1,4 +1,4 @@
-//! Format conformance: decodes the committed fixture repositories (formats 1, 2 and 3)
+//! Format conformance: decodes the committed fixture repositories (formats 1 to 4)
 //! following only docs/FORMAT.md, with the primitive crates and no bkp code, and checks that
 //! bkp itself still reads them. If either fails, the code and the specification have drifted
 //! apart.
@@ -179,6 +179,59 @@ fn unlock_key_file(bytes: &[u8]) -> Keys {
     keys
 }
 
+/// A put-only key's material (§4.1): what it holds besides the config copy.
+struct PutOnlyMaterial {
+    repository_id: [u8; 32],
+    data_public: [u8; 32],
+    data_psk: [u8; 32],
+    metadata_public: [u8; 32],
+    metadata_psk: [u8; 32],
+    chunk_id_key: [u8; 32],
+    chunker_key: [u8; 32],
+}
+
+/// FORMAT.md §4.1: a `BKPKEY02` file of role PutOnly; returns its material and config copy.
+fn unlock_put_only_key_file(bytes: &[u8], password: &str) -> (PutOnlyMaterial, Vec<u8>) {
+    assert_eq!(&bytes[..8], b"BKPKEY02");
+    let mut r = Reader::new(&bytes[8..]);
+    assert_eq!(r.varint(), 1, "role PutOnly");
+    let (m, t, p) = (r.varint() as u32, r.varint() as u32, r.varint() as u32);
+    let salt = r.bytes(16);
+    assert!(r.zigzag() > 1_700_000_000);
+    let sealed = r.vec_bytes();
+    assert_eq!(r.pos, bytes.len() - 8);
+    let mut kek = [0u8; 32];
+    Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        Params::new(m, t, p, Some(32)).unwrap(),
+    )
+    .hash_password_into(password.as_bytes(), salt, &mut kek)
+    .unwrap();
+    let plain = open_sealed(&kek, b"BKPKEY02\x01", sealed);
+    let mut r = Reader::new(&plain);
+    let repository_id = r.array32();
+    let mut role = || {
+        let public = r.array32();
+        assert_eq!(r.option32(), None, "no secret half");
+        (public, r.array32())
+    };
+    let (data_public, data_psk) = role();
+    let (metadata_public, metadata_psk) = role();
+    let material = PutOnlyMaterial {
+        repository_id,
+        data_public,
+        data_psk,
+        metadata_public,
+        metadata_psk,
+        chunk_id_key: r.array32(),
+        chunker_key: r.array32(),
+    };
+    let config = r.vec_bytes().to_vec();
+    assert_eq!(r.pos, plain.len());
+    (material, config)
+}
+
 /// FORMAT.md §5: returns the plaintext (value plus zero padding).
 fn open_metadata(keys: &Keys, magic: &[u8; 8], object: &[u8]) -> Vec<u8> {
     assert_eq!(&object[..8], magic);
@@ -292,6 +345,8 @@ struct Fixture {
     format_3: bool,
     /// Snapshots are `BKPSNP03`: their packs say where the stream uses them (§11.2).
     pack_uses: bool,
+    /// A put-only key file (`BKPKEY02`, §4.1) opens with this password, beside the full key.
+    put_only_password: Option<&'static str>,
 }
 
 const V1: Fixture = Fixture {
@@ -307,6 +362,7 @@ const V1: Fixture = Fixture {
     streams: &STREAMS,
     format_3: false,
     pack_uses: false,
+    put_only_password: None,
 };
 
 const V2: Fixture = Fixture {
@@ -326,6 +382,7 @@ const V2: Fixture = Fixture {
     ],
     format_3: false,
     pack_uses: false,
+    put_only_password: None,
 };
 
 /// The same three days, backed up by bkp 0.3 into a new (format 3) repository.
@@ -343,6 +400,16 @@ const V3_USES: Fixture = Fixture {
     ..V3
 };
 
+/// A format 4 repository: day 1 by the full key, days 2 and 3 by a put-only key (§12), which
+/// cannot read day 1 back and so stores whole base frames, no deltas.
+const V4: Fixture = Fixture {
+    dir: "tests/fixtures/repo-v4",
+    format_version: 4,
+    delta_frames: 0,
+    put_only_password: Some("fixture-put-only"),
+    ..V3_USES
+};
+
 #[test]
 fn format_v1_fixture_decodes_from_the_specification_alone() {
     decode_from_the_specification(&V1);
@@ -356,6 +423,11 @@ fn format_v2_fixture_decodes_from_the_specification_alone() {
 #[test]
 fn format_v3_fixture_decodes_from_the_specification_alone() {
     decode_from_the_specification(&V3);
+}
+
+#[test]
+fn format_v4_fixture_with_a_put_only_key_decodes_from_the_specification_alone() {
+    decode_from_the_specification(&V4);
 }
 
 #[test]
@@ -386,14 +458,22 @@ fn series_tags(chunk_id_key: &[u8; 32], name: &str) -> Vec<String> {
 
 fn decode_from_the_specification(fixture: &Fixture) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture.dir);
-    let key_files = files_under(&root, "keys");
-    assert_eq!(key_files.len(), 1);
-    let key_bytes = std::fs::read(&key_files[0]).unwrap();
-    assert_eq!(
-        key_files[0].file_name().unwrap().to_str().unwrap(),
-        blake3::hash(&key_bytes).to_hex().as_str()
-    );
-    let keys = unlock_key_file(&key_bytes);
+    let key_files: Vec<Vec<u8>> = files_under(&root, "keys")
+        .iter()
+        .map(|file| {
+            let bytes = std::fs::read(file).unwrap();
+            assert_eq!(
+                file.file_name().unwrap().to_str().unwrap(),
+                blake3::hash(&bytes).to_hex().as_str()
+            );
+            bytes
+        })
+        .collect();
+    let (full, put_only): (Vec<_>, Vec<_>) = key_files
+        .iter()
+        .partition(|bytes| bytes.starts_with(b"BKPKEY01"));
+    assert_eq!(full.len(), 1);
+    let keys = unlock_key_file(full[0]);
 
     // §5: config.
     let config = std::fs::read(root.join("config")).unwrap();
@@ -409,7 +489,26 @@ fn decode_from_the_specification(fixture: &Fixture) {
     );
     assert_eq!((min, avg, max), fixture.chunker);
     let (_secs, _nanos) = (r.varint(), r.varint());
+    let config_len = r.pos;
     assert!(r.rest_is_zero());
+
+    // §4.1: a put-only key holds the public halves, PSKs and symmetric keys, no secret half,
+    // and a copy of the config.
+    match fixture.put_only_password {
+        None => assert!(put_only.is_empty()),
+        Some(password) => {
+            assert_eq!(put_only.len(), 1);
+            let (material, config) = unlock_put_only_key_file(put_only[0], password);
+            assert_eq!(material.repository_id, keys.repository_id);
+            assert_eq!(material.data_public, keys.data.public);
+            assert_eq!(material.data_psk, keys.data.psk);
+            assert_eq!(material.metadata_public, keys.metadata.public);
+            assert_eq!(material.metadata_psk, keys.metadata.psk);
+            assert_eq!(material.chunk_id_key, keys.chunk_id_key);
+            assert_eq!(material.chunker_key, keys.chunker_key);
+            assert_eq!(config, plain[..config_len]);
+        }
+    }
 
     // §7: the index files, each naming the packs of one backup.
     struct Pack {
@@ -505,8 +604,10 @@ fn decode_from_the_specification(fixture: &Fixture) {
         "the later backups stored their changes as deltas"
     );
     let mut chunks = std::collections::HashMap::new();
-    // Each chunk's pack, and the packs of its frame's bases (§11.2 `packs`).
-    let mut homes: std::collections::HashMap<[u8; 32], Vec<[u8; 32]>> =
+    // Each chunk's pack, and the packs of its frame's bases (§11.2 `packs`): one such list
+    // per copy of the chunk (a put-only writer, which cannot read the repository, stores again
+    // what is there already).
+    let mut homes: std::collections::HashMap<[u8; 32], Vec<Vec<[u8; 32]>>> =
         std::collections::HashMap::new();
     for (pack_id, pack) in &packs {
         for (number, frame) in pack.frames.iter().enumerate() {
@@ -518,7 +619,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
                 chunks.insert(*id, chunk.to_vec());
                 let mut home = vec![*pack_id];
                 home.extend(frame.bases.iter().map(|(base_pack, _)| *base_pack));
-                homes.entry(*id).or_insert(home);
+                homes.entry(*id).or_default().push(home);
                 at += *len as usize;
             }
             assert_eq!(at, raw.len());
@@ -662,10 +763,18 @@ fn decode_from_the_specification(fixture: &Fixture) {
         let mut used = Vec::new();
         walk(root_ids, *height, &chunks, &mut stream_chunks, &mut used);
         if fixture.format_3 {
-            // §11.2: `packs` names every pack holding a chunk or node of the snapshot, or a
-            // base of such a chunk's frame.
-            let mut needed: Vec<[u8; 32]> =
-                used.iter().flat_map(|(id, _)| homes[id].clone()).collect();
+            // §11.2: `packs` names, for every chunk or node of the snapshot, the pack of one
+            // of its copies and the packs of that copy's frame's bases, and nothing else.
+            let mut needed = Vec::new();
+            for (id, _) in &used {
+                let home = homes[id]
+                    .iter()
+                    .find(|home| home.iter().all(|pack| listed_packs.contains(pack)))
+                    .unwrap_or_else(|| {
+                        panic!("no copy of {} in the listed packs", hex::encode(id))
+                    });
+                needed.extend(home.iter().copied());
+            }
             needed.sort();
             needed.dedup();
             assert_eq!(&needed, listed_packs);
@@ -673,7 +782,11 @@ fn decode_from_the_specification(fixture: &Fixture) {
         if fixture.pack_uses {
             // Every pack a chunk or node needs is said to be used where it is needed.
             for (id, place) in &used {
-                for pack in &homes[id] {
+                let home = homes[id]
+                    .iter()
+                    .find(|home| home.iter().all(|pack| uses.contains_key(pack)))
+                    .unwrap();
+                for pack in home {
                     let (first, last) = uses[pack];
                     assert!(
                         first <= *place && *place <= last,
@@ -769,6 +882,11 @@ fn format_v3_fixture_restores_and_checks_with_bkp() {
 #[test]
 fn format_v3_fixture_with_pack_uses_restores_and_checks_with_bkp() {
     restores_and_checks(&V3_USES, ["048c067a", "3b1589ab", "1929413e"]);
+}
+
+#[test]
+fn format_v4_fixture_restores_and_checks_with_bkp() {
+    restores_and_checks(&V4, ["70aac3c8", "b7eaeef5", "fcb77b88"]);
 }
 
 /// Restores each of a fixture's snapshots (ids oldest first) and `latest`, and checks it.

@@ -80,7 +80,7 @@ fn a_second_password_opens_the_same_repository_until_removed() {
         .args(["key", "remove", &current[..8]])
         .assert()
         .failure()
-        .stderr(predicate::str::contains("only key"));
+        .stderr(predicate::str::contains("only full key"));
     assert!(opens(&repo, "second password"));
 }
 

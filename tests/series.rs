@@ -183,19 +183,6 @@ fn forget_and_prune_remove_markers_with_their_snapshots() {
     assert!(markers(&repo).is_empty());
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn run(repo: &Path, args: &[&str]) -> std::process::Output {
     bkp(repo)
         .env("BKP_PASSWORD", "fixture")
@@ -205,12 +192,12 @@ fn run(repo: &Path, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn upgrade_brings_v1_and_v2_repositories_to_format_3() {
+fn upgrade_brings_v1_and_v2_repositories_to_the_current_format() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     for (fixture, snapshots) in [("repo-v1", 2), ("repo-v2", 3)] {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join(fixture);
-        copy_dir(&fixtures.join(fixture), &repo);
+        common::copy_dir(&fixtures.join(fixture), &repo);
         let before = run(&repo, &["restore", "latest"]).stdout;
         assert!(!before.is_empty());
 
@@ -218,7 +205,8 @@ fn upgrade_brings_v1_and_v2_repositories_to_format_3() {
         assert!(upgraded.status.success(), "{upgraded:?}");
         let said = String::from_utf8_lossy(&upgraded.stdout).to_string();
         assert!(
-            said.contains("format 3") && said.contains(&format!("{snapshots} series marker")),
+            said.contains(&format!("format {}", bkp::FORMAT_VERSION))
+                && said.contains(&format!("{snapshots} series marker")),
             "{said}"
         );
         assert_eq!(common::files_under(&repo, "series").len(), snapshots);

@@ -3,7 +3,7 @@
 use super::*;
 
 pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> Result<()> {
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::FullKeyTo("manage keys"))?;
     let mut out = io::stdout().lock();
     match command {
         KeyCommand::List { json } => {
@@ -19,23 +19,34 @@ pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> R
                             ).to_string(),
                             "kdf": { "algorithm": "argon2id", "memory_kib": k.kdf.memory_kib,
                                      "iterations": k.kdf.iterations, "parallelism": k.kdf.parallelism },
+                            "role": k.role.to_string(),
                             "current": k.current,
                         })
                     })
                     .collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
             } else {
-                writeln!(out, "{:<2}{:<10}{:<22}kdf", "", "id", "created")?;
+                writeln!(
+                    out,
+                    "{:<2}{:<10}{:<10}{:<22}kdf",
+                    "", "id", "role", "created"
+                )?;
                 for k in &keys {
                     let created =
                         std::time::UNIX_EPOCH + Duration::from_secs(k.created.max(0) as u64);
                     writeln!(
                         out,
-                        "{:<2}{:<10}{:<22}argon2id m={} MiB t={} p={}",
+                        "{:<2}{:<10}{:<10}{:<22}argon2id m={} t={} p={}",
                         if k.current { "*" } else { "" },
                         k.id.short(),
+                        k.role.to_string(),
                         humantime::format_rfc3339_seconds(created).to_string(),
-                        k.kdf.memory_kib / 1024,
+                        // (64 KiB, the test KDF's, is not "0 MiB")
+                        if k.kdf.memory_kib % 1024 == 0 {
+                            format!("{} MiB", k.kdf.memory_kib / 1024)
+                        } else {
+                            format!("{} KiB", k.kdf.memory_kib)
+                        },
                         k.kdf.iterations,
                         k.kdf.parallelism
                     )?;
@@ -43,11 +54,16 @@ pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> R
                 writeln!(out, "{} key(s); * marks the one in use", keys.len())?;
             }
         }
-        KeyCommand::Add => {
+        KeyCommand::Add { put_only } => {
+            let role = if put_only {
+                bkp::KeyRole::PutOnly
+            } else {
+                bkp::KeyRole::Full
+            };
             let password = read_secret("BKP_NEW_PASSWORD", "New password", true)?;
-            let id = bkp::add_key(&repo, password.as_bytes(), kdf_params())?;
+            let id = bkp::add_key(&repo, password.as_bytes(), kdf_params(), role)?;
             if !quiet {
-                writeln!(out, "added key {}", id.short())?;
+                writeln!(out, "added key {} ({role})", id.short())?;
             }
         }
         KeyCommand::Remove { id } => {
@@ -76,7 +92,7 @@ pub(super) fn key_command(location: &str, quiet: bool, command: KeyCommand) -> R
 pub(super) fn forget(location: &str, quiet: bool, args: ForgetArgs) -> Result<()> {
     let (prune_after, dry_run) = (args.prune, args.dry_run);
     // Opened once for both (one password prompt).
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::FullKeyTo("forget snapshots"))?;
     forget_snapshots(&repo, quiet, args)?;
     if prune_after && !dry_run {
         let prune_args = PruneArgs {
@@ -243,7 +259,11 @@ fn forget_snapshots(repo: &Repository, quiet: bool, args: ForgetArgs) -> Result<
 }
 
 pub(super) fn prune(location: &str, quiet: bool, args: PruneArgs) -> Result<()> {
-    prune_open(&*open_repository(location)?, quiet, args)
+    prune_open(
+        &*open_repository(location, Access::FullKeyTo("prune"))?,
+        quiet,
+        args,
+    )
 }
 
 fn prune_open(repo: &Repository, quiet: bool, args: PruneArgs) -> Result<()> {
@@ -288,7 +308,7 @@ fn prune_open(repo: &Repository, quiet: bool, args: PruneArgs) -> Result<()> {
 }
 
 pub(super) fn stats(location: &str, args: SnapshotsArgs) -> Result<()> {
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::FullKeyTo("show statistics"))?;
     let stats = bkp::stats(&repo, &args.tags)?;
     let mut out = io::stdout().lock();
     if args.json {
@@ -346,7 +366,7 @@ fn done_line(out: &mut impl Write, count: usize, dry_run: bool) -> Result<()> {
 }
 
 pub(super) fn check(location: &str, quiet: bool, args: CheckArgs) -> Result<ExitCode> {
-    let mut repo = open_repository(location)?;
+    let mut repo = open_repository(location, Access::FullKeyTo("check the repository"))?;
     repo.warn_damage = false;
     let read_data = match (args.read_data, args.read_data_subset) {
         (true, _) => ReadData::All,

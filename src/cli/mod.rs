@@ -25,7 +25,7 @@ Exit codes:
   1    failure (storage, input or output error, snapshot not found, ...)
   2    usage error (bad arguments, or a password in the dump command's arguments)
   3    no repository at the given location (or its bucket does not exist)
-  4    wrong password, or no usable key
+  4    wrong password, no usable key, or a put-only key for what needs a full key
   5    damaged data: an object failed authentication, a restore failed verification, or
        `bkp check` found problems
   6    backup saved, but the dump is incomplete (its completion trailer is missing)
@@ -142,11 +142,13 @@ enum Commands {
 const UPGRADE_HELP: &str = "\
 Format 3 gives every snapshot a series marker (its tag set, encrypted, and its time), so that
 `latest` and `--tag` read only their own series instead of every snapshot in the repository.
-`bkp upgrade` writes the markers of the snapshots an older bkp wrote, then records format 3 in
+Format 4 lets the repository hold put-only keys (`bkp key add --put-only`), which an older bkp
+would take for damaged key files.
+`bkp upgrade` writes the markers of the snapshots an older bkp wrote, then records format 4 in
 the repository's config: the one object bkp ever replaces, so it needs storage credentials that
-may overwrite it, once. Stop backups by older bkp versions first: they cannot open a format 3
+may overwrite it, once. Stop backups by older bkp versions first: they cannot open an upgraded
 repository, and a snapshot one of them writes during the upgrade gets no marker (run upgrade
-again). Repositories of format 2 work without it; every command reads them as before.";
+again). Repositories of format 2 and 3 work without it; every command reads them as before.";
 
 const PRUNE_HELP: &str = "\
 Prune works in two steps a grace period apart, so that it never needs a lock and never deletes
@@ -241,7 +243,14 @@ const KEY_HELP: &str = "\
 Each password is a key file wrapping the same master key: adding a key or changing a password
 re-encrypts nothing. New passwords come from BKP_NEW_PASSWORD_FILE, BKP_NEW_PASSWORD_COMMAND,
 BKP_NEW_PASSWORD or a prompt, like the current one from BKP_PASSWORD_*; never from arguments.
-The last key cannot be removed, nor the key in use (use `bkp key passwd` to replace it).";
+The last full key cannot be removed, nor the key in use (use `bkp key passwd` to replace it).
+
+A put-only key (`bkp key add --put-only`) can back up and nothing else: with it a host cannot
+restore, list or read snapshots, forget, prune, check or manage keys (exit 4), and its key file
+holds no secret that decrypts what the repository stores, so whoever takes that host cannot read
+old dumps with it. Give the database host a put-only key and keep a full key elsewhere for
+restores and maintenance. A put-only backup deduplicates within its own dump only (it cannot read
+the previous one). Needs repository format 4 (`bkp upgrade`).";
 
 #[derive(Subcommand)]
 enum KeyCommand {
@@ -252,7 +261,11 @@ enum KeyCommand {
         json: bool,
     },
     /// Add a key file for a new password
-    Add,
+    Add {
+        /// A key that can only back up (for the host that runs the dumps): see below
+        #[arg(long)]
+        put_only: bool,
+    },
     /// Remove a key file (by unique id prefix)
     Remove {
         /// Key id or unique prefix, from `bkp key list`
@@ -388,7 +401,7 @@ pub fn run() -> Result<ExitCode> {
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     let code = match err.downcast_ref::<Error>() {
         Some(Error::RepositoryNotFound { .. } | Error::BucketNotFound { .. }) => 3,
-        Some(Error::WrongPassword { .. } | Error::NoKeys { .. }) => 4,
+        Some(Error::WrongPassword { .. } | Error::NoKeys { .. } | Error::PutOnlyKey { .. }) => 4,
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => EXIT_DAMAGED,
         Some(Error::DumpCommand(_) | Error::EmptyInput) => EXIT_DUMP_COMMAND_FAILED,
         Some(Error::AccessDenied { .. }) => 8,
@@ -489,7 +502,7 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
 }
 
 fn upgrade(location: &str, quiet: bool) -> Result<()> {
-    let mut open = open_repository(location)?;
+    let mut open = open_repository(location, Access::FullKeyTo("upgrade the repository"))?;
     let before = open.repo.config().format_version;
     let written = open.repo.upgrade()?;
     if !quiet {
@@ -501,11 +514,23 @@ fn upgrade(location: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn open_repository(location: &str) -> Result<OpenRepository> {
+/// What a command does with a repository: backing up is all that a put-only key may do.
+#[derive(Clone, Copy)]
+enum Access {
+    BackUp,
+    /// Anything else, named for the refusal a put-only key gets ("restore").
+    FullKeyTo(&'static str),
+}
+
+fn open_repository(location: &str, access: Access) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_password(false)?;
+    let repo = Repository::open(store, password.as_bytes())?;
+    if let Access::FullKeyTo(refused) = access {
+        repo.require_full_key(refused)?;
+    }
     Ok(OpenRepository {
-        repo: Repository::open(store, password.as_bytes())?,
+        repo,
         warn_damage: true,
     })
 }
@@ -689,7 +714,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         );
         bkp::Source::spawn(command)
     };
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::BackUp)?;
     let bar = if quiet {
         None
     } else {
@@ -797,7 +822,7 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
 }
 
 fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::FullKeyTo("restore"))?;
     let entry = if args.snapshot == "latest" {
         let (entry, skipped) = repo.find_latest(&args.tags)?;
         for (newer, reason) in &skipped {
@@ -976,7 +1001,7 @@ fn dump_column(s: &bkp::Snapshot) -> String {
 }
 
 fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
-    let repo = open_repository(location)?;
+    let repo = open_repository(location, Access::FullKeyTo("list snapshots"))?;
     let list = repo.snapshots(&args.tags)?;
     // Shown as such (with their tags unknown: they cannot be read), not only warned about.
     let damaged = repo.take_damaged_objects("snapshots/");

@@ -88,6 +88,20 @@ pub fn snapshot_ids(cmd: &mut Command) -> Vec<String> {
         .collect()
 }
 
+/// Copies a directory tree (a committed fixture, to change it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// Every file under `dir/sub`.
 pub fn files_under(dir: &Path, sub: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
