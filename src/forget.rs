@@ -85,7 +85,7 @@ pub fn plan(
         ));
     }
     let mut groups: BTreeMap<SeriesKey, Vec<SnapshotEntry>> = BTreeMap::new();
-    for entry in repo.snapshots(tags)? {
+    for entry in repo.snapshots_from_their_objects(tags)? {
         let key = (
             group_by.host.then(|| entry.snapshot.hostname.clone()),
             group_by.tags.then(|| entry.snapshot.tags.clone()),
@@ -133,4 +133,80 @@ pub fn remove(repo: &Repository, snapshots: &[Id]) -> Result<()> {
         .map(|(_, object)| object.name)
         .collect();
     repo.delete_objects(&markers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listing::{CATALOG_MAGIC, Catalog};
+    use crate::repo::{pseudo_random, test_repository};
+    use crate::snapshot::Snapshot;
+    use crate::{BackupOptions, Source, envelope, series};
+
+    fn backup(repo: &Repository, host: &str, seed: u8) -> SnapshotEntry {
+        let options = BackupOptions {
+            tags: vec!["db".to_string()],
+            hostname: Some(host.to_string()),
+            ..BackupOptions::default()
+        };
+        let source = Source::spawn(std::io::Cursor::new(pseudo_random(100_000, seed)));
+        crate::backup(repo, source, &options, &mut |_| {})
+            .unwrap()
+            .snapshot
+    }
+
+    #[test]
+    fn forget_groups_snapshots_as_their_own_objects_say_not_as_a_catalog_does() {
+        let repo = test_repository();
+        let only_of_a = backup(&repo, "host-a", 1);
+        let of_b = backup(&repo, "host-b", 2);
+        // A catalog that any writer can seal (a put-only key's too): "both are host-b's".
+        let forged = Snapshot {
+            hostname: "host-b".to_string(),
+            ..only_of_a.snapshot.clone()
+        };
+        let catalog = Catalog {
+            snapshots: vec![
+                (only_of_a.id, forged.into()),
+                (of_b.id, of_b.snapshot.clone().into()),
+            ],
+        };
+        let sealed = envelope::seal(CATALOG_MAGIC, repo.key().metadata.sealing(), &catalog);
+        let series = repo.series_of(&["db".to_string()]);
+        let name = format!(
+            "{}/{}",
+            series::catalog_dir(&series),
+            Id::of_object(&sealed)
+        );
+        repo.commit_catalog(&name, sealed, &[]).unwrap();
+        let tags = ["db".to_string()];
+        assert!(
+            repo.snapshots(&tags)
+                .unwrap()
+                .iter()
+                .all(|e| e.snapshot.hostname == "host-b"),
+            "the listing takes the catalog's word (a cache for display)"
+        );
+        // Keep the newest per host: each host's only snapshot stays.
+        let policy = Policy {
+            last: 1,
+            ..Policy::default()
+        };
+        let groups = plan(
+            &repo,
+            &tags,
+            &policy,
+            GroupBy::DEFAULT,
+            SystemTime::now(),
+            &TimeZone::UTC,
+        )
+        .unwrap();
+        assert_eq!(groups.len(), 2);
+        assert!(
+            groups
+                .iter()
+                .flat_map(|g| &g.snapshots)
+                .all(|(_, decision)| decision.keep)
+        );
+    }
 }

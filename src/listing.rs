@@ -45,7 +45,7 @@ fn with_tags(query: &str, tags: &[String]) -> String {
 
 impl Repository {
     /// The series name of a tag set as given on a command line (any order, repeats).
-    fn series_of(&self, tags: &[String]) -> String {
+    pub(crate) fn series_of(&self, tags: &[String]) -> String {
         let mut tags = tags.to_vec();
         tags.sort();
         tags.dedup();
@@ -86,6 +86,20 @@ impl Repository {
     /// All snapshots carrying every tag in `tags`, oldest first. With tags, in a repository of
     /// format 3, only the snapshots of the series whose tags include them are read.
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotEntry>> {
+        self.snapshots_via(tags, Catalogs::Use)
+    }
+
+    /// [`Repository::snapshots`] read from the snapshot objects themselves, for what decides
+    /// deletions (forget): a catalog is sealed by whichever writer made it, a put-only key's
+    /// too, and must not be able to misstate the host or tags of snapshots it lists.
+    pub(crate) fn snapshots_from_their_objects(
+        &self,
+        tags: &[String],
+    ) -> Result<Vec<SnapshotEntry>> {
+        self.snapshots_via(tags, Catalogs::Ignore)
+    }
+
+    fn snapshots_via(&self, tags: &[String], catalogs: Catalogs) -> Result<Vec<SnapshotEntry>> {
         self.require_full_key("list snapshots")?;
         let ids: Vec<Id> = if tags.is_empty() || !self.has_series_markers() {
             let mut ids = Vec::new();
@@ -105,7 +119,7 @@ impl Repository {
             let mut out = Vec::new();
             for series in self.series_with(tags)? {
                 out.extend(
-                    self.series_snapshots(&series)?
+                    self.series_snapshots(&series, catalogs)?
                         .into_iter()
                         .filter(|entry| entry.has_tags(tags)),
                 );
@@ -128,9 +142,12 @@ impl Repository {
 
     /// The snapshots of one series: those its markers name, from its catalogs where they have
     /// them and read one by one where not.
-    fn series_snapshots(&self, series: &str) -> Result<Vec<SnapshotEntry>> {
+    fn series_snapshots(&self, series: &str, catalogs: Catalogs) -> Result<Vec<SnapshotEntry>> {
         let markers = self.series_markers(series)?;
-        let (mut known, _) = self.catalog_entries(series, &markers)?;
+        let mut known = match catalogs {
+            Catalogs::Use => self.catalog_entries(series, &markers)?.0,
+            Catalogs::Ignore => HashMap::new(),
+        };
         let mut out = Vec::new();
         for (id, (nanos, marker)) in &markers {
             match known.remove(id) {
@@ -454,4 +471,11 @@ impl Repository {
             .filter_map(|o| Some((series::parse_marker(&o.name)?.id, o)))
             .collect())
     }
+}
+
+/// Whether a listing may take snapshots from catalogs (docs/FORMAT.md §11.3).
+#[derive(Clone, Copy)]
+enum Catalogs {
+    Use,
+    Ignore,
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{ChunkTable, Index, IndexedPack, MISSING_BASE};
-use crate::pack_reader::read_range_aligned;
+use crate::pack_reader::{BaseCache, FrameReader, bases_of, read_range_aligned};
 use crate::repack::{self, PackToRepack};
 use crate::repo::{ObsoleteList, Repository, StoredObsoleteList, id_of, pack_name};
 use crate::walk::{Reached, walk_trees};
@@ -224,7 +224,7 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     let mut dropping: HashSet<Id> = deletable.iter().chain(&newly_marked).copied().collect();
     dropping.extend(to_repack.iter().map(|p| index.pack(p.pack).id));
     let pack_of = |frame: u32| index.pack(index.frame(frame).pack).id;
-    let verify: HashSet<Id> = index
+    let chosen_over_dropped: BTreeSet<u32> = index
         .alternatives()
         .iter()
         .filter(|&&(chosen, other)| {
@@ -232,9 +232,11 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
                 && dropping.contains(&pack_of(other))
                 && pack_of(chosen) != pack_of(other)
         })
-        .map(|&(chosen, _)| pack_of(chosen))
+        .map(|&(chosen, _)| chosen)
         .collect();
-    verify_index_claims(repo, &index_names, &verify, &stored)?;
+    let verify: HashSet<Id> = chosen_over_dropped.iter().map(|&f| pack_of(f)).collect();
+    let headers = verify_index_claims(repo, &index_names, &verify, &stored)?;
+    verify_chosen_copies(repo, &index, &chosen_over_dropped, &headers)?;
     // A backup writes its marker just before its snapshot: only old ones are orphans.
     let snapshot_ids: HashSet<Id> = store
         .list("snapshots")?
@@ -305,19 +307,22 @@ pub fn prune(repo: &Repository, options: &PruneOptions) -> Result<PruneReport> {
     Ok(report)
 }
 
+/// The headers of packs, as read from the packs themselves.
+type PackHeaders = HashMap<Id, ([u8; 32], crate::pack::PackHeader)>;
+
 /// Checks every index entry of the packs in `verify` against the pack's own header, failing on
-/// the first that disagrees (naming the index file).
+/// the first that disagrees (naming the index file). Returns those headers.
 fn verify_index_claims(
     repo: &Repository,
     index_names: &[String],
     verify: &HashSet<Id>,
     stored: &HashMap<Id, u64>,
-) -> Result<()> {
+) -> Result<PackHeaders> {
     if verify.is_empty() {
-        return Ok(());
+        return Ok(PackHeaders::new());
     }
     let store = repo.store();
-    let mut real: HashMap<Id, ([u8; 32], crate::pack::PackHeader)> = HashMap::new();
+    let mut real = PackHeaders::new();
     for name in index_names {
         let Some(file) = repo.skip_damaged(repo.read_index_file(name))? else {
             continue;
@@ -344,6 +349,45 @@ fn verify_index_claims(
                     ),
                 ));
             }
+        }
+    }
+    Ok(real)
+}
+
+/// Reads each of `frames` (copies chosen over copies in packs that go) and checks that it holds
+/// the chunks its pack's header says: a writer (a put-only key's too) can seal a pack whose
+/// header claims chunks it never had, and its copy must not be what lets the real one go.
+fn verify_chosen_copies(
+    repo: &Repository,
+    index: &Index,
+    frames: &BTreeSet<u32>,
+    headers: &PackHeaders,
+) -> Result<()> {
+    let mut reader = FrameReader::new(repo, index);
+    let bases = BaseCache::new(2);
+    let mut dictionary = Vec::new();
+    for &frame in frames {
+        let location = index.frame(frame);
+        let pack = index.pack(location.pack).id;
+        let entry = headers
+            .get(&pack)
+            .and_then(|(_, header)| header.frames.get(location.number_in_pack as usize))
+            .ok_or_else(|| Error::Internal(format!("no header read for pack {}", pack.short())))?;
+        bases.dictionary(&mut reader, bases_of(index, frame)?, &mut dictionary)?;
+        let raw = reader.read(frame, &dictionary, Vec::new())?;
+        let mut at = 0usize;
+        for chunk in &entry.chunks {
+            let bytes = raw.get(at..at + chunk.len as usize);
+            if bytes.is_none_or(|b| repo.key().chunk_id(b) != chunk.id) {
+                return Err(Error::corrupt(
+                    pack_name(&pack),
+                    format!(
+                        "its frame {} does not hold the chunks its header says, which another pack holds (a damaged or planted pack); prune deletes nothing: run `bkp check --read-data`",
+                        location.number_in_pack
+                    ),
+                ));
+            }
+            at += chunk.len as usize;
         }
     }
     Ok(())
@@ -595,6 +639,52 @@ mod tests {
         // Once the operator removes the file `bkp check` names, everything is there.
         repo.store().delete(&planted).unwrap();
         assert!(restores(&repo, &a, &a_data));
+        assert!(restores(&repo, &b, &b_data));
+    }
+
+    #[test]
+    fn a_pack_claiming_live_chunks_it_does_not_hold_stops_prune() {
+        // What a writer with only the public keys (a put-only key) can do: seal a pack whose
+        // own header claims another pack's chunks over garbage, and index it first.
+        let repo = repo();
+        let (a_data, b_data) = (data(2_000_000, 1), data(2_000_000, 2));
+        let a = backup(&repo, &a_data);
+        let after_a = names(&repo, "index");
+        let b = backup(&repo, &b_data);
+        let a_pack = packs_written(&repo, &[])
+            .into_iter()
+            .find(|p| !packs_written(&repo, &after_a).contains(p))
+            .unwrap();
+        let claimed = data_frames_only(&repo, &[&a, &b], a_pack);
+        let session = crate::pack::PackSession::new(repo.key());
+        let mut writer = crate::pack::PackWriter::new(&session, 64 << 20);
+        let mut encoder = crate::frame::FrameEncoder::new(3);
+        for frame in &claimed.header.frames {
+            let garbage = data(frame.raw_len(), 9);
+            let sealed = encoder.seal(
+                &session.data_key,
+                &garbage,
+                frame.chunks.clone(),
+                &[],
+                Vec::new(),
+                0,
+            );
+            writer.add(sealed, &[]).unwrap();
+        }
+        let (forged, bytes) = writer.finish(&session).unwrap();
+        repo.wait_for_pack(repo.put_pack_soon(&forged.id, bytes))
+            .unwrap();
+        plant_first(&repo, std::slice::from_ref(&forged));
+        let packs = names(&repo, "packs");
+        for now in [SystemTime::now(), hours_from_now(2), hours_from_now(4)] {
+            let err = prune(&repo, &PruneOptions::new(GRACE, now)).unwrap_err();
+            assert!(
+                matches!(&err, Error::Corrupt { object, .. } if object == &pack_name(&forged.id)),
+                "{err}"
+            );
+        }
+        assert_eq!(names(&repo, "packs"), packs);
+        assert!(names(&repo, "obsolete").is_empty());
         assert!(restores(&repo, &b, &b_data));
     }
 
