@@ -237,6 +237,15 @@ impl MasterKey {
         }
     }
 
+    /// The key of objects that every writer, a put-only one too, must read: obsolete lists
+    /// (docs/FORMAT.md §10), derived from the chunk-id key, which every key holds.
+    pub fn shared_key(&self) -> CipherKey {
+        let mut key = blake3::derive_key("bkp v4 shared key", &self.chunk_id_key);
+        let cipher = CipherKey::new(&key);
+        key.zeroize();
+        cipher
+    }
+
     /// A chunk's id: BLAKE3 keyed with the chunk-id key, so the store cannot test guesses.
     pub fn chunk_id(&self, chunk: &[u8]) -> Id {
         Id(*blake3::keyed_hash(&self.chunk_id_key, chunk).as_bytes())

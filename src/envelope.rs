@@ -5,11 +5,14 @@
 //! [`padding::padded_len`] of its unpadded size. The magic (which also carries the object
 //! kind's version) is the AAD. Everything after the magic is authenticated: a changed ephemeral key
 //! derives another session key and fails the tag check.
+//!
+//! Objects that every writer must read (obsolete lists, format 4) are sealed under a symmetric
+//! key instead ([`seal_shared`]): `magic[8] || nonce[24] || ciphertext || tag[16]`, padded alike.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::crypto::{OpeningKey, SEAL_OVERHEAD, SealingKey};
+use crate::crypto::{CipherKey, OpeningKey, SEAL_OVERHEAD, SealingKey};
 use crate::error::{Error, Result};
 use crate::padding;
 
@@ -69,7 +72,47 @@ pub fn open<T: DeserializeOwned>(
                 "authentication failed (damaged, or not of this repository)",
             )
         })?;
-    let (value, rest) = postcard::take_from_bytes(&plain)
+    decode_padded(&plain, object)
+}
+
+/// Seals `value` under a key every writer holds (docs/FORMAT.md §10: obsolete lists).
+pub fn seal_shared<T: Serialize>(magic: &[u8; 8], key: &CipherKey, value: &T) -> Vec<u8> {
+    let mut plain = postcard::to_allocvec(value).expect("metadata serializes");
+    let unpadded = (8 + SEAL_OVERHEAD + plain.len()) as u64;
+    plain.resize(
+        plain.len() + (padding::padded_len(unpadded) - unpadded) as usize,
+        0,
+    );
+    let mut out = magic.to_vec();
+    out.extend(key.seal(magic, &plain));
+    out
+}
+
+/// Opens what [`seal_shared`] sealed.
+pub fn open_shared<T: DeserializeOwned>(
+    magic: &[u8; 8],
+    key: &CipherKey,
+    bytes: &[u8],
+    object: &str,
+) -> Result<T> {
+    if bytes.len() < 8 + SEAL_OVERHEAD {
+        return Err(Error::corrupt(
+            object,
+            format!("truncated to {} bytes", bytes.len()),
+        ));
+    }
+    check_magic(magic, &bytes[..8], object)?;
+    let plain = key.open(magic, &bytes[8..]).ok_or_else(|| {
+        Error::corrupt(
+            object,
+            "authentication failed (damaged, or not of this repository)",
+        )
+    })?;
+    decode_padded(&plain, object)
+}
+
+fn decode_padded<T: DeserializeOwned>(plain: &[u8], object: &str) -> Result<T> {
+    let (value, rest) = postcard::take_from_bytes(plain)
         .map_err(|e| Error::corrupt(object, format!("does not decode: {e}")))?;
     if rest.iter().any(|&b| b != 0) {
         return Err(Error::corrupt(object, "non-zero padding"));

@@ -14,7 +14,7 @@ use crate::id::Id;
 use crate::index::{INDEX_MAGIC, IndexFile, SpillingIndex};
 use crate::listing::{CATALOG_MAGIC, Catalog};
 use crate::pack::{self, PackSession};
-use crate::repo::{CONFIG_MAGIC, Config, OBSOLETE_MAGIC, ObsoleteList};
+use crate::repo::{CONFIG_MAGIC, Config, OBSOLETE_MAGIC, ObsoleteList, SHARED_OBSOLETE_MAGIC};
 use crate::snapshot::{SNAPSHOT_MAGIC, Snapshot};
 use crate::tree::{TreeRoot, TreeWalker};
 
@@ -146,6 +146,12 @@ fn walk(root: &TreeRoot, node: &[u8]) {
 pub fn obsolete_list(bytes: &[u8]) {
     for object in [bytes.to_vec(), sealed(OBSOLETE_MAGIC, bytes)] {
         let _ = envelope::open::<ObsoleteList>(OBSOLETE_MAGIC, &key().metadata, &object, "o");
+    }
+    let shared = key().shared_key();
+    let mut sealed = SHARED_OBSOLETE_MAGIC.to_vec();
+    sealed.extend(shared.seal(SHARED_OBSOLETE_MAGIC, bytes));
+    for object in [bytes.to_vec(), sealed] {
+        let _ = envelope::open_shared::<ObsoleteList>(SHARED_OBSOLETE_MAGIC, &shared, &object, "o");
     }
 }
 
@@ -343,7 +349,13 @@ mod round_trips {
         #[test]
         fn obsolete_list(time in time(), packs in vec(id(), 0..50)) {
             let list = ObsoleteList { time, packs };
-            prop_assert_eq!(open::<ObsoleteList>(OBSOLETE_MAGIC, &seal(OBSOLETE_MAGIC, &list)), list);
+            prop_assert_eq!(open::<ObsoleteList>(OBSOLETE_MAGIC, &seal(OBSOLETE_MAGIC, &list)), list.clone());
+            let shared = key().shared_key();
+            let sealed = envelope::seal_shared(SHARED_OBSOLETE_MAGIC, &shared, &list);
+            prop_assert_eq!(sealed.len() as u64, crate::padding::padded_len(sealed.len() as u64));
+            let opened: ObsoleteList =
+                envelope::open_shared(SHARED_OBSOLETE_MAGIC, &shared, &sealed, "o").unwrap();
+            prop_assert_eq!(opened, list);
         }
 
         #[test]

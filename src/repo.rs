@@ -33,7 +33,13 @@ use crate::snapshot::{PackRef, SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
 use crate::store::{Pending, Store};
 
 pub const CONFIG_MAGIC: &[u8; 8] = b"BKPCFG01";
+/// An obsolete list sealed to the metadata key (formats 1-3): only a full key reads it.
 pub const OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS01";
+/// An obsolete list sealed under the shared key (format 4), which every writer must read:
+/// a put-only writer too must not deduplicate against the packs it names.
+pub const SHARED_OBSOLETE_MAGIC: &[u8; 8] = b"BKPOBS02";
+/// The first format whose obsolete lists are `BKPOBS02`.
+const SHARED_OBSOLETE_FORMAT: u32 = 4;
 /// Packs a prune found unneeded at `time`: backups no longer deduplicate against them, and a
 /// prune at least a grace period later deletes those still unneeded (docs/FORMAT.md §10).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -643,9 +649,8 @@ impl Repository {
     pub(crate) fn obsolete_lists(&self) -> Result<Vec<StoredObsoleteList>> {
         let mut lists = Vec::new();
         for object in self.store.list("obsolete")? {
-            let read = get_named(&self.store, &object.name).and_then(|bytes| {
-                envelope::open(OBSOLETE_MAGIC, &self.key.metadata, &bytes, &object.name)
-            });
+            let read = get_named(&self.store, &object.name)
+                .and_then(|bytes| self.open_obsolete_list(&bytes, &object.name));
             if let Some(list) = self.skip_damaged(read)? {
                 lists.push(StoredObsoleteList {
                     name: object.name,
@@ -655,6 +660,14 @@ impl Repository {
             }
         }
         Ok(lists)
+    }
+
+    fn open_obsolete_list(&self, bytes: &[u8], name: &str) -> Result<ObsoleteList> {
+        if bytes.starts_with(OBSOLETE_MAGIC) {
+            envelope::open(OBSOLETE_MAGIC, &self.key.metadata, bytes, name)
+        } else {
+            envelope::open_shared(SHARED_OBSOLETE_MAGIC, &self.key.shared_key(), bytes, name)
+        }
     }
 
     /// Reads a pack and rebuilds its index entry from the pack alone, checking that the pack
@@ -777,7 +790,34 @@ impl Repository {
             self.store.barrier()?;
             self.config = config;
         }
+        self.reseal_obsolete_lists()?;
         Ok(written)
+    }
+
+    /// Format 4: obsolete lists sealed to the metadata key are sealed again under the shared
+    /// key (the new one durable before the old one goes). The storage's time of the new list is
+    /// now, so its packs wait a grace period longer: later, never sooner.
+    fn reseal_obsolete_lists(&self) -> Result<()> {
+        for object in self.store.list("obsolete")? {
+            let read = get_named(&self.store, &object.name).and_then(|bytes| {
+                if !bytes.starts_with(OBSOLETE_MAGIC) {
+                    return Ok(None);
+                }
+                envelope::open::<ObsoleteList>(
+                    OBSOLETE_MAGIC,
+                    &self.key.metadata,
+                    &bytes,
+                    &object.name,
+                )
+                .map(Some)
+            });
+            // A damaged one is left for prune and check to report.
+            if let Some(Some(list)) = self.skip_damaged(read)? {
+                self.commit_obsolete_list(&list)?;
+                self.delete_objects(std::slice::from_ref(&object.name))?;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces index file `old` by one naming only `keep` (none: no new file): the new file is
@@ -814,7 +854,12 @@ impl Repository {
 
     /// Stores an obsolete list (prune's marks), durably.
     pub(crate) fn commit_obsolete_list(&self, list: &ObsoleteList) -> Result<()> {
-        let sealed = envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list);
+        let sealed = if self.config.format_version >= SHARED_OBSOLETE_FORMAT {
+            envelope::seal_shared(SHARED_OBSOLETE_MAGIC, &self.key.shared_key(), list)
+        } else {
+            // What bkp for formats 1-3 reads.
+            envelope::seal(OBSOLETE_MAGIC, self.key.metadata.sealing(), list)
+        };
         let name = format!("obsolete/{}", Id::of_object(&sealed).to_hex());
         self.store.put_new(&name, sealed)?;
         self.store.barrier()
@@ -856,5 +901,91 @@ impl Repository {
     pub(crate) fn commit_key_file(&self, id: &Id, bytes: Vec<u8>) -> Result<()> {
         self.store.put_new(&key_name(id), bytes)?;
         self.store.barrier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> InitOptions {
+        InitOptions {
+            kdf: KdfParams::INSECURE_FAST,
+            ..InitOptions::default()
+        }
+    }
+
+    fn obsolete_magics(repo: &Repository) -> Vec<Vec<u8>> {
+        repo.store
+            .list("obsolete")
+            .unwrap()
+            .iter()
+            .map(|o| repo.store.get(&o.name).unwrap()[..8].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn a_put_only_key_reads_the_obsolete_lists_of_format_4_and_upgrade_reseals_older_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = dir.path().join("repo");
+        let location = location.to_str().unwrap();
+        let mut repo =
+            Repository::init(Store::create(location).unwrap(), b"full", &fast()).unwrap();
+        crate::keys::add_key(&repo, b"put", KdfParams::INSECURE_FAST, KeyRole::PutOnly).unwrap();
+        let list = ObsoleteList {
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+            packs: vec![Id([7; 32]), Id([9; 32])],
+        };
+        // As a format 3 repository stored it: only a full key reads it.
+        repo.config.format_version = 3;
+        repo.commit_obsolete_list(&list).unwrap();
+        assert_eq!(obsolete_magics(&repo), [OBSOLETE_MAGIC.to_vec()]);
+        let put_only = Repository::open(Store::open(location).unwrap(), b"put").unwrap();
+        assert_eq!(put_only.role(), KeyRole::PutOnly);
+        assert!(matches!(
+            put_only.obsolete_lists(),
+            Err(Error::PutOnlyKey { .. })
+        ));
+
+        // Upgrade seals it again for every writer: same packs, same sealed time.
+        repo.upgrade().unwrap();
+        assert_eq!(obsolete_magics(&repo), [SHARED_OBSOLETE_MAGIC.to_vec()]);
+        let read = |repo: &Repository| -> Vec<ObsoleteList> {
+            repo.obsolete_lists()
+                .unwrap()
+                .into_iter()
+                .map(|stored| stored.list)
+                .collect()
+        };
+        assert_eq!(read(&repo), vec![list.clone()]);
+        assert_eq!(read(&put_only), vec![list.clone()]);
+        // And format 4 writes them so.
+        repo.commit_obsolete_list(&ObsoleteList {
+            time: SystemTime::now(),
+            ..list
+        })
+        .unwrap();
+        assert_eq!(read(&put_only).len(), 2);
+        assert!(
+            obsolete_magics(&repo)
+                .iter()
+                .all(|m| m == SHARED_OBSOLETE_MAGIC)
+        );
+        // A list another repository's shared key sealed is damaged, not trusted.
+        let other = Repository::init(Store::memory(), b"x", &fast()).unwrap();
+        let foreign =
+            envelope::seal_shared(SHARED_OBSOLETE_MAGIC, &other.key.shared_key(), &list_of(9));
+        repo.store
+            .put_new(&format!("obsolete/{}", Id::of_object(&foreign)), foreign)
+            .unwrap();
+        assert_eq!(read(&put_only).len(), 2);
+        assert!(put_only.damaged_under("obsolete/").is_some());
+    }
+
+    fn list_of(byte: u8) -> ObsoleteList {
+        ObsoleteList {
+            time: SystemTime::now(),
+            packs: vec![Id([byte; 32])],
+        }
     }
 }
