@@ -20,19 +20,21 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunker::{Chunker, GearTable};
-use crate::crypto::{CipherKey, MasterKey};
+use crate::crypto::{CipherKey, KeyRole, MasterKey};
 use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
 use crate::frame::{ChunkEntry, Frame, FrameEncoder, FrameRef, MAX_BASES};
 use crate::id::Id;
-use crate::index::{IndexedPack, PackLocation};
+use crate::index::{Index, IndexedPack, PackLocation};
 use crate::pack::{PackSession, PackWriter};
 use crate::pack_reader::FrameReader;
 use crate::parent::{Base, Known};
-use crate::repo::{Repository, hostname};
+use crate::repo::{ParentPacks, Repository, hostname};
+use crate::send_log::{SendLog, SendLogWriter};
 use crate::snapshot::{AddedBytes, ChunkSpan, PackRef, Snapshot, SnapshotEntry, annotation};
 use crate::source::Source;
 use crate::store::Pending;
+use crate::stream_index::HeaderSource;
 use crate::tree::{TreeBuilder, TreeRoot};
 
 #[derive(Clone, Debug)]
@@ -49,6 +51,9 @@ pub struct BackupOptions {
     /// Compression workers; 0 means one per core.
     pub threads: usize,
     pub annotations: BTreeMap<String, String>,
+    /// Where a put-only key keeps its send log (docs/FORMAT.md §12.1), without which each of
+    /// its backups stores the whole dump; unused with a full key.
+    pub send_log: Option<std::path::PathBuf>,
 }
 
 impl Default for BackupOptions {
@@ -62,6 +67,7 @@ impl Default for BackupOptions {
             pack_size: crate::pack::PACK_SIZE,
             threads: 0,
             annotations: BTreeMap::new(),
+            send_log: None,
         }
     }
 }
@@ -82,6 +88,9 @@ pub enum BackupEvent<'a> {
     /// Everything the snapshot names is stored; the snapshot itself is about to be written.
     /// From here on, stopping may leave it recorded (the CLI's signal handler says so).
     Recording,
+    /// Something the operator should know that does not stop the backup (a put-only key's
+    /// send log that could not be used or written: the backup is larger, not wrong).
+    Warning(&'a str),
 }
 
 #[derive(Clone, Debug)]
@@ -681,6 +690,7 @@ fn pack_writer(
     session: &PackSession,
     frames: Receiver<(u32, Frame)>,
     pack_size: usize,
+    send_log: Option<&SendLogWriter>,
 ) -> Result<Stored> {
     let in_flight = if repo.store().is_local() {
         0
@@ -716,6 +726,7 @@ fn pack_writer(
         }
         let chunks: usize = durable.iter().map(IndexedPack::chunk_count).sum();
         if durable.len() >= batch || chunks >= CHUNKS_PER_INDEX_FILE {
+            log_packs(send_log, durable);
             stored.bytes += repo.commit_packs(std::mem::take(durable))?;
         }
         Ok(())
@@ -764,6 +775,41 @@ fn pack_writer(
     Ok(stored)
 }
 
+/// Notes the headers of `packs` in a put-only writer's next send log.
+fn log_packs(send_log: Option<&SendLogWriter>, packs: &[IndexedPack]) {
+    if let Some(log) = send_log {
+        packs.iter().for_each(|pack| log.add(pack));
+    }
+}
+
+/// What a put-only writer deduplicates against: what its send log remembers of the series'
+/// last backup and is still in the store, unmarked.
+fn parent_from_send_log(
+    repo: &Repository,
+    log: Option<&SendLog>,
+    progress: &mut dyn FnMut(BackupEvent<'_>),
+) -> Result<ParentPacks> {
+    let nothing = ParentPacks::Index(Index::default());
+    let Some(log) = log else {
+        return Ok(nothing);
+    };
+    match repo.usable_logged_packs(log)? {
+        Ok(packs) if !packs.is_empty() => {
+            for (ephemeral, key) in log.sessions() {
+                repo.know_data_session(*ephemeral, key);
+            }
+            Ok(ParentPacks::Uses(packs))
+        }
+        Ok(_) => Ok(nothing),
+        Err(why) => {
+            progress(BackupEvent::Warning(&format!(
+                "the send log is not used: {why}; this backup stores the whole dump"
+            )));
+            Ok(nothing)
+        }
+    }
+}
+
 /// Backs up `source` as one snapshot.
 pub fn backup(
     repo: &Repository,
@@ -773,7 +819,35 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let key = repo.key();
-    let parent = repo.parent_for_backup(&options.tags)?;
+    let mut tags = options.tags.clone();
+    tags.sort();
+    tags.dedup();
+    // A put-only key cannot read the repository: what it knows of the series' last backup is
+    // what it wrote down itself.
+    let send_log_dir = match repo.role() {
+        KeyRole::PutOnly => options.send_log.as_deref(),
+        KeyRole::Full => None,
+    };
+    let series = repo.series_of(&tags);
+    let send_log = match send_log_dir.map(|dir| SendLog::open(dir, key, &series)) {
+        Some(Err(why)) => {
+            progress(BackupEvent::Warning(&format!(
+                "the send log is not used: {why}; this backup stores the whole dump"
+            )));
+            None
+        }
+        Some(Ok(log)) => log,
+        None => None,
+    };
+    let parent = match send_log_dir {
+        Some(_) => parent_from_send_log(repo, send_log.as_ref(), progress)?,
+        None => repo.parent_for_backup(&options.tags)?,
+    };
+    let headers = match &send_log {
+        Some(log) => HeaderSource::SendLog(log),
+        None => HeaderSource::Store(repo),
+    };
+    let next_send_log = send_log_dir.map(|dir| SendLogWriter::create(dir, key, &series));
     let session = PackSession::new(key);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -781,7 +855,7 @@ pub fn backup(
     };
 
     let (root, stream, added, packs, depends_on) = std::thread::scope(|scope| {
-        let known = Known::start(scope, repo, parent)?;
+        let known = Known::start(scope, headers, parent)?;
         let (blocks, detected, facts) = source.into_parts();
         let mut chunker = Chunker::new(
             blocks,
@@ -804,7 +878,15 @@ pub fn backup(
             scope.spawn(move || compress_worker(groups, frames, spare, key, level, reader));
         }
         drop((group_rx, frame_tx, spare_tx));
-        let writer = scope.spawn(|| pack_writer(repo, &session, frame_rx, options.pack_size));
+        let writer = scope.spawn(|| {
+            pack_writer(
+                repo,
+                &session,
+                frame_rx,
+                options.pack_size,
+                next_send_log.as_ref(),
+            )
+        });
 
         let mut dedup = Deduper {
             repo,
@@ -840,10 +922,8 @@ pub fn backup(
         return Err(Error::EmptyInput);
     }
     let mut added = added;
+    log_packs(next_send_log.as_ref(), &packs.unindexed);
     added.stored = packs.bytes + repo.commit_packs(packs.unindexed)?;
-    let mut tags = options.tags.clone();
-    tags.sort();
-    tags.dedup();
     let snapshot = Snapshot {
         time: SystemTime::now(),
         hostname: options.hostname.clone().unwrap_or_else(hostname),
@@ -858,8 +938,29 @@ pub fn backup(
     };
     progress(BackupEvent::Recording);
     let (id, snapshot_len) = repo.commit_snapshot(&snapshot)?;
-    // An optimisation for listings only: the snapshot is recorded whatever happens here.
+    // Optimisations only: the snapshot is recorded whatever happens here.
     let _ = repo.maintain_catalog(&snapshot.tags);
+    if let Some(next) = &next_send_log {
+        let mut sessions: HashMap<[u8; 32], [u8; 32]> = send_log
+            .iter()
+            .flat_map(|log| log.sessions().map(|(e, k)| (*e, *k)))
+            .collect();
+        sessions.insert(session.data_ephemeral, session.data_key_bytes);
+        let written = next.finish(
+            repo.config().repository_id,
+            &series,
+            id,
+            &snapshot.packs,
+            &sessions,
+            send_log.as_ref(),
+        );
+        sessions.values_mut().for_each(zeroize::Zeroize::zeroize);
+        if let Err(why) = written {
+            progress(BackupEvent::Warning(&format!(
+                "the send log could not be written ({why}): the next backup stores the whole dump"
+            )));
+        }
+    }
     Ok(BackupSummary {
         bytes_stored: added.stored + snapshot_len,
         snapshot: SnapshotEntry { id, snapshot },

@@ -104,24 +104,38 @@ impl SealingKey {
     /// Starts a session: a fresh ephemeral key pair, returned as its public half (stored in the
     /// object) and the derived session key.
     pub fn new_session(&self) -> ([u8; 32], CipherKey) {
+        let (ephemeral_public, mut key) = self.new_session_key();
+        let cipher = CipherKey::new(&key);
+        key.zeroize();
+        (ephemeral_public, cipher)
+    }
+
+    /// [`SealingKey::new_session`] with the session key's bytes (for a put-only writer's send
+    /// log, which must read its own frames back; the caller zeroes them).
+    pub fn new_session_key(&self) -> ([u8; 32], [u8; 32]) {
         let ephemeral = StaticSecret::from(random_bytes::<32>());
         let ephemeral_public = PublicKey::from(&ephemeral);
         let shared = ephemeral.diffie_hellman(&self.public);
-        let key = self.derive(ephemeral_public.as_bytes(), shared.as_bytes());
+        let key = self.derive_bytes(ephemeral_public.as_bytes(), shared.as_bytes());
         (ephemeral_public.to_bytes(), key)
     }
 
     fn derive(&self, ephemeral_public: &[u8; 32], shared: &[u8; 32]) -> CipherKey {
+        let mut key = self.derive_bytes(ephemeral_public, shared);
+        let cipher = CipherKey::new(&key);
+        key.zeroize();
+        cipher
+    }
+
+    fn derive_bytes(&self, ephemeral_public: &[u8; 32], shared: &[u8; 32]) -> [u8; 32] {
         let mut material = [0u8; 128];
         material[..32].copy_from_slice(ephemeral_public);
         material[32..64].copy_from_slice(self.public.as_bytes());
         material[64..96].copy_from_slice(shared);
         material[96..].copy_from_slice(&self.psk);
-        let mut key = blake3::derive_key(SESSION_KEY_CONTEXT, &material);
+        let key = blake3::derive_key(SESSION_KEY_CONTEXT, &material);
         material.zeroize();
-        let cipher = CipherKey::new(&key);
-        key.zeroize();
-        cipher
+        key
     }
 }
 

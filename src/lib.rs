@@ -54,6 +54,7 @@ mod repack;
 mod repo;
 mod restore;
 pub mod retention;
+mod send_log;
 mod series;
 mod snapshot;
 pub mod source;

@@ -94,6 +94,8 @@ pub(crate) mod v1 {
 pub struct PackSession {
     pub data_ephemeral: [u8; 32],
     pub data_key: CipherKey,
+    /// The data session key's bytes: what a put-only writer remembers to read its frames back.
+    pub data_key_bytes: [u8; 32],
     pub metadata_ephemeral: [u8; 32],
     pub metadata_key: CipherKey,
 }
@@ -101,14 +103,21 @@ pub struct PackSession {
 impl PackSession {
     /// Fresh session keys: a writer needs only the public halves of the repository's keys.
     pub fn new(key: &MasterKey) -> PackSession {
-        let (data_ephemeral, data_key) = key.data.sealing().new_session();
+        let (data_ephemeral, data_key_bytes) = key.data.sealing().new_session_key();
         let (metadata_ephemeral, metadata_key) = key.metadata.sealing().new_session();
         PackSession {
             data_ephemeral,
-            data_key,
+            data_key: CipherKey::new(&data_key_bytes),
+            data_key_bytes,
             metadata_ephemeral,
             metadata_key,
         }
+    }
+}
+
+impl Drop for PackSession {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data_key_bytes);
     }
 }
 

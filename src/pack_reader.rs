@@ -95,9 +95,7 @@ impl<'a> FrameReader<'a> {
             None => {
                 let key = self
                     .repo
-                    .key()
-                    .data
-                    .session(&pack.data_ephemeral)?
+                    .data_session(&pack.data_ephemeral)?
                     .ok_or_else(|| {
                         Error::corrupt(format!("index entry for {name}"), "invalid session key")
                     })?;

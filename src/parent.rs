@@ -21,7 +21,7 @@ use crate::id::Id;
 use crate::index::{FrameLocation, Index, MISSING_BASE, PackLocation};
 use crate::repo::{ParentPacks, Repository};
 use crate::snapshot::PackRef;
-use crate::stream_index::{FrameKey, StreamIndex, Strictness};
+use crate::stream_index::{FrameKey, HeaderSource, StreamIndex, Strictness};
 
 /// A base frame that a new group may be compressed against, with where to read it: whatever
 /// found it may let it go before a worker reads it.
@@ -53,17 +53,18 @@ pub enum Known {
 }
 
 impl Known {
-    /// What a backup deduplicates against, from what [`Repository::parent_for_backup`] found.
+    /// What a backup deduplicates against, from what [`Repository::parent_for_backup`] found
+    /// (or a put-only writer's send log): the parent's pack headers come from `headers`.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
-        repo: &'env Repository,
+        headers: HeaderSource<'env>,
         parent: ParentPacks,
     ) -> Result<Known> {
         Ok(match parent {
             ParentPacks::Index(index) => Known::Index(index),
             ParentPacks::Uses(packs) => Known::Parent(Box::new(ParentWindow::start(
                 scope,
-                repo,
+                headers,
                 &packs,
                 Reach::DEFAULT,
             )?)),
@@ -86,7 +87,13 @@ impl Known {
         is_tree_node: bool,
     ) -> Result<Option<KnownChunk>> {
         if let Known::Parent(window) = self {
-            match window.chunk(id, is_tree_node)? {
+            let found = window.chunk(id, is_tree_node)?;
+            if repo.role() == crate::KeyRole::PutOnly && !matches!(found, Lookup::Done(_)) {
+                // It cannot read the index: the rest of its stream is stored again.
+                *self = Known::Index(Index::default());
+                return Ok(None);
+            }
+            match found {
                 Lookup::Done(found) => return Ok(found),
                 Lookup::DoesNotFit => {
                     *self = Known::Index(repo.index_of_parent_packs(&window.packs.packs())?);
@@ -179,12 +186,12 @@ impl ParentWindow {
     /// `parent_packs`: every one with its uses.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
-        repo: &'env Repository,
+        headers: HeaderSource<'env>,
         parent_packs: &[PackRef],
         reach: Reach,
     ) -> Result<ParentWindow> {
         Ok(ParentWindow {
-            packs: StreamIndex::start(scope, repo, parent_packs, Strictness::BestEffort)?,
+            packs: StreamIndex::start(scope, headers, parent_packs, Strictness::BestEffort)?,
             reach,
             at: 0,
             at_last_found: 0,
@@ -298,7 +305,9 @@ mod tests {
             let ids = chunk_ids(&repo, day2);
             let in_parent = ids.iter().filter(|id| day1_ids.contains(id)).count();
             let (found, most_held) = std::thread::scope(|scope| {
-                let mut window = ParentWindow::start(scope, &repo, &parent.packs, reach).unwrap();
+                let mut window =
+                    ParentWindow::start(scope, HeaderSource::Store(&repo), &parent.packs, reach)
+                        .unwrap();
                 let (mut found, mut most_held) = (0, 0);
                 for id in &ids {
                     match window.chunk(id, false).unwrap() {
@@ -338,7 +347,8 @@ mod tests {
         };
         let ids = chunk_ids(&repo, &day1);
         std::thread::scope(|scope| {
-            let window = ParentWindow::start(scope, &repo, &packs, reach).unwrap();
+            let window =
+                ParentWindow::start(scope, HeaderSource::Store(&repo), &packs, reach).unwrap();
             let mut known = Known::Parent(Box::new(window));
             for id in &ids {
                 let found = known.chunk(&repo, id, false).unwrap();

@@ -15,19 +15,20 @@
 //! after the previous one's objects are stored, so a crash leaves at worst unreferenced packs or
 //! an unreferenced index file, never a snapshot that points at nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkerParams;
-use crate::crypto::{KdfParams, KeyFile, KeyRole, MasterKey};
+use crate::crypto::{CipherKey, KdfParams, KeyFile, KeyRole, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{INDEX_MAGIC, Index, IndexFile, IndexedPack, SpillingIndex, lookup_memory};
 use crate::pack;
+use crate::send_log::SendLog;
 use crate::series::SeriesKeys;
 use crate::snapshot::{PackRef, SNAPSHOT_MAGIC, Snapshot, SnapshotEntry};
 use crate::store::{Pending, Store};
@@ -89,6 +90,9 @@ pub struct Repository {
     series: SeriesKeys,
     /// Objects that listings found damaged and skipped ([`Repository::skip_damaged`]).
     damaged: Mutex<BTreeMap<String, String>>,
+    /// Data session keys a put-only writer knows (its own, from its send log), by ephemeral
+    /// public key: the only frames it can read back.
+    known_data_sessions: Mutex<HashMap<[u8; 32], CipherKey>>,
 }
 
 /// What a backup deduplicates against, as [`Repository::parent_for_backup`] found it.
@@ -336,6 +340,7 @@ impl Repository {
             key_id,
             config,
             damaged: Mutex::new(damaged),
+            known_data_sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -360,6 +365,27 @@ impl Repository {
 
     pub(crate) fn key(&self) -> &MasterKey {
         &self.key
+    }
+
+    /// The key of the data session `ephemeral_public` (`None` for a degenerate one): derived
+    /// with a full key; with a put-only key, one it was told ([`Self::know_data_session`]).
+    pub(crate) fn data_session(&self, ephemeral_public: &[u8; 32]) -> Result<Option<CipherKey>> {
+        if self.role() == KeyRole::Full {
+            return self.key.data.session(ephemeral_public);
+        }
+        let known = self.known_data_sessions.lock().expect("sessions lock");
+        match known.get(ephemeral_public) {
+            Some(key) => Ok(Some(key.clone())),
+            None => self.key.data.session(ephemeral_public),
+        }
+    }
+
+    /// Tells a put-only writer the key of one of its own data sessions.
+    pub(crate) fn know_data_session(&self, ephemeral_public: [u8; 32], key: &[u8; 32]) {
+        self.known_data_sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(ephemeral_public, CipherKey::new(key));
     }
 
     /// What the key that opened the repository may do.
@@ -449,6 +475,34 @@ impl Repository {
         }
         self.index_of_parent_packs(&parent.snapshot.packs)
             .map(ParentPacks::Index)
+    }
+
+    /// The packs of a put-only writer's send log that a backup may deduplicate against: those
+    /// in the store at their size and in no obsolete list (§10). `Ok(Err(why))` if the marks
+    /// cannot be known (an obsolete list sealed for full keys only, before `bkp upgrade`).
+    pub(crate) fn usable_logged_packs(
+        &self,
+        log: &SendLog,
+    ) -> Result<std::result::Result<Vec<PackRef>, String>> {
+        let marked = match self.marked_packs() {
+            Ok(marked) => marked,
+            Err(Error::PutOnlyKey { .. }) => {
+                return Ok(Err(
+                    "the repository has obsolete lists that only a full key reads (run `bkp upgrade` with one)"
+                        .to_string(),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let names: Vec<String> = log.packs().iter().map(|p| pack_name(&p.id)).collect();
+        let sizes = self.store.sizes(&names)?;
+        Ok(Ok(log
+            .packs()
+            .iter()
+            .zip(sizes)
+            .filter(|(pack, size)| *size == Some(pack.len) && !marked.contains(&pack.id))
+            .map(|(pack, _)| *pack)
+            .collect()))
     }
 
     /// The index of a parent's packs, read from their headers; every index file if one is

@@ -25,7 +25,7 @@ use crate::index::Index;
 use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch, fetch_frame};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
-use crate::stream_index::{FrameKey, MAX_CHUNKS_HELD, StreamIndex, Strictness};
+use crate::stream_index::{FrameKey, HeaderSource, MAX_CHUNKS_HELD, StreamIndex, Strictness};
 use crate::tree::TreeWalker;
 
 /// Decoded frames kept for reuse by later runs.
@@ -540,7 +540,7 @@ fn restore_with(
             Lookup::Index(index) => Locations::Index(index),
             Lookup::Stream => Locations::Stream(Box::new(StreamIndex::start(
                 scope,
-                repo,
+                HeaderSource::Store(repo),
                 &entry.snapshot.packs,
                 Strictness::Exact {
                     max_chunks_held: MAX_CHUNKS_HELD,

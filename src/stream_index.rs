@@ -22,6 +22,7 @@ use crate::id::Id;
 use crate::index::{FrameLocation, IndexedPack, PackLocation};
 use crate::pack::MovedFrame;
 use crate::repo::{Repository, pack_name};
+use crate::send_log::SendLog;
 use crate::snapshot::{ChunkSpan, PackRef};
 
 /// Pack headers read (or being read) ahead of the stream. A header is at most 1 MiB and
@@ -34,6 +35,23 @@ const HEADER_THREADS: usize = 4;
 /// restore sorts their headers' locations on disk instead (the caller's next pass), as for a
 /// snapshot that does not say where it uses its packs.
 pub const MAX_CHUNKS_HELD: usize = 1 << 19;
+
+/// Where a stream index reads pack headers: from the packs, or, for a put-only writer, which
+/// cannot open them, from its send log ([`crate::send_log`]).
+#[derive(Clone, Copy)]
+pub enum HeaderSource<'a> {
+    Store(&'a Repository),
+    SendLog(&'a SendLog),
+}
+
+impl HeaderSource<'_> {
+    fn read_pack_header(&self, pack: &PackRef) -> Result<IndexedPack> {
+        match self {
+            HeaderSource::Store(repo) => repo.read_pack_header(pack),
+            HeaderSource::SendLog(log) => log.read_pack_header(pack),
+        }
+    }
+}
 
 /// What a stream index does when it cannot hold what its snapshot's packs say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,7 +143,7 @@ impl StreamIndex {
     /// Starts reading the headers of `packs` (every one with its uses) in `scope`.
     pub fn start<'scope, 'env>(
         scope: &'scope Scope<'scope, 'env>,
-        repo: &'env Repository,
+        source: HeaderSource<'env>,
         packs: &[PackRef],
         strictness: Strictness,
     ) -> Result<StreamIndex> {
@@ -163,7 +181,7 @@ impl StreamIndex {
                     let Some((pack, _)) = order.get(at) else {
                         return;
                     };
-                    let header = repo.read_pack_header(pack);
+                    let header = source.read_pack_header(pack);
                     let arrived = header.and_then(|h| live_pack(at as u32, h));
                     if header_tx.send((at, arrived)).is_err() {
                         return;
@@ -419,8 +437,13 @@ mod tests {
         assert!(snapshot.packs.len() > 40, "{} packs", snapshot.packs.len());
         let chunks = snapshot.added.chunks;
         let (most_live, most_chunks) = std::thread::scope(|scope| {
-            let mut index =
-                StreamIndex::start(scope, &repo, &snapshot.packs, exact(usize::MAX)).unwrap();
+            let mut index = StreamIndex::start(
+                scope,
+                HeaderSource::Store(&repo),
+                &snapshot.packs,
+                exact(usize::MAX),
+            )
+            .unwrap();
             let (mut most_live, mut most_chunks) = (0, 0);
             for place in 0..chunks {
                 index.chunk(&Id([0; 32]), place).unwrap();
@@ -435,7 +458,13 @@ mod tests {
         // With room for fewer locations than that, the index says so rather than grow.
         std::thread::scope(|scope| {
             let room = most_chunks / 2;
-            let mut index = StreamIndex::start(scope, &repo, &snapshot.packs, exact(room)).unwrap();
+            let mut index = StreamIndex::start(
+                scope,
+                HeaderSource::Store(&repo),
+                &snapshot.packs,
+                exact(room),
+            )
+            .unwrap();
             let failed = (0..chunks).find_map(|place| index.chunk(&Id([0; 32]), place).err());
             assert!(matches!(failed, Some(Error::Missing { .. })), "{failed:?}");
         });

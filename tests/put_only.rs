@@ -42,13 +42,42 @@ fn repository_with_put_only_key(repo: &Path) -> String {
 }
 
 fn put_only_backup(repo: &Path, data: &[u8], tag: &str) -> String {
-    let json = run_json(
-        bkp(repo)
-            .env("BKP_PASSWORD", PUT_ONLY)
-            .args(["backup", "--json", "--tag", tag])
-            .write_stdin(data.to_vec()),
-    );
-    json["snapshot_id"].as_str().unwrap().to_string()
+    backup_with_cache(repo, PUT_ONLY, &cache_of(repo), data, tag)["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The put-only host's cache directory (its send logs), beside the repository.
+fn cache_of(repo: &Path) -> std::path::PathBuf {
+    repo.parent().unwrap().join("cache")
+}
+
+/// A backup with `password` and `BKP_CACHE_DIR=cache`; its JSON summary (warnings asserted
+/// absent unless `expect_warning`).
+fn backup_with_cache(
+    repo: &Path,
+    password: &str,
+    cache: &Path,
+    data: &[u8],
+    tag: &str,
+) -> serde_json::Value {
+    let out = bkp(repo)
+        .env("BKP_PASSWORD", password)
+        .env("BKP_CACHE_DIR", cache)
+        .args(["backup", "--json", "--tag", tag])
+        .write_stdin(data.to_vec())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["stderr"] = stderr.into();
+    json
+}
+
+fn added(json: &serde_json::Value) -> u64 {
+    json["bytes_added"].as_u64().unwrap()
 }
 
 #[test]
@@ -209,4 +238,151 @@ fn put_only_keys_need_format_4_and_upgrade_gives_it() {
         stdout_of(restore.args(["restore", &snapshot])),
         b"after the upgrade"
     );
+}
+
+#[test]
+fn a_put_only_key_deduplicates_against_its_own_last_backup_from_its_send_log() {
+    let (_dir, repo) = local_repo();
+    repository_with_put_only_key(&repo);
+    let cache = cache_of(&repo);
+    let day1 = common::dumpgen::dump(6 << 20, 1);
+    let day2 = common::dumpgen::dump(6 << 20, 2);
+    let first = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(added(&first) > 1 << 20, "{first}");
+    // The log is private and says nothing in the clear.
+    let logs = common::files_under(&cache, "send-log");
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&logs[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let unchanged = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(
+        added(&unchanged) <= 16 << 10,
+        "an unchanged dump: {unchanged}"
+    );
+    let changed = backup_with_cache(&repo, PUT_ONLY, &cache, &day2, "db");
+
+    // The same two days with a full key, in a repository of their own.
+    let (_full_dir, full_repo) = local_repo();
+    let full_cache = cache_of(&full_repo);
+    backup_with_cache(&full_repo, common::PASSWORD, &full_cache, &day1, "db");
+    let full_changed = backup_with_cache(&full_repo, common::PASSWORD, &full_cache, &day2, "db");
+    assert!(
+        (added(&changed) as f64) <= 1.2 * added(&full_changed) as f64,
+        "day 2: put-only {} vs full {}",
+        added(&changed),
+        added(&full_changed)
+    );
+    assert!(added(&changed) < added(&first) / 4, "{changed} vs {first}");
+    for json in [&first, &unchanged, &changed] {
+        assert_eq!(json["stderr"], "", "{json}");
+    }
+    // Everything restores, byte for byte, with the full key.
+    for (json, data) in [(&first, &day1), (&unchanged, &day1), (&changed, &day2)] {
+        let id = json["snapshot_id"].as_str().unwrap();
+        assert_eq!(&stdout_of(bkp(&repo).args(["restore", id])), data);
+    }
+    bkp(&repo).args(["check", "--read-data"]).assert().success();
+}
+
+#[test]
+fn a_missing_damaged_or_stale_send_log_makes_a_larger_backup_never_a_wrong_one() {
+    let (_dir, repo) = local_repo();
+    repository_with_put_only_key(&repo);
+    let cache = cache_of(&repo);
+    let day1 = common::dumpgen::dump(4 << 20, 1);
+    let first = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    // As much again as the first backup stored (its index file and snapshot aside).
+    let whole = |json: &serde_json::Value| added(json) > added(&first) * 3 / 4;
+    let warned = |json: &serde_json::Value| {
+        json["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("the send log is not used")
+    };
+    assert!(added(&first) > 100 << 10, "{first}");
+    let log = common::files_under(&cache, "send-log").pop().unwrap();
+    let mut live = vec![(first["snapshot_id"].as_str().unwrap().to_string())];
+
+    // Damaged (a header record, then the meta): said, not used, and written anew.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&log, &bytes).unwrap();
+    let damaged_record = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let near_end = bytes.len() - 30;
+    bytes[near_end] ^= 1;
+    std::fs::write(&log, &bytes).unwrap();
+    let damaged_meta = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(
+        whole(&damaged_meta) && warned(&damaged_meta),
+        "{damaged_meta}"
+    );
+    // Missing: a whole backup, without a word.
+    std::fs::remove_file(&log).unwrap();
+    let packs_before = common::files_under(&repo, "packs");
+    let missing = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(whole(&missing) && !warned(&missing), "{missing}");
+    let its_packs: Vec<_> = common::files_under(&repo, "packs")
+        .into_iter()
+        .filter(|p| !packs_before.contains(p))
+        .collect();
+    let stale = std::fs::read(&log).unwrap();
+    for json in [&damaged_record, &damaged_meta] {
+        live.push(json["snapshot_id"].as_str().unwrap().to_string());
+    }
+
+    // Stale: the snapshot whose packs the log names is forgotten and pruned (its packs are
+    // marked), then those packs are gone (a prune a grace period later).
+    std::fs::remove_file(&log).unwrap();
+    let fresh = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    bkp(&repo)
+        .args(["forget", missing["snapshot_id"].as_str().unwrap()])
+        .assert()
+        .success();
+    bkp(&repo)
+        .args(["prune", "--grace", "1h"])
+        .assert()
+        .success();
+    assert_eq!(common::files_under(&repo, "obsolete").len(), 1);
+    std::fs::write(&log, &stale).unwrap();
+    let against_marked = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(whole(&against_marked), "{against_marked}");
+    bkp(&repo).args(["check", "--read-data"]).assert().success();
+    for pack in &its_packs {
+        std::fs::remove_file(pack).unwrap();
+    }
+    std::fs::write(&log, &stale).unwrap();
+    let against_gone = backup_with_cache(&repo, PUT_ONLY, &cache, &day1, "db");
+    assert!(whole(&against_gone), "{against_gone}");
+    for json in [&fresh, &against_marked, &against_gone] {
+        live.push(json["snapshot_id"].as_str().unwrap().to_string());
+    }
+    for id in &live {
+        assert_eq!(&stdout_of(bkp(&repo).args(["restore", id])), &day1, "{id}");
+    }
+}
+
+#[test]
+fn two_put_only_hosts_in_one_series_each_keep_their_own_send_log() {
+    let (dir, repo) = local_repo();
+    repository_with_put_only_key(&repo);
+    let (cache_a, cache_b) = (dir.path().join("host-a"), dir.path().join("host-b"));
+    let mut written = Vec::new();
+    for day in 1..=3u32 {
+        let data = common::dumpgen::dump(3 << 20, day);
+        for cache in [&cache_a, &cache_b] {
+            let json = backup_with_cache(&repo, PUT_ONLY, cache, &data, "db");
+            written.push((
+                json["snapshot_id"].as_str().unwrap().to_string(),
+                data.clone(),
+            ));
+        }
+    }
+    for (id, data) in &written {
+        assert_eq!(&stdout_of(bkp(&repo).args(["restore", id])), data);
+    }
+    bkp(&repo).args(["check", "--read-data"]).assert().success();
 }

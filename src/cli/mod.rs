@@ -66,6 +66,8 @@ Environment:
   TMPDIR                 where prune, check and stats of a large repository and backup and
                          restore of a large dump sort (~60 bytes a chunk; private files,
                          unlinked at once; default /tmp)
+  BKP_CACHE_DIR          where a put-only key keeps its send logs (default $XDG_CACHE_HOME/bkp,
+                         else ~/.cache/bkp): what it stored last time, so that it deduplicates
   BKP_SORT_MEMORY        MiB each of their sort buffers takes (default 48; a few at a time);
                          backup and restore use at most 2 MiB for theirs and a temporary file
                          past ~75 k chunks (~1.2 GB of dump)
@@ -514,6 +516,17 @@ fn upgrade(location: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Where a put-only key's send logs are (docs/FORMAT.md §12.1): `BKP_CACHE_DIR`, else the XDG
+/// cache directory, each with `send-log/` below.
+fn send_log_dir() -> Option<std::path::PathBuf> {
+    let non_empty = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
+    let cache = non_empty("BKP_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| non_empty("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("bkp")))
+        .or_else(|| non_empty("HOME").map(|d| std::path::Path::new(&d).join(".cache/bkp")))?;
+    Some(cache.join("send-log"))
+}
+
 /// What a command does with a repository: backing up is all that a put-only key may do.
 #[derive(Clone, Copy)]
 enum Access {
@@ -715,6 +728,14 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         bkp::Source::spawn(command)
     };
     let repo = open_repository(location, Access::BackUp)?;
+    if repo.role() == bkp::KeyRole::PutOnly {
+        options.send_log = send_log_dir();
+        if options.send_log.is_none() {
+            eprintln!(
+                "bkp: warning: a put-only key keeps a send log, but neither BKP_CACHE_DIR nor XDG_CACHE_HOME nor HOME is set: this backup stores the whole dump, and so will the next"
+            );
+        }
+    }
     let bar = if quiet {
         None
     } else {
@@ -728,6 +749,13 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
                     Some(bar) => bar.println(message),
                     None => eprintln!("{message}"),
                 }
+            }
+        }
+        bkp::BackupEvent::Warning(warning) => {
+            let message = format!("bkp: warning: {warning}");
+            match &bar {
+                Some(bar) => bar.println(message),
+                None => eprintln!("{message}"),
             }
         }
         bkp::BackupEvent::Recording => {
