@@ -251,8 +251,9 @@ A put-only key (`bkp key add --put-only`) can back up and nothing else: with it 
 restore, list or read snapshots, forget, prune, check or manage keys (exit 4), and its key file
 holds no secret that decrypts what the repository stores, so whoever takes that host cannot read
 old dumps with it. Give the database host a put-only key and keep a full key elsewhere for
-restores and maintenance. A put-only backup deduplicates within its own dump only (it cannot read
-the previous one). Needs repository format 4 (`bkp upgrade`).";
+restores and maintenance. Such a host deduplicates against what it stored last time, which it
+remembers in a send log under BKP_CACHE_DIR (default ~/.cache/bkp); without one, a backup
+stores the whole dump. Needs repository format 4 (`bkp upgrade`).";
 
 #[derive(Subcommand)]
 enum KeyCommand {
