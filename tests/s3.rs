@@ -49,6 +49,7 @@ fn s3_repositories_work_against_a_real_server() {
 
     library_round_trip_and_dedup(&server);
     cli_round_trip_dedup_and_day_two(&server);
+    a_put_only_key_backs_up_to_s3_and_deduplicates_from_its_send_log(&server);
     concurrent_inits_have_one_winner(&server);
     wrong_credentials_and_missing_bucket_are_named(&server);
     a_server_lost_mid_backup_leaves_the_repository_intact(&mut server);
@@ -152,6 +153,47 @@ fn cli_round_trip_dedup_and_day_two(server: &S3Server) {
         .assert()
         .success()
         .stdout(predicate::str::contains("no problems"));
+}
+
+fn a_put_only_key_backs_up_to_s3_and_deduplicates_from_its_send_log(server: &S3Server) {
+    let url = server.url("put-only");
+    bkp(server, &url).arg("init").assert().success();
+    bkp(server, &url)
+        .env("BKP_NEW_PASSWORD", "put-only password")
+        .args(["key", "add", "--put-only"])
+        .assert()
+        .success();
+    let cache = tempfile::tempdir().unwrap();
+    let put_only = |data: &[u8]| {
+        run_json(
+            bkp(server, &url)
+                .env("BKP_PASSWORD", "put-only password")
+                .env("BKP_CACHE_DIR", cache.path())
+                .args(["backup", "--json", "--tag", "db"])
+                .write_stdin(data.to_vec()),
+        )
+    };
+    let day1 = dumpgen::dump(6_000_000, 1);
+    let day2 = dumpgen::dump(6_000_000, 2);
+    let first = put_only(&day1);
+    let unchanged = put_only(&day1);
+    let second = put_only(&day2);
+    let added = |v: &serde_json::Value| v["bytes_added"].as_u64().unwrap();
+    assert!(added(&unchanged) <= 16 << 10, "{unchanged}");
+    assert!(added(&second) * 5 < added(&first), "{first} {second}");
+    bkp(server, &url)
+        .env("BKP_PASSWORD", "put-only password")
+        .args(["restore", "latest", "--tag", "db"])
+        .assert()
+        .code(4);
+    for (json, data) in [(&first, &day1), (&unchanged, &day1), (&second, &day2)] {
+        let id = json["snapshot_id"].as_str().unwrap();
+        assert!(restore(server, &url, id) == *data, "{id}");
+    }
+    bkp(server, &url)
+        .args(["check", "--read-data"])
+        .assert()
+        .success();
 }
 
 fn concurrent_inits_have_one_winner(server: &S3Server) {
