@@ -775,6 +775,10 @@ fn pack_writer(
     Ok(stored)
 }
 
+fn send_log_unused(why: &str) -> String {
+    format!("the send log is not used: {why}; this backup stores the whole dump")
+}
+
 /// Notes the headers of `packs` in a put-only writer's next send log.
 fn log_packs(send_log: Option<&SendLogWriter>, packs: &[IndexedPack]) {
     if let Some(log) = send_log {
@@ -802,9 +806,7 @@ fn parent_from_send_log(
         }
         Ok(_) => Ok(nothing),
         Err(why) => {
-            progress(BackupEvent::Warning(&format!(
-                "the send log is not used: {why}; this backup stores the whole dump"
-            )));
+            progress(BackupEvent::Warning(&send_log_unused(&why)));
             Ok(nothing)
         }
     }
@@ -831,9 +833,7 @@ pub fn backup(
     let series = repo.series_of(&tags);
     let send_log = match send_log_dir.map(|dir| SendLog::open(dir, key, &series)) {
         Some(Err(why)) => {
-            progress(BackupEvent::Warning(&format!(
-                "the send log is not used: {why}; this backup stores the whole dump"
-            )));
+            progress(BackupEvent::Warning(&send_log_unused(&why)));
             None
         }
         Some(Ok(log)) => log,

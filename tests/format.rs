@@ -130,24 +130,30 @@ fn padme(len: u64) -> u64 {
     (len + mask) & !mask
 }
 
-fn unlock_key_file(bytes: &[u8]) -> Keys {
-    assert_eq!(&bytes[..8], b"BKPKEY01");
-    let mut r = Reader::new(&bytes[8..]);
+/// §4: the rest of a key file from its KDF parameters on (`len` bytes after the magic), opened
+/// with `password`; returns the sealed plaintext.
+fn open_key_file_body(r: &mut Reader, len: usize, password: &str, aad: &[u8]) -> Vec<u8> {
     let (m, t, p) = (r.varint() as u32, r.varint() as u32, r.varint() as u32);
     let salt = r.bytes(16);
     let created = r.zigzag();
     assert!(created > 1_700_000_000, "created {created}");
     let sealed = r.vec_bytes();
-    assert_eq!(r.pos, bytes.len() - 8);
+    assert_eq!(r.pos, len);
     let mut kek = [0u8; 32];
     Argon2::new(
         Algorithm::Argon2id,
         Version::V0x13,
         Params::new(m, t, p, Some(32)).unwrap(),
     )
-    .hash_password_into(PASSWORD.as_bytes(), salt, &mut kek)
+    .hash_password_into(password.as_bytes(), salt, &mut kek)
     .unwrap();
-    let plain = open_sealed(&kek, b"BKPKEY01", sealed);
+    open_sealed(&kek, aad, sealed)
+}
+
+fn unlock_key_file(bytes: &[u8]) -> Keys {
+    assert_eq!(&bytes[..8], b"BKPKEY01");
+    let mut r = Reader::new(&bytes[8..]);
+    let plain = open_key_file_body(&mut r, bytes.len() - 8, PASSWORD, b"BKPKEY01");
     let mut r = Reader::new(&plain);
     let repository_id = r.array32();
     let mut role = || {
@@ -195,20 +201,7 @@ fn unlock_put_only_key_file(bytes: &[u8], password: &str) -> (PutOnlyMaterial, V
     assert_eq!(&bytes[..8], b"BKPKEY02");
     let mut r = Reader::new(&bytes[8..]);
     assert_eq!(r.varint(), 1, "role PutOnly");
-    let (m, t, p) = (r.varint() as u32, r.varint() as u32, r.varint() as u32);
-    let salt = r.bytes(16);
-    assert!(r.zigzag() > 1_700_000_000);
-    let sealed = r.vec_bytes();
-    assert_eq!(r.pos, bytes.len() - 8);
-    let mut kek = [0u8; 32];
-    Argon2::new(
-        Algorithm::Argon2id,
-        Version::V0x13,
-        Params::new(m, t, p, Some(32)).unwrap(),
-    )
-    .hash_password_into(password.as_bytes(), salt, &mut kek)
-    .unwrap();
-    let plain = open_sealed(&kek, b"BKPKEY02\x01", sealed);
+    let plain = open_key_file_body(&mut r, bytes.len() - 8, password, b"BKPKEY02\x01");
     let mut r = Reader::new(&plain);
     let repository_id = r.array32();
     let mut role = || {
