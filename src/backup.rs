@@ -54,6 +54,8 @@ pub struct BackupOptions {
     /// Where a put-only key keeps its send log (docs/FORMAT.md §12.1), without which each of
     /// its backups stores the whole dump; unused with a full key.
     pub send_log: Option<std::path::PathBuf>,
+    /// The snapshot's time, if not now (a copy keeps its source's).
+    pub time: Option<SystemTime>,
 }
 
 impl Default for BackupOptions {
@@ -68,6 +70,7 @@ impl Default for BackupOptions {
             threads: 0,
             annotations: BTreeMap::new(),
             send_log: None,
+            time: None,
         }
     }
 }
@@ -925,7 +928,7 @@ pub fn backup(
     log_packs(next_send_log.as_ref(), &packs.unindexed);
     added.stored = packs.bytes + repo.commit_packs(packs.unindexed)?;
     let snapshot = Snapshot {
-        time: SystemTime::now(),
+        time: options.time.unwrap_or_else(SystemTime::now),
         hostname: options.hostname.clone().unwrap_or_else(hostname),
         tags,
         name: options.name.clone(),

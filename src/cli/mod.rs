@@ -139,6 +139,42 @@ enum Commands {
     /// Bring a repository made by an older bkp to the current format (safe to run again)
     #[command(after_help = UPGRADE_HELP)]
     Upgrade,
+    /// Copy snapshots from another repository (--from-repo) into this one, those it lacks
+    #[command(after_help = COPY_HELP)]
+    Copy(CopyArgs),
+}
+
+const COPY_HELP: &str = "\
+Copies the snapshots of the source repository (all, those with all the --tag tags, or the ones
+named) that this repository lacks, oldest first, keeping their time, host, tags and name.
+Each is restored from the source, verified, and backed up here: chunked with this repository's
+keys and deduplicated against its previous copy of the same series, so the copy of a day adds
+about what that day added in the source. A copied snapshot records where it came from, so a
+rerun (after a kill, or the next night) copies only what is missing; a copy killed half-way
+leaves only packs that no snapshot names, which prune removes. Both passwords must open full
+keys.
+
+The source: --from-repo LOCATION or BKP_FROM_REPOSITORY; its password from
+BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD or a prompt.
+
+Examples:
+  bkp --repo s3://offsite/db copy --from-repo /backups/db --tag shop
+  bkp copy --from-repo /backups/db 1a2b3c4d";
+
+#[derive(Args)]
+struct CopyArgs {
+    /// The repository to copy from
+    #[arg(long, env = "BKP_FROM_REPOSITORY", value_name = "LOCATION")]
+    from_repo: String,
+    /// Snapshots to copy by id (unique prefixes); default: every snapshot with the tags
+    #[arg(value_name = "SNAPSHOT")]
+    snapshots: Vec<String>,
+    /// Only snapshots having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Print the summary as one JSON object
+    #[arg(long)]
+    json: bool,
 }
 
 const UPGRADE_HELP: &str = "\
@@ -394,6 +430,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Prune(args) => prune(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Upgrade => upgrade(&location, cli.quiet).map(|()| ExitCode::SUCCESS),
+        Commands::Copy(args) => copy(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
@@ -502,6 +539,85 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
     } else {
         Store::open_with_options(location, &options)?
     })
+}
+
+fn copy(location: &str, quiet: bool, args: CopyArgs) -> Result<()> {
+    let source = {
+        let store = open_store(&args.from_repo, false)?;
+        let password = read_secret("BKP_FROM_PASSWORD", "Source repository password", false)?;
+        let repo = Repository::open(store, password.as_bytes())?;
+        repo.require_full_key("copy snapshots from it")?;
+        OpenRepository {
+            repo,
+            warn_damage: true,
+        }
+    };
+    let target = open_repository(location, Access::FullKeyTo("copy snapshots into it"))?;
+    let snapshots = if args.snapshots.is_empty() {
+        source.snapshots(&args.tags)?
+    } else {
+        args.snapshots
+            .iter()
+            .map(|query| source.find_snapshot(query, &args.tags))
+            .collect::<bkp::Result<Vec<_>>>()?
+    };
+    let mut out = io::stdout().lock();
+    let summary = bkp::copy(
+        &source,
+        &target,
+        snapshots,
+        &BackupOptions::default(),
+        &mut |event| match event {
+            bkp::CopyEvent::Copied {
+                source,
+                target,
+                bytes_added,
+            } => {
+                if !quiet && !args.json {
+                    let _ = writeln!(
+                        out,
+                        "copied {} ({}, {}) as {}: {} added",
+                        source.id.short(),
+                        humantime::format_rfc3339_seconds(source.snapshot.time),
+                        HumanBytes(source.snapshot.size),
+                        target.short(),
+                        HumanBytes(bytes_added)
+                    );
+                }
+            }
+        },
+    )?;
+    let added: u64 = summary.copied.iter().map(|(_, _, added)| added).sum();
+    if args.json {
+        let copied: Vec<_> = summary
+            .copied
+            .iter()
+            .map(|(from, to, added)| {
+                json!({"source": from.to_hex(), "target": to.to_hex(), "bytes_added": added})
+            })
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "copied": copied,
+                "already_there": summary.already_there,
+                "bytes_read": summary.bytes_read,
+                "bytes_added": added,
+                "seconds": summary.elapsed.as_secs_f64(),
+            })
+        )?;
+    } else if !quiet {
+        writeln!(
+            out,
+            "copied {} snapshot(s) ({} read, {} added), {} already there",
+            summary.copied.len(),
+            HumanBytes(summary.bytes_read),
+            HumanBytes(added),
+            summary.already_there
+        )?;
+    }
+    Ok(())
 }
 
 fn upgrade(location: &str, quiet: bool) -> Result<()> {
