@@ -50,6 +50,7 @@ fn s3_repositories_work_against_a_real_server() {
     library_round_trip_and_dedup(&server);
     cli_round_trip_dedup_and_day_two(&server);
     a_put_only_key_backs_up_to_s3_and_deduplicates_from_its_send_log(&server);
+    copy_from_local_to_s3_and_back(&server);
     concurrent_inits_have_one_winner(&server);
     wrong_credentials_and_missing_bucket_are_named(&server);
     a_server_lost_mid_backup_leaves_the_repository_intact(&mut server);
@@ -194,6 +195,41 @@ fn a_put_only_key_backs_up_to_s3_and_deduplicates_from_its_send_log(server: &S3S
         .args(["check", "--read-data"])
         .assert()
         .success();
+}
+
+fn copy_from_local_to_s3_and_back(server: &S3Server) {
+    let (_dir, local) = common::local_repo();
+    let days: Vec<Vec<u8>> = (1..=2).map(|day| dumpgen::dump(4_000_000, day)).collect();
+    for day in &days {
+        common::bkp(&local)
+            .args(["backup", "--tag", "db"])
+            .write_stdin(day.clone())
+            .assert()
+            .success();
+    }
+    let url = server.url("copy");
+    bkp(server, &url).arg("init").assert().success();
+    let copy = |to: &str, from: &str| {
+        run_json(
+            bkp(server, to)
+                .env("BKP_FROM_REPOSITORY", from)
+                .env("BKP_FROM_PASSWORD", PASSWORD)
+                .args(["copy", "--json"]),
+        )
+    };
+    let to_s3 = copy(&url, local.to_str().unwrap());
+    assert_eq!(to_s3["copied"].as_array().unwrap().len(), 2, "{to_s3}");
+    assert_eq!(copy(&url, local.to_str().unwrap())["already_there"], 2);
+    assert!(restore(server, &url, "latest") == days[1]);
+    // And back, into a new local repository.
+    let (_back_dir, back) = common::local_repo();
+    let back_url = back.to_str().unwrap().to_string();
+    let from_s3 = copy(&back_url, &url);
+    assert_eq!(from_s3["copied"].as_array().unwrap().len(), 2, "{from_s3}");
+    assert_eq!(
+        common::stdout_of(common::bkp(&back).args(["restore", "latest", "--tag", "db"])),
+        days[1]
+    );
 }
 
 fn concurrent_inits_have_one_winner(server: &S3Server) {
