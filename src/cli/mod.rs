@@ -77,6 +77,8 @@ Environment:
   BKP_NEW_PASSWORD_FILE, BKP_NEW_PASSWORD_COMMAND, BKP_NEW_PASSWORD
                          the new password for `bkp key add` and `bkp key passwd`
   Without any of these, bkp asks on the terminal.
+  BKP_FROM_REPOSITORY, BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD
+                         the source repository of `bkp copy` and its password
   BKP_INSECURE_FAST_KDF  tests only: new keys get a trivial key derivation (bkp warns)";
 
 #[derive(Parser)]
