@@ -106,6 +106,7 @@ fn sweep(dir: &Path, day1: &Path, day2: &Path) {
                 avg_size: avg,
                 max_size: avg * 8,
             },
+            chunking_keys: None,
         };
         let location = dir.join(format!("sweep-{n}"));
         let repo = bkp::Repository::init(

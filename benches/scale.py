@@ -43,6 +43,7 @@ BKP = os.path.join(RELEASE, "bkp")
 GEN = os.path.join(RELEASE, "examples", "gen_dump")
 FILL = os.path.join(RELEASE, "examples", "scale_fill")
 F_SETPIPE_SZ = 1031
+TIME = "/usr/bin/time"
 
 
 def count(text):
@@ -59,8 +60,8 @@ def size(text):
 
 
 class Run:
-    def __init__(self, rusage, elapsed, trace, first=None):
-        self.rss_mib = rusage.ru_maxrss / 1024
+    def __init__(self, rss_kib, elapsed, trace, first=None):
+        self.rss_mib = rss_kib / 1024
         self.elapsed = elapsed
         self.first = first
         self.requests = []
@@ -110,18 +111,23 @@ class Bench:
         trace = self.trace_file()
         env = dict(self.env, BKP_REPOSITORY=location, BKP_TRACE_REQUESTS=trace)
         started = time.monotonic()
-        proc = subprocess.Popen([BKP, *args], env=env, stdin=stdin, stdout=stdout,
-                                stderr=subprocess.PIPE)
+        # Peak RSS through /usr/bin/time, not this process's wait4: Linux carries a process's
+        # peak across fork and exec, so a child forked from this script (which grows as it
+        # reads request traces) would report at least this script's size (134 MiB for every
+        # command after the 100 M-chunk fill: the "104 MiB first run" of 2026-12-02 too).
+        proc = subprocess.Popen([TIME, "-f", "%M", "-o", trace + ".rss", BKP, *args], env=env,
+                                stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
         return proc, started, trace
 
     def wait(self, proc, started, trace, check=True, first=None):
         err = proc.stderr.read()
-        _, status, rusage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         elapsed = time.monotonic() - started
         if check and proc.returncode != 0:
-            sys.exit(f"bkp {proc.args[1:]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-        return Run(rusage, elapsed, trace, first)
+            sys.exit(f"bkp {proc.args[5:]} failed ({proc.returncode}): {err.decode()[-2000:]}")
+        with open(trace + ".rss") as f:
+            rss_kib = int(f.read().split()[-1])
+        return Run(rss_kib, elapsed, trace, first)
 
     def run(self, location, *args, check=True):
         proc, started, trace = self.bkp(location, *args)

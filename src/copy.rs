@@ -5,18 +5,27 @@
 //! previous snapshot of the series, as a nightly backup would. A copied snapshot keeps its time,
 //! host, tags and name, and says where it came from (`copy.source`), which is how a rerun (after
 //! a kill, or the next night) knows what the target has already.
+//!
+//! Repositories that share their chunking keys (`bkp init --copy-chunker-params-from`) cut a
+//! stream into the same chunks with the same ids. Then the source's chunks go over as they are
+//! ([`crate::restore::restore_chunks`] into a backup of [`CutChunks`]): the target first reads
+//! what a backup of the series would deduplicate against, and the source reads only the chunks
+//! that are not there; the others go over as ids. Each chunk read is checked against its id,
+//! and an id names its content (a keyed hash), so the copy is the source's stream.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::backup::{BackupOptions, backup};
+use crate::backup::{BackupOptions, CutChunk, CutChunks, Input, backup, backup_from};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repo::Repository;
-use crate::restore::restore;
+use crate::restore::{restore, restore_chunks};
 use crate::snapshot::SnapshotEntry;
 use crate::source::Source;
 
@@ -91,7 +100,11 @@ pub fn copy(
             time: Some(snapshot.time),
             ..options.clone()
         };
-        let copied = copy_one(source, target, entry, &options)?;
+        let copied = if source.shares_chunking_with(target) {
+            copy_chunks(source, target, entry, &options)?
+        } else {
+            copy_stream(source, target, entry, &options)?
+        };
         summary.bytes_read += snapshot.size;
         summary.copied.push((entry.id, copied.0, copied.1));
         progress(CopyEvent::Copied {
@@ -105,7 +118,7 @@ pub fn copy(
 }
 
 /// Restores `entry` into a backup of `target`; returns the new snapshot's id and bytes added.
-fn copy_one(
+fn copy_stream(
     source: &Repository,
     target: &Repository,
     entry: &SnapshotEntry,
@@ -142,6 +155,66 @@ fn copy_one(
         Ok((summary.snapshot.id, summary.bytes_stored))
     })
 }
+
+/// Copies `entry`'s chunks that `target` lacks, and names the others (repositories that share
+/// chunking keys); returns the new snapshot's id and bytes added.
+fn copy_chunks(
+    source: &Repository,
+    target: &Repository,
+    entry: &SnapshotEntry,
+    options: &BackupOptions,
+) -> Result<(Id, u64)> {
+    let known = Arc::new(target.index_for_copy(&entry.snapshot.tags)?);
+    let (tx, rx) = bounded::<CutChunk>(CHUNKS_AHEAD);
+    let target_stopped = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (known_here, target_stopped) = (known.clone(), &target_stopped);
+        let restorer = scope.spawn(move || {
+            let has = |id: &Id| known_here.chunk(id).map(|at| at.len);
+            let restored = restore_chunks(source, entry, &has, &mut |id, len, bytes| {
+                let bytes = bytes.map(<[u8]>::to_vec);
+                tx.send(CutChunk::Chunk {
+                    id: *id,
+                    len,
+                    bytes,
+                })
+                .map_err(|_| {
+                    target_stopped.store(true, Ordering::Relaxed);
+                    Error::Internal("the copy's target stopped".into())
+                })
+            });
+            let end = restored.as_ref().map(drop).map_err(|e| e.to_string());
+            let _ = tx.send(CutChunk::End(end));
+            restored
+        });
+        let cut = CutChunks {
+            chunks: rx,
+            known,
+            stream_hash: entry.snapshot.stream_hash,
+        };
+        let backed_up = backup_from(target, Input::Chunks(cut), options, &mut |_| {});
+        let restored = restorer.join().expect("the restore does not panic");
+        // The source's error is the cause when both failed, unless it failed because the
+        // target stopped.
+        if !target_stopped.load(Ordering::Relaxed) {
+            restored?;
+        }
+        let summary = backed_up?;
+        let copied = &summary.snapshot.snapshot;
+        if copied.size != entry.snapshot.size {
+            return Err(Error::Internal(format!(
+                "the copy of snapshot {} in the target is not its stream (snapshot {} there: forget it)",
+                entry.id.short(),
+                summary.snapshot.id.short()
+            )));
+        }
+        Ok((summary.snapshot.id, summary.bytes_stored))
+    })
+}
+
+/// Chunks in flight from the source to the target (those read, up to a chunk's maximum size
+/// each; most are ids).
+const CHUNKS_AHEAD: usize = 256;
 
 /// Writes of the restore in flight to the backup (each up to a restore's write, ~1 MiB).
 const PIECES_AHEAD: usize = 8;

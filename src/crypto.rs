@@ -266,6 +266,44 @@ impl MasterKey {
     }
 }
 
+/// The two keys that decide how a stream is cut into chunks and what each chunk is called.
+/// Repositories that share them (`bkp init --copy-chunker-params-from`) cut a stream into the
+/// same chunks with the same ids, so that a copy between them reads only what the target lacks
+/// (docs/FORMAT.md §12.2 says what sharing them gives away).
+#[derive(Clone)]
+pub struct ChunkingKeys {
+    pub(crate) chunker_key: [u8; 32],
+    pub(crate) chunk_id_key: [u8; 32],
+}
+
+impl ChunkingKeys {
+    pub(crate) fn of(key: &MasterKey) -> ChunkingKeys {
+        ChunkingKeys {
+            chunker_key: key.chunker_key,
+            chunk_id_key: key.chunk_id_key,
+        }
+    }
+}
+
+impl PartialEq for ChunkingKeys {
+    fn eq(&self, other: &ChunkingKeys) -> bool {
+        self.chunker_key == other.chunker_key && self.chunk_id_key == other.chunk_id_key
+    }
+}
+
+impl std::fmt::Debug for ChunkingKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkingKeys(..)")
+    }
+}
+
+impl Drop for ChunkingKeys {
+    fn drop(&mut self) {
+        self.chunker_key.zeroize();
+        self.chunk_id_key.zeroize();
+    }
+}
+
 /// Argon2id cost parameters, stored in each key file so they can differ per key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KdfParams {

@@ -72,7 +72,7 @@ pub use backup::{BackupEvent, BackupOptions, BackupProgress, BackupSummary, back
 pub use check::{CheckReport, Problem, ReadData, check};
 pub use chunker::ChunkerParams;
 pub use copy::{CopyEvent, CopySummary, copy};
-pub use crypto::{KdfParams, KeyRole};
+pub use crypto::{ChunkingKeys, KdfParams, KeyRole};
 pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport};
 pub use error::{Error, Result};
 pub use id::Id;

@@ -13,6 +13,7 @@
 //! where one of the parent's packs is gone (a prune repacked it and deleted it), every index
 //! file, which names where its frames went.
 
+use std::sync::Arc;
 use std::thread::Scope;
 
 use crate::error::Result;
@@ -48,7 +49,9 @@ pub struct KnownChunk {
 
 /// What a backup looks chunks up in.
 pub enum Known {
-    Index(Index),
+    /// Shared with whoever else needs to know what the backup will find (a copy's source,
+    /// which then leaves those chunks unread).
+    Index(Arc<Index>),
     Parent(Box<ParentWindow>),
 }
 
@@ -61,7 +64,7 @@ impl Known {
         parent: ParentPacks,
     ) -> Result<Known> {
         Ok(match parent {
-            ParentPacks::Index(index) => Known::Index(index),
+            ParentPacks::Index(index) => Known::Index(Arc::new(index)),
             ParentPacks::Uses(packs) => Known::Parent(Box::new(ParentWindow::start(
                 scope,
                 headers,
@@ -90,17 +93,18 @@ impl Known {
             let found = window.chunk(id, is_tree_node)?;
             if repo.role() == crate::KeyRole::PutOnly && !matches!(found, Lookup::Done(_)) {
                 // It cannot read the index: the rest of its stream is stored again.
-                *self = Known::Index(Index::default());
+                *self = Known::Index(Arc::default());
                 return Ok(None);
             }
             match found {
                 Lookup::Done(found) => return Ok(found),
                 Lookup::DoesNotFit => {
-                    *self = Known::Index(repo.index_of_parent_packs(&window.packs.packs())?);
+                    *self =
+                        Known::Index(Arc::new(repo.index_of_parent_packs(&window.packs.packs())?));
                 }
                 // Most likely a prune repacked it and deleted it since: its frames are in
                 // other packs now, which only the index files name.
-                Lookup::PackGone => *self = Known::Index(repo.load_index_for_backup()?),
+                Lookup::PackGone => *self = Known::Index(Arc::new(repo.load_index_for_backup()?)),
             }
         }
         match self {

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkerParams;
-use crate::crypto::{CipherKey, KdfParams, KeyFile, KeyRole, MasterKey};
+use crate::crypto::{ChunkingKeys, CipherKey, KdfParams, KeyFile, KeyRole, MasterKey};
 use crate::envelope;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -70,6 +70,10 @@ pub struct Config {
 pub struct InitOptions {
     pub kdf: KdfParams,
     pub chunker: ChunkerParams,
+    /// Another repository's chunking keys ([`Repository::chunking_keys`]), with its `chunker`
+    /// parameters: copies between the two then read only what the target lacks. `None`: new
+    /// keys of its own (the default, and the private choice).
+    pub chunking_keys: Option<ChunkingKeys>,
 }
 
 impl Default for InitOptions {
@@ -77,6 +81,7 @@ impl Default for InitOptions {
         InitOptions {
             kdf: KdfParams::DEFAULT,
             chunker: ChunkerParams::DEFAULT,
+            chunking_keys: None,
         }
     }
 }
@@ -221,7 +226,11 @@ impl Repository {
                 location: store.location().to_string(),
             });
         }
-        let key = MasterKey::generate();
+        let mut key = MasterKey::generate();
+        if let Some(shared) = &options.chunking_keys {
+            key.chunker_key = shared.chunker_key;
+            key.chunk_id_key = shared.chunk_id_key;
+        }
         let now = SystemTime::now();
         let key_file = KeyFile::wrap(&key, password, options.kdf, unix_seconds(now))?;
         let config = Config {
@@ -395,6 +404,19 @@ impl Repository {
 
     /// Refuses what a put-only key may not do (`refused` says what: "restore", "list
     /// snapshots"): before it reads anything, so the refusal is the first and only error.
+    /// This repository's chunking keys, for a repository to share them
+    /// ([`InitOptions::chunking_keys`]). Needs a full key.
+    pub fn chunking_keys(&self) -> Result<ChunkingKeys> {
+        self.require_full_key("share its chunking keys")?;
+        Ok(ChunkingKeys::of(&self.key))
+    }
+
+    /// Whether `other` cuts and names chunks as this repository does.
+    pub(crate) fn shares_chunking_with(&self, other: &Repository) -> bool {
+        self.config.chunker == other.config.chunker
+            && ChunkingKeys::of(&self.key) == ChunkingKeys::of(&other.key)
+    }
+
     pub fn require_full_key(&self, refused: &str) -> Result<()> {
         match self.role() {
             KeyRole::Full => Ok(()),
@@ -475,6 +497,16 @@ impl Repository {
         }
         self.index_of_parent_packs(&parent.snapshot.packs)
             .map(ParentPacks::Index)
+    }
+
+    /// What a backup of the series `tags` deduplicates against, as an index read whole
+    /// (the parent's packs' headers, or every index file where a backup would read them): a
+    /// copy asks it before it reads the source, to leave unread what this repository has.
+    pub(crate) fn index_for_copy(&self, tags: &[String]) -> Result<Index> {
+        match self.parent_for_backup(tags)? {
+            ParentPacks::Index(index) => Ok(index),
+            ParentPacks::Uses(packs) => self.index_of_parent_packs(&packs),
+        }
     }
 
     /// The packs of a put-only writer's send log that a backup may deduplicate against: those

@@ -216,11 +216,18 @@ impl Locations<'_> {
     }
 }
 
-/// A run of consecutive chunks of the stream that lie in one frame.
+/// A run of consecutive chunks of the stream that lie in one frame, or (no slot) that the
+/// receiver said it has already ([`restore_chunks`]).
 struct Run {
-    slot: Arc<FrameSlot>,
+    slot: Option<Arc<FrameSlot>>,
     slices: Vec<Slice>,
 }
+
+/// Where [`restore_chunks`] sends each chunk: its id, its length and its bytes if read.
+pub(crate) type ChunkOut<'a> = dyn FnMut(&Id, u32, Option<&[u8]>) -> Result<()> + 'a;
+
+/// What a copy's receiver has already: a chunk's length, by id.
+pub(crate) type Has<'a> = &'a (dyn Fn(&Id) -> Option<u32> + Sync);
 
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
 struct Planner<'a> {
@@ -236,6 +243,8 @@ struct Planner<'a> {
     cache: Vec<Arc<FrameSlot>>,
     /// Stream chunks already written (by a pass with another index): walked, not planned.
     skip: u64,
+    /// Chunks not to read, because the receiver has them.
+    has: Option<Has<'a>>,
 }
 
 impl Planner<'_> {
@@ -278,12 +287,17 @@ impl Planner<'_> {
         Ok(Some(slot))
     }
 
-    /// Queues a run; false when the writer has stopped.
-    fn send(&mut self, frame: FrameName, slices: Vec<Slice>) -> Result<bool> {
-        Ok(match self.slot(frame)? {
-            Some(slot) => self.runs.send(Ok(Run { slot, slices })).is_ok(),
-            None => false,
-        })
+    /// Queues a run (of chunks in `frame`, or that the receiver has); false when the writer
+    /// has stopped.
+    fn send(&mut self, frame: Option<FrameName>, slices: Vec<Slice>) -> Result<bool> {
+        let slot = match frame {
+            None => None,
+            Some(frame) => match self.slot(frame)? {
+                Some(slot) => Some(slot),
+                None => return Ok(false),
+            },
+        };
+        Ok(self.runs.send(Ok(Run { slot, slices })).is_ok())
     }
 
     fn run(mut self, repo: &Repository, entry: &SnapshotEntry) {
@@ -328,7 +342,7 @@ impl Planner<'_> {
         let mut reader = FrameReader::of_fetches(repo);
         let mut node_frames = Vec::new();
         let mut walker = TreeWalker::new(&entry.snapshot.tree);
-        let mut current: Option<(FrameName, Vec<Slice>)> = None;
+        let mut current: Option<(Option<FrameName>, Vec<Slice>)> = None;
         // Stream chunks walked: the place of the next one.
         let mut place = 0u64;
         loop {
@@ -340,12 +354,22 @@ impl Planner<'_> {
             if place <= self.skip {
                 continue;
             }
-            let (frame, slice) =
-                self.locations
-                    .chunk(&id, place - 1)?
-                    .ok_or_else(|| Error::Missing {
-                        object: format!("chunk {} of snapshot {}", id.short(), entry.id.short()),
-                    })?;
+            let (frame, slice) = match self.has.and_then(|has| has(&id)) {
+                Some(len) => (None, Slice { id, offset: 0, len }),
+                None => {
+                    let (frame, slice) =
+                        self.locations
+                            .chunk(&id, place - 1)?
+                            .ok_or_else(|| Error::Missing {
+                                object: format!(
+                                    "chunk {} of snapshot {}",
+                                    id.short(),
+                                    entry.id.short()
+                                ),
+                            })?;
+                    (Some(frame), slice)
+                }
+            };
             match &mut current {
                 Some((open, slices)) if *open == frame => slices.push(slice),
                 _ => {
@@ -377,9 +401,19 @@ fn verified_chunk<'r>(repo: &Repository, raw: &'r [u8], slice: &Slice) -> Result
     Ok(chunk)
 }
 
+/// Where a restore's chunks go.
+enum Output<'a> {
+    /// The stream, hashed on the way and checked against the snapshot's hash at the end.
+    Stream(&'a mut dyn Write),
+    /// Each chunk in stream order, by id and length, with its bytes unless the receiver has
+    /// it. The chunks read are checked against their ids; the stream's hash cannot be (the
+    /// receiver's chunks are not read): the ids, keyed hashes of the content, stand for it.
+    Chunks(&'a mut ChunkOut<'a>),
+}
+
 /// Where restored chunks go: verified, counted and hashed on the way.
 struct Sink<'a> {
-    out: &'a mut dyn Write,
+    out: Output<'a>,
     progress: &'a mut dyn FnMut(&RestoreProgress),
     hasher: blake3::Hasher,
     size: u64,
@@ -391,28 +425,51 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     fn write_run(&mut self, repo: &Repository, entry: &SnapshotEntry, run: &Run) -> Result<()> {
-        run.slot.with_raw(|raw| {
-            for slice in &run.slices {
-                let chunk = verified_chunk(repo, raw, slice)?;
-                // A tree that names chunks over and over (damaged, or written to hang a
-                // restore) stops here, not after an endless stream.
-                if self.written + chunk.len() as u64 > self.size {
-                    return Err(Error::corrupt(
-                        format!("snapshot {}", entry.id.short()),
-                        format!("its chunk tree yields more than its {} bytes", self.size),
-                    ));
+        match &run.slot {
+            None => {
+                for slice in &run.slices {
+                    self.count(entry, slice.len)?;
+                    match &mut self.out {
+                        Output::Chunks(out) => out(&slice.id, slice.len, None)?,
+                        Output::Stream(_) => {
+                            return Err(Error::Internal("a chunk left out of a stream".into()));
+                        }
+                    }
                 }
-                self.out.write_all(chunk).map_err(Error::Sink)?;
-                self.hasher.update(chunk);
-                self.written += chunk.len() as u64;
-                self.chunks += 1;
             }
-            Ok(())
-        })?;
+            Some(slot) => slot.with_raw(|raw| {
+                for slice in &run.slices {
+                    let chunk = verified_chunk(repo, raw, slice)?;
+                    self.count(entry, slice.len)?;
+                    match &mut self.out {
+                        Output::Stream(out) => {
+                            out.write_all(chunk).map_err(Error::Sink)?;
+                            self.hasher.update(chunk);
+                        }
+                        Output::Chunks(out) => out(&slice.id, slice.len, Some(chunk))?,
+                    }
+                }
+                Ok(())
+            })?,
+        }
         if self.written >= self.next_report {
             self.next_report = self.written + (8 << 20);
             self.report();
         }
+        Ok(())
+    }
+
+    /// Counts a chunk of `len` bytes about to go out. A tree that names chunks over and over
+    /// (damaged, or written to hang a restore) stops here, not after an endless stream.
+    fn count(&mut self, entry: &SnapshotEntry, len: u32) -> Result<()> {
+        if self.written + len as u64 > self.size {
+            return Err(Error::corrupt(
+                format!("snapshot {}", entry.id.short()),
+                format!("its chunk tree yields more than its {} bytes", self.size),
+            ));
+        }
+        self.written += len as u64;
+        self.chunks += 1;
         Ok(())
     }
 
@@ -437,6 +494,28 @@ pub fn restore(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
+    restore_into(repo, entry, Output::Stream(out), None, progress)
+}
+
+/// Restores `entry`'s chunks into `out` in stream order, each by id and length, with its
+/// bytes (checked against its id) unless `has` gives its length: those are not read. For a
+/// copy into a repository that cuts and names chunks as this one does.
+pub(crate) fn restore_chunks(
+    repo: &Repository,
+    entry: &SnapshotEntry,
+    has: Has<'_>,
+    out: &mut ChunkOut<'_>,
+) -> Result<RestoreSummary> {
+    restore_into(repo, entry, Output::Chunks(out), Some(has), &mut |_| {})
+}
+
+fn restore_into<'a>(
+    repo: &Repository,
+    entry: &SnapshotEntry,
+    out: Output<'a>,
+    has: Option<Has<'_>>,
+    progress: &'a mut dyn FnMut(&RestoreProgress),
+) -> Result<RestoreSummary> {
     repo.require_full_key("restore")?;
     let started = Instant::now();
     let size = entry.snapshot.size;
@@ -456,19 +535,19 @@ pub fn restore(
     // wrong). A pass gives up on what the packs it reads turn out not to hold, or damage.
     let snapshot = &entry.snapshot;
     if snapshot.packs_have_uses() {
-        match restore_with(repo, entry, Lookup::Stream, &mut sink) {
+        match restore_with(repo, entry, Lookup::Stream, has, &mut sink) {
             Err(Error::Missing { .. } | Error::Corrupt { .. }) => {}
             done => return done.and_then(|()| sink.finish(entry, started)),
         }
     }
     if let Some(index) = repo.index_of_snapshot_packs(snapshot)? {
-        match restore_with(repo, entry, Lookup::Index(&index), &mut sink) {
+        match restore_with(repo, entry, Lookup::Index(&index), has, &mut sink) {
             Err(Error::Missing { .. } | Error::Corrupt { .. }) => {}
             done => return done.and_then(|()| sink.finish(entry, started)),
         }
     }
     let everything = repo.load_index()?;
-    restore_with(repo, entry, Lookup::Index(&everything), &mut sink)?;
+    restore_with(repo, entry, Lookup::Index(&everything), has, &mut sink)?;
     sink.finish(entry, started)
 }
 
@@ -476,7 +555,9 @@ impl Sink<'_> {
     /// Checks what was written against the snapshot, once every chunk is.
     fn finish(mut self, entry: &SnapshotEntry, started: Instant) -> Result<RestoreSummary> {
         let size = entry.snapshot.size;
-        self.out.flush().map_err(Error::Sink)?;
+        if let Output::Stream(out) = &mut self.out {
+            out.flush().map_err(Error::Sink)?;
+        }
         self.report();
 
         let object = format!("snapshot {}", entry.id.short());
@@ -486,7 +567,9 @@ impl Sink<'_> {
                 format!("restored {} bytes, expected {size}", self.written),
             ));
         }
-        if self.hasher.finalize().as_bytes() != &entry.snapshot.stream_hash {
+        if matches!(self.out, Output::Stream(_))
+            && self.hasher.finalize().as_bytes() != &entry.snapshot.stream_hash
+        {
             return Err(Error::corrupt(
                 object,
                 "the restored stream's BLAKE3 hash does not match",
@@ -511,6 +594,7 @@ fn restore_with(
     repo: &Repository,
     entry: &SnapshotEntry,
     lookup: Lookup<'_>,
+    has: Option<Has<'_>>,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -557,6 +641,7 @@ fn restore_with(
             spare: spare_tx,
             cache: Vec::new(),
             skip: sink.chunks,
+            has,
         };
         scope.spawn(|| planner.run(repo, entry));
         for run in run_rx {

@@ -285,6 +285,7 @@ mod tests {
                 avg_size: 256,
                 max_size: 1024,
             },
+            chunking_keys: None,
         };
         let repo = Repository::init(crate::store::Store::memory(), b"pw", &options).unwrap();
         let small = BackupOptions {

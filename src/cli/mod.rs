@@ -113,7 +113,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Create a new, empty repository
-    Init,
+    #[command(after_help = INIT_HELP)]
+    Init(InitArgs),
     /// Back up standard input, or the output of a dump command, as a new snapshot
     #[command(after_help = BACKUP_HELP)]
     Backup(BackupArgs),
@@ -144,6 +145,32 @@ enum Commands {
     /// Copy snapshots from another repository (--from-repo) into this one, those it lacks
     #[command(after_help = COPY_HELP)]
     Copy(CopyArgs),
+}
+
+const INIT_HELP: &str = "\
+The password comes from BKP_PASSWORD_FILE, BKP_PASSWORD_COMMAND, BKP_PASSWORD or a prompt
+(asked twice). Losing it means losing every backup in the repository.
+
+--copy-chunker-params-from LOCATION makes a repository that cuts streams into chunks and names
+them exactly as the repository at LOCATION does (its chunker parameters and its chunker and
+chunk-id keys; every other key is new). Then `bkp copy` between the two reads from the source
+only the chunks the target lacks and sends the rest as ids: a day's copy costs about what that
+day added, not a restore and a backup of the whole dump. The price: the two repositories are no
+longer independent. Anyone holding a key of either one (a put-only key on a database host
+included) can test whether given content is stored in the other, and the storage side of both
+sees the same pattern for the same data. Use it for a copy of the same data you trust as much
+as the first; make a repository of its own otherwise. The source's password comes from
+BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD or a prompt.
+
+Examples:
+  bkp --repo /srv/backup/bkp init
+  bkp --repo s3://offsite/db init --copy-chunker-params-from /srv/backup/bkp";
+
+#[derive(Args)]
+struct InitArgs {
+    /// Share the chunker parameters and keys of the repository at LOCATION (cheap copies)
+    #[arg(long, value_name = "LOCATION")]
+    copy_chunker_params_from: Option<String>,
 }
 
 const COPY_HELP: &str = "\
@@ -423,7 +450,7 @@ pub fn run() -> Result<ExitCode> {
         bkp::set_sort_memory(bytes);
     }
     match cli.command {
-        Commands::Init => init(&location, cli.quiet).map(|()| ExitCode::SUCCESS),
+        Commands::Init(args) => init(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Backup(args) => backup(&location, cli.quiet, args),
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
@@ -543,17 +570,20 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
     })
 }
 
+/// The repository at `location` that a copy reads, opened with the BKP_FROM_* password.
+fn open_source(location: &str, refused: &str) -> Result<OpenRepository> {
+    let store = open_store(location, false)?;
+    let password = read_secret("BKP_FROM_PASSWORD", "Source repository password", false)?;
+    let repo = Repository::open(store, password.as_bytes())?;
+    repo.require_full_key(refused)?;
+    Ok(OpenRepository {
+        repo,
+        warn_damage: true,
+    })
+}
+
 fn copy(location: &str, quiet: bool, args: CopyArgs) -> Result<()> {
-    let source = {
-        let store = open_store(&args.from_repo, false)?;
-        let password = read_secret("BKP_FROM_PASSWORD", "Source repository password", false)?;
-        let repo = Repository::open(store, password.as_bytes())?;
-        repo.require_full_key("copy snapshots from it")?;
-        OpenRepository {
-            repo,
-            warn_damage: true,
-        }
-    };
+    let source = open_source(&args.from_repo, "copy snapshots from it")?;
     let target = open_repository(location, Access::FullKeyTo("copy snapshots into it"))?;
     let snapshots = if args.snapshots.is_empty() {
         source.snapshots(&args.tags)?
@@ -718,17 +748,29 @@ fn with_damage(repo: &Repository, report: impl serde::Serialize) -> Result<serde
     Ok(value)
 }
 
-fn init(location: &str, quiet: bool) -> Result<()> {
+fn init(location: &str, quiet: bool, args: InitArgs) -> Result<()> {
+    // The source first: a mistake there should not cost the new password's typing twice.
+    let shared = match &args.copy_chunker_params_from {
+        Some(from) => {
+            let source = open_source(from, "share its chunker parameters")?;
+            Some((source.config().chunker, source.chunking_keys()?))
+        }
+        None => None,
+    };
     let password = read_password(true)?;
     if password.is_empty() {
         bail!(
             "refusing an empty password; choose one and keep it safe: without it no backup can be restored"
         );
     }
-    let options = InitOptions {
+    let mut options = InitOptions {
         kdf: kdf_params(),
         ..InitOptions::default()
     };
+    if let Some((chunker, keys)) = shared {
+        options.chunker = chunker;
+        options.chunking_keys = Some(keys);
+    }
     let repo = Repository::init(open_store(location, true)?, password.as_bytes(), &options)?;
     if !quiet {
         println!(
