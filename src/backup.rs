@@ -983,7 +983,7 @@ pub(crate) fn backup_from(
             } => {
                 let streamed = stream_chunks(&mut chunker, &mut dedup, key, &detected, progress);
                 drop(chunker); // hang up on the reader if chunking stopped early
-                (streamed, Err(facts))
+                (streamed, Facts::Later(facts))
             }
             Reading::Chunks(cut) => match feed_chunks(&cut, &mut dedup, key, progress) {
                 Ok((root, size)) => {
@@ -992,9 +992,9 @@ pub(crate) fn backup_from(
                         hash: cut.stream_hash,
                         dump: None,
                     };
-                    (Ok(root), Ok(facts))
+                    (Ok(root), Facts::Now(facts))
                 }
-                Err(e) => (Err(e), Ok(StreamRead::default())),
+                Err(e) => (Err(e), Facts::Now(StreamRead::default())),
             },
         };
         drop(dedup.groups);
@@ -1003,9 +1003,9 @@ pub(crate) fn backup_from(
         let packs = packs?;
         let root = streamed?;
         let stream = match facts {
-            Ok(facts) => facts,
+            Facts::Now(facts) => facts,
             // The chunker saw the end of the stream, so the reading thread is done.
-            Err(facts) => facts
+            Facts::Later(facts) => facts
                 .recv()
                 .map(|facts| StreamRead {
                     size: facts.size,
@@ -1073,6 +1073,12 @@ pub(crate) fn backup_from(
     })
 }
 
+/// What the stream turned out to be, or where the reading thread will say so.
+enum Facts {
+    Now(StreamRead),
+    Later(Receiver<StreamFacts>),
+}
+
 /// What the stream turned out to be.
 #[derive(Default)]
 struct StreamRead {
@@ -1107,10 +1113,9 @@ fn stream_chunks<R: Read>(
     detected: &Receiver<DumpInfo>,
     progress: &mut dyn FnMut(BackupEvent<'_>),
 ) -> Result<TreeRoot> {
-    const PROGRESS_EVERY: u64 = 8 << 20;
     let mut tree = TreeBuilder::default();
     let mut size = 0u64;
-    let mut next_report = PROGRESS_EVERY;
+    let mut report = ProgressReport::default();
     // The reading thread sends the header's verdict once, so this reports it once.
     let report_detected = |progress: &mut dyn FnMut(BackupEvent<'_>)| {
         if let Ok(info) = detected.try_recv() {
@@ -1126,13 +1131,7 @@ fn stream_chunks<R: Read>(
         // (After the first chunk is looked up: by then the parent's first packs are in.)
         report_detected(progress);
         tree.push(id, place, &mut |node, at| dedup.store_tree_node(node, at))?;
-        if size >= next_report {
-            next_report = size + PROGRESS_EVERY;
-            progress(BackupEvent::Progress(BackupProgress {
-                bytes_read: size,
-                bytes_new: dedup.added.new_raw,
-            }));
-        }
+        report.now_and_then(size, dedup.added.new_raw, progress);
     }
     let root = tree.finish(&mut |node, at| dedup.store_tree_node(node, at))?;
     dedup.flush()?;
@@ -1144,6 +1143,34 @@ fn stream_chunks<R: Read>(
     Ok(root)
 }
 
+/// Progress events, one per 8 MiB of the stream.
+struct ProgressReport {
+    next_at: u64,
+}
+
+impl Default for ProgressReport {
+    fn default() -> Self {
+        ProgressReport { next_at: 8 << 20 }
+    }
+}
+
+impl ProgressReport {
+    fn now_and_then(
+        &mut self,
+        bytes_read: u64,
+        bytes_new: u64,
+        progress: &mut dyn FnMut(BackupEvent<'_>),
+    ) {
+        if bytes_read >= self.next_at {
+            self.next_at = bytes_read + (8 << 20);
+            progress(BackupEvent::Progress(BackupProgress {
+                bytes_read,
+                bytes_new,
+            }));
+        }
+    }
+}
+
 /// [`stream_chunks`] for chunks cut elsewhere ([`CutChunks`]); returns the tree and the
 /// stream's size.
 fn feed_chunks(
@@ -1152,10 +1179,9 @@ fn feed_chunks(
     key: &MasterKey,
     progress: &mut dyn FnMut(BackupEvent<'_>),
 ) -> Result<(TreeRoot, u64)> {
-    const PROGRESS_EVERY: u64 = 8 << 20;
     let mut tree = TreeBuilder::default();
     let mut size = 0u64;
-    let mut next_report = PROGRESS_EVERY;
+    let mut report = ProgressReport::default();
     loop {
         let (id, len, bytes) = match cut.chunks.recv() {
             Ok(CutChunk::Chunk { id, len, bytes }) => (id, len, bytes),
@@ -1179,13 +1205,7 @@ fn feed_chunks(
         }
         size += len as u64;
         tree.push(id, place, &mut |node, at| dedup.store_tree_node(node, at))?;
-        if size >= next_report {
-            next_report = size + PROGRESS_EVERY;
-            progress(BackupEvent::Progress(BackupProgress {
-                bytes_read: size,
-                bytes_new: dedup.added.new_raw,
-            }));
-        }
+        report.now_and_then(size, dedup.added.new_raw, progress);
     }
     let root = tree.finish(&mut |node, at| dedup.store_tree_node(node, at))?;
     dedup.flush()?;

@@ -183,6 +183,10 @@ rerun (after a kill, or the next night) copies only what is missing; a copy kill
 leaves only packs that no snapshot names, which prune removes. Both passwords must open full
 keys.
 
+A repository made with `bkp init --copy-chunker-params-from SOURCE` cuts and names chunks as
+SOURCE does: then copy reads from the source only the chunks this repository lacks and sends
+the rest as ids, so a day's copy costs about what the day added (see `bkp help init`).
+
 The source: --from-repo LOCATION or BKP_FROM_REPOSITORY; its password from
 BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD or a prompt.
 
