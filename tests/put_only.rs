@@ -386,3 +386,51 @@ fn two_put_only_hosts_in_one_series_each_keep_their_own_send_log() {
     }
     bkp(&repo).args(["check", "--read-data"]).assert().success();
 }
+
+/// Every request of a put-only host's backups, first and with its send log, is one the README's
+/// storage policy for such a host allows: reads and listings, and creates under `packs/`,
+/// `index/`, `snapshots/` and `series/`; never a delete.
+#[test]
+fn a_put_only_backup_needs_only_what_the_readme_policy_grants() {
+    let (dir, repo) = local_repo();
+    repository_with_put_only_key(&repo);
+    let day1 = common::dumpgen::dump(2 << 20, 1);
+    let day2 = common::dumpgen::dump(2 << 20, 2);
+    for (n, day) in [&day1, &day1, &day2].into_iter().enumerate() {
+        let trace = dir.path().join(format!("trace-{n}"));
+        let out = bkp(&repo)
+            .env("BKP_PASSWORD", PUT_ONLY)
+            .env("BKP_CACHE_DIR", cache_of(&repo))
+            .env("BKP_TRACE_REQUESTS", &trace)
+            .args(["backup", "--quiet", "--tag", "db"])
+            .write_stdin(day.clone())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let requests = std::fs::read_to_string(&trace).unwrap();
+        let mut puts = 0;
+        for line in requests.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (kind, name) = (fields[1], fields[2]);
+            match kind {
+                "get" | "get-range" | "head" | "list" => {}
+                "put" => {
+                    puts += 1;
+                    assert!(
+                        ["packs/", "index/", "snapshots/", "series/"]
+                            .iter()
+                            .any(|p| name.starts_with(p)),
+                        "backup {n} wrote {name}, which the policy does not grant"
+                    );
+                }
+                other => panic!("backup {n} made a {other} request ({name})"),
+            }
+        }
+        assert!(puts >= 2, "backup {n}: {requests}");
+    }
+    // (And what it wrote is whole: the full key restores it.)
+    assert_eq!(
+        stdout_of(bkp(&repo).args(["restore", "latest", "--tag", "db"])),
+        day2
+    );
+}
