@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== building bkp (release, link-time optimised: the first build takes ~5 minutes on 2 cores)"
 cargo build --release --quiet --bin bkp --example gen_dump
 bkp=target/release/bkp
 gen=target/release/examples/gen_dump
@@ -12,6 +13,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export BKP_REPOSITORY="$work/repo"
 printf 'demo password\n' > "$work/password"
+chmod 600 "$work/password"   # bkp warns about a password file others can read
 export BKP_PASSWORD_FILE="$work/password"
 
 echo "== bkp init"

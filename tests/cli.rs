@@ -115,12 +115,27 @@ fn password_comes_from_a_file_or_a_command_and_never_from_argv() {
     let (dir, repo) = local_repo();
     let file = dir.path().join("pw");
     std::fs::write(&file, format!("{}\n", common::PASSWORD)).unwrap();
-    let mut cmd = bkp(&repo);
-    cmd.env_remove("BKP_PASSWORD")
+    // A file others can read works, with a warning that says how to fix it; a private one
+    // works quietly.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    bkp(&repo)
+        .env_remove("BKP_PASSWORD")
         .env("BKP_PASSWORD_FILE", &file)
-        .arg("snapshots")
+        .args(["snapshots", "--json"])
         .assert()
-        .success();
+        .success()
+        .stderr(predicate::str::contains("can be read by other users").and(
+            predicate::str::contains(format!("chmod 600 {}", file.display())),
+        ));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    bkp(&repo)
+        .env_remove("BKP_PASSWORD")
+        .env("BKP_PASSWORD_FILE", &file)
+        .args(["snapshots", "--json"])
+        .assert()
+        .success()
+        .stderr("");
     let mut cmd = bkp(&repo);
     cmd.env_remove("BKP_PASSWORD")
         .env("BKP_PASSWORD_COMMAND", format!("cat {}", file.display()))
@@ -133,6 +148,50 @@ fn password_comes_from_a_file_or_a_command_and_never_from_argv() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("BKP_PASSWORD_FILE"));
+}
+
+#[test]
+fn completions_and_the_manual_page_need_no_repository() {
+    let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
+    let bash = cmd
+        .env_clear()
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let bash = String::from_utf8(bash).unwrap();
+    for word in ["_bkp()", "restore", "snapshots", "--tag", "copy"] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    for shell in ["zsh", "fish", "powershell"] {
+        let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
+        let out = cmd
+            .env_clear()
+            .args(["completions", shell])
+            .assert()
+            .success();
+        assert!(
+            String::from_utf8_lossy(&out.get_output().stdout).contains("restore"),
+            "{shell}"
+        );
+    }
+    let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
+    let page = cmd.env_clear().arg("man").assert().success();
+    let page = String::from_utf8_lossy(&page.get_output().stdout).into_owned();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH bkp 1"),
+        "{page}"
+    );
+    for word in ["restore", "BKP_PASSWORD_FILE", "exit"] {
+        assert!(page.contains(word), "the manual page lacks {word}");
+    }
+    let mut cmd = assert_cmd::Command::cargo_bin("bkp").unwrap();
+    cmd.env_clear()
+        .args(["completions", "nosh"])
+        .assert()
+        .code(2);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use bkp::{
     BackupOptions, BackupSummary, Error, InitOptions, KdfParams, ReadData, Repository,
     SnapshotEntry, Store,
 };
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -145,7 +145,23 @@ enum Commands {
     /// Copy snapshots from another repository (--from-repo) into this one, those it lacks
     #[command(after_help = COPY_HELP)]
     Copy(CopyArgs),
+    /// Print a shell completion script (needs no repository)
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, bkp(1), in roff (needs no repository)
+    #[command(after_help = "Example:\n  bkp man > /usr/local/share/man/man1/bkp.1 && man bkp")]
+    Man,
 }
+
+const COMPLETIONS_HELP: &str = "\
+Examples:
+  bkp completions bash > /etc/bash_completion.d/bkp
+  bkp completions zsh > \"${fpath[1]}/_bkp\"
+  bkp completions fish > ~/.config/fish/completions/bkp.fish
+  bkp completions powershell >> $PROFILE";
 
 const INIT_HELP: &str = "\
 The password comes from BKP_PASSWORD_FILE, BKP_PASSWORD_COMMAND, BKP_PASSWORD or a prompt
@@ -435,6 +451,19 @@ pub fn run() -> Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
+    match &cli.command {
+        Commands::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "bkp", &mut script);
+            return print_whole(&script);
+        }
+        Commands::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            return print_whole(&page);
+        }
+        _ => {}
+    }
     let Some(location) = cli.repo.clone() else {
         eprintln!("bkp: error: no repository given: pass --repo LOCATION or set BKP_REPOSITORY");
         return Ok(ExitCode::from(2));
@@ -467,6 +496,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Key(command) => {
             key_command(&location, cli.quiet, command).map(|()| ExitCode::SUCCESS)
         }
+        Commands::Completions { .. } | Commands::Man => unreachable!("answered above"),
     }
 }
 
@@ -485,10 +515,34 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
 }
 
 /// Errors that end the program without a message: the reader of our output went away.
+/// Writes `text` to stdout; a reader that went away (`| head`) ends it quietly, as for a restore.
+fn print_whole(text: &[u8]) -> Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    out.write_all(text)
+        .and_then(|()| out.flush())
+        .map_err(Error::Sink)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn quiet_exit(err: &anyhow::Error) -> Option<ExitCode> {
     match err.downcast_ref::<Error>() {
         Some(Error::Sink(e)) if e.kind() == io::ErrorKind::BrokenPipe => Some(ExitCode::from(141)),
         _ => None,
+    }
+}
+
+/// Says so (as ssh does for a key) when a password file can be read by users other than its
+/// owner: whoever reads it opens the repository.
+fn warn_if_others_can_read(var: &str, path: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "bkp: warning: {var} {path} can be read by other users (mode {mode:04o}): run `chmod 600 {path}`"
+        );
     }
 }
 
@@ -507,6 +561,7 @@ fn read_secret(var: &str, prompt: &str, confirm: bool) -> Result<Zeroizing<Strin
     if let Ok(path) = std::env::var(format!("{var}_FILE")) {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {var}_FILE {path}"))?;
+        warn_if_others_can_read(&format!("{var}_FILE"), &path);
         return Ok(first_line(Zeroizing::new(text)));
     }
     if let Ok(command) = std::env::var(format!("{var}_COMMAND")) {
