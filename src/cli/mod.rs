@@ -928,6 +928,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
     };
     // Start draining the dump before the (slower) password and repository work.
     let phase;
+    let mut input_size = None;
     let input = if args.command.is_empty() {
         if io::stdin().is_terminal() {
             bail!(
@@ -936,6 +937,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         }
         phase = stop_on_signals(None)?;
         options.name = args.name.unwrap_or_else(|| "stdin".to_string());
+        input_size = stdin_file_size();
         bkp::Source::spawn(io::stdin())
     } else {
         let command = bkp::command::DumpCommand::spawn(&args.command)?;
@@ -983,13 +985,7 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
         }
         bkp::BackupEvent::Progress(p) => {
             if let Some(bar) = &bar {
-                let secs = bar.elapsed().as_secs_f64().max(0.001);
-                bar.set_message(format!(
-                    "{} read ({}/s), {} new",
-                    HumanBytes(p.bytes_read),
-                    HumanBytes((p.bytes_read as f64 / secs) as u64),
-                    HumanBytes(p.bytes_new)
-                ));
+                bar.set_message(progress_line(&p, bar.elapsed(), input_size));
             }
         }
     })?;
@@ -1028,25 +1024,69 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
+/// What is left of standard input, if it is a regular file (`bkp backup < dump.sql`).
+fn stdin_file_size() -> Option<u64> {
+    use std::io::Seek;
+    use std::os::fd::AsFd;
+    let mut file = File::from(io::stdin().as_fd().try_clone_to_owned().ok()?);
+    let metadata = file.metadata().ok()?;
+    if !metadata.is_file() {
+        return None;
+    }
+    let at = file.stream_position().ok()?;
+    Some(metadata.len().saturating_sub(at))
+}
+
+/// The backup's progress line: what was read (of how much, and how long the rest takes, when
+/// the size is known), and how much of it is in chunks the repository did not have (stored as
+/// deltas and compressed, so what is added is far less: the summary says how much).
+fn progress_line(p: &bkp::BackupProgress, elapsed: Duration, size: Option<u64>) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let rate = p.bytes_read as f64 / secs;
+    let read = match size {
+        Some(size) if size >= p.bytes_read && size > 0 => {
+            let left = ((size - p.bytes_read) as f64 / rate.max(1.0)) as u64;
+            let left = match left {
+                0..60 => format!("{left}s"),
+                60..3600 => format!("{} min", left.div_ceil(60)),
+                _ => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
+            };
+            format!(
+                "{}/{} ({:.0}%, {left} left)",
+                HumanBytes(p.bytes_read),
+                HumanBytes(size),
+                100.0 * p.bytes_read as f64 / size as f64,
+            )
+        }
+        _ => format!(
+            "{} read, {}/s",
+            HumanBytes(p.bytes_read),
+            HumanBytes(rate as u64)
+        ),
+    };
+    format!("{read}, {} in changed chunks", HumanBytes(p.bytes_new))
+}
+
 fn backup_line(summary: &BackupSummary) -> String {
     let s = &summary.snapshot.snapshot;
     let secs = summary.elapsed.as_secs_f64();
+    // Two lines that each fit 80 columns, whatever the sizes.
     let new = if s.added.new_raw == 0 {
-        "nothing new".to_string()
+        "no changed chunks".to_string()
     } else {
         format!(
-            "{} new before compression, compression {:.1}x",
+            "{} in changed chunks, stored {:.1}x smaller",
             HumanBytes(s.added.new_raw),
             ratio(s.added.new_raw, s.added.stored)
         )
     };
     format!(
-        "snapshot {} saved: {} read, {} added to the repository ({new}), {:.1} s, {}/s",
+        "snapshot {} saved: {} read in {:.1} s ({}/s)\n  {} added to the repository ({new})",
         summary.snapshot.id.short(),
         HumanBytes(s.size),
-        HumanBytes(summary.bytes_stored),
         secs,
         HumanBytes((s.size as f64 / secs.max(0.001)) as u64),
+        HumanBytes(summary.bytes_stored),
     )
 }
 
@@ -1322,6 +1362,30 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_progress_line_names_what_it_counts_and_fits_a_terminal() {
+        let p = bkp::BackupProgress {
+            bytes_read: 3 << 30,
+            bytes_new: 461 << 20,
+        };
+        let known = progress_line(&p, Duration::from_secs(10), Some(12 << 30));
+        assert!(
+            known.starts_with("3.00 GiB/12.00 GiB (25%, 30s left)"),
+            "{known}"
+        );
+        let slow = progress_line(&p, Duration::from_secs(1000), Some(12 << 30));
+        assert!(slow.contains("(25%, 50 min left)"), "{slow}");
+        let slower = progress_line(&p, Duration::from_secs(4000), Some(12 << 30));
+        assert!(slower.contains("(25%, 3h20m left)"), "{slower}");
+        assert!(known.contains("461.00 MiB in changed chunks"), "{known}");
+        let piped = progress_line(&p, Duration::from_secs(10), None);
+        assert!(piped.starts_with("3.00 GiB read, "), "{piped}");
+        // (The spinner and elapsed time take 13 columns more.)
+        for line in [known, slow, slower, piped] {
+            assert!(line.len() <= 67, "{} columns: {line}", line.len());
+        }
+    }
 
     #[test]
     fn a_signal_never_claims_nothing_was_recorded_once_the_snapshot_is_being_written() {
