@@ -118,24 +118,19 @@ fn password_comes_from_a_file_or_a_command_and_never_from_argv() {
     // A file others can read works, with a warning that says how to fix it; a private one
     // works quietly.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    bkp(&repo)
-        .env_remove("BKP_PASSWORD")
-        .env("BKP_PASSWORD_FILE", &file)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .stderr(predicate::str::contains("can be read by other users").and(
-            predicate::str::contains(format!("chmod 600 {}", file.display())),
-        ));
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    bkp(&repo)
-        .env_remove("BKP_PASSWORD")
-        .env("BKP_PASSWORD_FILE", &file)
-        .args(["snapshots", "--json"])
-        .assert()
-        .success()
-        .stderr("");
+    let with_mode = |mode: u32| {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        bkp(&repo)
+            .env_remove("BKP_PASSWORD")
+            .env("BKP_PASSWORD_FILE", &file)
+            .args(["snapshots", "--json"])
+            .assert()
+            .success()
+    };
+    with_mode(0o644).stderr(predicate::str::contains("can be read by other users").and(
+        predicate::str::contains(format!("chmod 600 {}", file.display())),
+    ));
+    with_mode(0o600).stderr("");
     let mut cmd = bkp(&repo);
     cmd.env_remove("BKP_PASSWORD")
         .env("BKP_PASSWORD_COMMAND", format!("cat {}", file.display()))
