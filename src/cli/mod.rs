@@ -170,12 +170,13 @@ The password comes from BKP_PASSWORD_FILE, BKP_PASSWORD_COMMAND, BKP_PASSWORD or
 --copy-chunker-params-from LOCATION makes a repository that cuts streams into chunks and names
 them exactly as the repository at LOCATION does (its chunker parameters and its chunker and
 chunk-id keys; every other key is new). Then `bkp copy` between the two reads from the source
-only the chunks the target lacks and sends the rest as ids: a day's copy costs about what that
-day added, not a restore and a backup of the whole dump. The price: the two repositories are no
-longer independent. Anyone holding a key of either one (a put-only key on a database host
-included) can test whether given content is stored in the other, and the storage side of both
-sees the same pattern for the same data. Use it for a copy of the same data you trust as much
-as the first; make a repository of its own otherwise. The source's password comes from
+only the chunks the target lacks and sends the rest as ids, without chunking or hashing the
+stream again: a third less time for a day of scattered row changes, most of it for a day whose
+changes are few or clustered. The price: the two repositories are no longer independent.
+Anyone holding a key of either one (a put-only key on a database host included) holds the
+chunking keys of both, and the storage sides of both see the same pattern for the same data
+(docs/FORMAT.md section 12.2). Use it for a copy you trust as much as the first repository;
+make a repository of its own otherwise. The source's password comes from
 BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD or a prompt.
 
 Examples:
@@ -201,7 +202,7 @@ keys.
 
 A repository made with `bkp init --copy-chunker-params-from SOURCE` cuts and names chunks as
 SOURCE does: then copy reads from the source only the chunks this repository lacks and sends
-the rest as ids, so a day's copy costs about what the day added (see `bkp help init`).
+the rest as ids, without chunking or hashing the stream again (see `bkp help init`).
 
 The source: --from-repo LOCATION or BKP_FROM_REPOSITORY; its password from
 BKP_FROM_PASSWORD_FILE, BKP_FROM_PASSWORD_COMMAND, BKP_FROM_PASSWORD or a prompt.
