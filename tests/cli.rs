@@ -33,15 +33,21 @@ fn backup_then_restore_latest_by_tag_is_byte_identical() {
 }
 
 #[test]
-fn summary_is_one_line_and_quiet_prints_nothing() {
+fn summary_is_two_lines_that_fit_a_terminal_and_quiet_prints_nothing() {
     let (_dir, repo) = local_repo();
     bkp(&repo)
         .arg("backup")
-        .write_stdin(b"hello".to_vec())
+        .write_stdin(common::random_bytes(3 << 20, 9))
         .assert()
         .success()
-        .stdout(predicate::str::starts_with("snapshot ").and(predicate::str::contains("added")))
-        .stdout(predicate::function(|s: &str| s.lines().count() == 1))
+        .stdout(
+            predicate::str::starts_with("snapshot ").and(predicate::str::contains(
+                "added to the repository (3.00 MiB in changed chunks",
+            )),
+        )
+        .stdout(predicate::function(|s: &str| {
+            s.lines().count() == 2 && s.lines().all(|line| line.chars().count() <= 80)
+        }))
         .stderr("");
     bkp(&repo)
         .args(["--quiet", "backup"])

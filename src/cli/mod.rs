@@ -1076,7 +1076,7 @@ fn backup_line(summary: &BackupSummary) -> String {
         "no changed chunks".to_string()
     } else {
         format!(
-            "{} in changed chunks, stored {:.1}x smaller",
+            "{} in changed chunks, {:.1}x",
             HumanBytes(s.added.new_raw),
             ratio(s.added.new_raw, s.added.stored)
         )
