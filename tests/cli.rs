@@ -407,3 +407,48 @@ fn sigterm_during_a_command_backup_stops_the_dump_and_records_nothing() {
     let listed = common::run_json(bkp(&repo).args(["snapshots", "--json"]));
     assert_eq!(listed, serde_json::json!([]));
 }
+
+#[test]
+fn a_metrics_file_says_each_runs_outcome_and_keeps_the_last_success() {
+    let (dir, repo) = local_repo();
+    let prom = dir.path().join("bkp-shop.prom");
+    let value = |name: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(&prom).unwrap();
+        let prefix = format!("{name}{{tags=\"shop\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.parse().unwrap())
+    };
+    let data = common::random_bytes(200_000, 4);
+    bkp(&repo)
+        .args(["backup", "--quiet", "--tag", "shop", "--metrics-file"])
+        .arg(&prom)
+        .write_stdin(data.clone())
+        .assert()
+        .success();
+    assert_eq!(value("bkp_backup_last_exit_code"), Some(0.0));
+    assert_eq!(value("bkp_backup_bytes_read"), Some(data.len() as f64));
+    assert!(value("bkp_backup_bytes_added").unwrap() >= data.len() as f64);
+    let success = value("bkp_backup_last_success_timestamp_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - success).abs() < 120.0, "{success} vs {now}");
+
+    // A dump that fails: exit 7, and the file says so but keeps the last success.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    bkp(&repo)
+        .args(["backup", "--quiet", "--tag", "shop", "--metrics-file"])
+        .arg(&prom)
+        .args(["--", "false"])
+        .assert()
+        .code(7);
+    assert_eq!(value("bkp_backup_last_exit_code"), Some(7.0));
+    assert_eq!(
+        value("bkp_backup_last_success_timestamp_seconds"),
+        Some(success)
+    );
+    assert!(value("bkp_backup_last_run_timestamp_seconds").unwrap() > success);
+    assert_eq!(value("bkp_backup_bytes_read"), Some(data.len() as f64));
+}

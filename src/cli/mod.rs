@@ -17,6 +17,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 mod maintenance;
+mod metrics;
 use maintenance::{check, forget, key_command, prune, stats};
 
 const EXIT_CODES: &str = "\
@@ -49,7 +50,15 @@ a warning: it cannot be deduplicated.
 A dump command carrying a password (`--password X`, `-pX`, `password=X`, a URL with one,
 `env PGPASSWORD=X`, also inside `sh -c`) is refused (exit 2): every local user could read it in
 the process list. Use ~/.pgpass, an option file (--defaults-extra-file), or PGPASSWORD/MYSQL_PWD
-in the environment of the cron job or service unit; BKP_*PASSWORD* never reaches the dump.";
+in the environment of the cron job or service unit; BKP_*PASSWORD* never reaches the dump.
+
+--metrics-file PATH writes the run's outcome for node_exporter's textfile collector (a file per
+job, e.g. /var/lib/node_exporter/textfile/bkp-shop.prom), replaced whole by a rename, readable by
+all: bkp_backup_last_exit_code, bkp_backup_last_run_timestamp_seconds,
+bkp_backup_last_success_timestamp_seconds (kept from the previous file when a run fails),
+bkp_backup_last_duration_seconds, bkp_backup_bytes_read and bkp_backup_bytes_added, labelled
+with the tags. Alert on `time() - bkp_backup_last_success_timestamp_seconds > 26 * 3600` and
+on `bkp_backup_last_exit_code != 0`.";
 
 const EXIT_DAMAGED: u8 = 5;
 const EXIT_DUMP_INCOMPLETE: u8 = 6;
@@ -392,6 +401,9 @@ struct BackupArgs {
     /// Print the summary as one JSON object
     #[arg(long)]
     json: bool,
+    /// Write the outcome (exit code, times, sizes) to this file for node_exporter's textfile collector
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<std::path::PathBuf>,
     /// Run this dump command (no shell) and back up its output; if it fails, nothing is recorded
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<std::ffi::OsString>,
@@ -485,7 +497,7 @@ pub fn run() -> Result<ExitCode> {
     }
     match cli.command {
         Commands::Init(args) => init(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
-        Commands::Backup(args) => backup(&location, cli.quiet, args),
+        Commands::Backup(args) => backup_with_metrics(&location, cli.quiet, args),
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Check(args) => check(&location, cli.quiet, args),
@@ -503,7 +515,11 @@ pub fn run() -> Result<ExitCode> {
 
 /// The exit code for an error, as documented in [`EXIT_CODES`].
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
-    let code = match err.downcast_ref::<Error>() {
+    ExitCode::from(exit_status(err))
+}
+
+fn exit_status(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Error>() {
         Some(Error::RepositoryNotFound { .. } | Error::BucketNotFound { .. }) => 3,
         Some(Error::WrongPassword { .. } | Error::NoKeys { .. } | Error::PutOnlyKey { .. }) => 4,
         Some(Error::Corrupt { .. } | Error::Missing { .. }) => EXIT_DAMAGED,
@@ -511,8 +527,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(Error::AccessDenied { .. }) => 8,
         Some(Error::PasswordInCommand { .. }) => 2,
         _ => 1,
-    };
-    ExitCode::from(code)
+    }
 }
 
 /// Errors that end the program without a message: the reader of our output went away.
@@ -920,7 +935,39 @@ fn stop_on_signals(
     Ok(phase)
 }
 
-fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
+/// A backup, and its outcome in `--metrics-file` whatever it is (a signal that stops it leaves
+/// the file as it was: its last success only grows older).
+fn backup_with_metrics(location: &str, quiet: bool, mut args: BackupArgs) -> Result<ExitCode> {
+    let Some(path) = args.metrics_file.take() else {
+        return backup(location, quiet, args).map(|(code, _)| ExitCode::from(code));
+    };
+    let mut tags = args.tags.clone();
+    tags.sort();
+    tags.dedup();
+    let started = std::time::Instant::now();
+    let result = backup(location, quiet, args);
+    let (exit_code, saved) = match &result {
+        Ok((code, summary)) => (*code, Some(summary)),
+        Err(err) => (exit_status(err), None),
+    };
+    let outcome = metrics::Outcome {
+        tags: &tags,
+        exit_code,
+        ended: std::time::SystemTime::now(),
+        duration: started.elapsed(),
+        saved: saved.map(|summary| metrics::Saved {
+            bytes_read: summary.snapshot.snapshot.size,
+            bytes_added: summary.bytes_stored,
+        }),
+    };
+    if let Err(why) = metrics::write(&path, &outcome) {
+        eprintln!("bkp: warning: the metrics file was not written: {why:#}");
+    }
+    result.map(|(code, _)| ExitCode::from(code))
+}
+
+/// A backup: its exit code (0, or 6 for a dump saved incomplete) and summary.
+fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<(u8, BackupSummary)> {
     let mut options = BackupOptions {
         tags: args.tags,
         hostname: args.host,
@@ -1016,9 +1063,9 @@ fn backup(location: &str, quiet: bool, args: BackupArgs) -> Result<ExitCode> {
             summary.dump.info.kind.name(),
             summary.snapshot.id.short()
         );
-        return Ok(ExitCode::from(EXIT_DUMP_INCOMPLETE));
+        return Ok((EXIT_DUMP_INCOMPLETE, summary));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok((0, summary))
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
