@@ -452,3 +452,26 @@ fn a_metrics_file_says_each_runs_outcome_and_keeps_the_last_success() {
     assert!(value("bkp_backup_last_run_timestamp_seconds").unwrap() > success);
     assert_eq!(value("bkp_backup_bytes_read"), Some(data.len() as f64));
 }
+
+#[test]
+fn the_snapshots_table_fits_80_columns_for_a_usual_series() {
+    let (_dir, repo) = local_repo();
+    for day in 1..=2 {
+        bkp(&repo)
+            .args(["backup", "--quiet", "--tag", "shop", "--host", "db1"])
+            .write_stdin(common::dumpgen::dump(300_000, day))
+            .assert()
+            .success();
+    }
+    let table = String::from_utf8(common::stdout_of(bkp(&repo).arg("snapshots"))).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("id "), "{table}");
+    for line in &lines {
+        assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
+    }
+    assert!(
+        lines[1].contains(" db1 ") && lines[1].contains(" shop "),
+        "{table}"
+    );
+}

@@ -1322,11 +1322,12 @@ fn snapshot_json(entry: &SnapshotEntry) -> serde_json::Value {
 
 /// The dump kind, marked when the dump was found incomplete or the time is in the future.
 fn dump_column(s: &bkp::Snapshot) -> String {
-    let mut column = s
+    let kind = s
         .annotations
         .get(bkp::annotation::DUMP_KIND)
-        .map_or("-", String::as_str)
-        .to_string();
+        .map_or("-", String::as_str);
+    // (Short: the table is read on a terminal; `--json` has the kind as recorded.)
+    let mut column = kind.replace("postgres-", "pg-");
     if s.dump_complete() == Some(false) {
         column.push_str(" INCOMPLETE");
     }
@@ -1354,27 +1355,61 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {:<16}  name",
-        "id", "time", "host", "size", "new data", "tags", "dump"
-    )?;
+    // Columns as wide as what they hold, so that a usual line fits 80 columns; the time to the
+    // minute in UTC (`--json` has the seconds).
     let now = std::time::SystemTime::now();
+    let rows: Vec<[String; 8]> = list
+        .iter()
+        .map(|entry| {
+            let s = &entry.snapshot;
+            let time = humantime::format_rfc3339_seconds(s.time).to_string();
+            [
+                entry.id.short(),
+                time.get(..16).unwrap_or(&time).replace('T', " "),
+                s.hostname.clone(),
+                HumanBytes(s.size).to_string(),
+                HumanBytes(s.added.stored).to_string(),
+                s.tags.join(","),
+                dump_column(s),
+                s.name.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "id",
+        "time (UTC)",
+        "host",
+        "size",
+        "added",
+        "tags",
+        "dump",
+        "name",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (n, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            let pad = width.saturating_sub(cell.chars().count());
+            match n {
+                // Sizes to the right, the name last and unpadded.
+                3 | 4 => text.push_str(&format!("{}{cell}  ", " ".repeat(pad))),
+                7 => text.push_str(cell),
+                _ => text.push_str(&format!("{cell}{}  ", " ".repeat(pad))),
+            }
+        }
+        text
+    };
+    writeln!(out, "{}", line(&header))?;
     let (mut incomplete, mut future) = (0, 0);
-    for entry in &list {
+    for (entry, row) in list.iter().zip(&rows) {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
         let s = &entry.snapshot;
-        writeln!(
-            out,
-            "{:<8}  {:<20}  {:<16}  {:>10}  {:>10}  {:<20}  {:<16}  {}",
-            entry.id.short(),
-            humantime::format_rfc3339_seconds(s.time).to_string(),
-            s.hostname,
-            HumanBytes(s.size).to_string(),
-            HumanBytes(s.added.stored).to_string(),
-            s.tags.join(","),
-            dump_column(s),
-            s.name
-        )?;
         incomplete += usize::from(s.dump_complete() == Some(false));
         future += usize::from(s.is_future_dated(now));
     }
