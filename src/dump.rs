@@ -104,8 +104,16 @@ pub fn detect(head: &[u8]) -> DumpInfo {
     }
     let text = String::from_utf8_lossy(&head[..head.len().min(4096)]);
     if text.starts_with(PG_PLAIN_HEADER) {
+        // Only a dump made with -C (--create) names its database: in the comment before its
+        // CREATE DATABASE, `-- Name: shop; Type: DATABASE; Schema: -; Owner: postgres`.
+        let database = text.lines().find_map(|line| {
+            let rest = line.strip_prefix("-- Name: ")?;
+            let (name, kind) = rest.split_once("; Type: ")?;
+            kind.starts_with("DATABASE;").then(|| name.to_string())
+        });
         return DumpInfo {
             server_version: comment_value(&text, "-- Dumped from database version "),
+            database,
             ..info(DumpKind::PostgresPlain)
         };
     }
@@ -255,6 +263,21 @@ mod tests {
     use super::*;
 
     const PG: &str = "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\n-- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)\n-- Dumped by pg_dump version 15.18\n\nSET x;\n";
+    #[test]
+    fn a_plain_pg_dump_names_its_database_only_when_made_with_create() {
+        assert_eq!(detect(PG.as_bytes()).database, None);
+        let created = format!(
+            "{PG}\n--\n-- Name: \"Shop Äb\"; Type: DATABASE; Schema: -; Owner: postgres\n--\n\nCREATE DATABASE \"Shop Äb\" WITH TEMPLATE = template0;\n"
+        );
+        let info = detect(created.as_bytes());
+        assert_eq!(info.kind, DumpKind::PostgresPlain);
+        assert_eq!(info.database.as_deref(), Some("\"Shop Äb\""));
+        // A table's entry is not the database's.
+        let table =
+            format!("{PG}\n--\n-- Name: t; Type: TABLE; Schema: public; Owner: postgres\n--\n");
+        assert_eq!(detect(table.as_bytes()).database, None);
+    }
+
     const PG_END: &str = "\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n";
     const MARIA: &str = "/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19  Distrib 10.11.14-MariaDB, for debian-linux-gnu (x86_64)\n--\n-- Host: localhost    Database: shop\n-- ------------------------------------------------------\n-- Server version\t10.11.14-MariaDB-0+deb12u2\n\n";
     const MARIA_END: &str =

@@ -339,6 +339,15 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
     let again = backup_json(&repo, &format!("bkp backup --json --tag fixed -- {fixed}"));
     assert_eq!(again["bytes_added"], 4096);
+    // Plain output names its database only with -C (--create); bkp records it then.
+    let created = quote(&pg.dump_command(&["-C"], "shop"));
+    backup_json(
+        &repo,
+        &format!("bkp backup --json --tag created -- {created}"),
+    );
+    let listed = ok(&repo, "bkp snapshots --json --tag created");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["database"], "shop", "{listed}");
     // A compressed custom archive warns how to fix it; an uncompressed one does not.
     let custom = quote(&pg.dump_command(&["-Fc"], "shop"));
     let out = ok(&repo, &format!("bkp backup --tag fc -- {custom}"));
