@@ -30,6 +30,7 @@
 //! ```
 
 mod backup;
+pub mod catalog;
 mod check;
 mod chunker;
 pub mod command;
@@ -73,7 +74,7 @@ pub use check::{CheckReport, Problem, ReadData, check};
 pub use chunker::ChunkerParams;
 pub use copy::{CopyEvent, CopySummary, copy};
 pub use crypto::{ChunkingKeys, KdfParams, KeyRole};
-pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport};
+pub use dump::{Compressor, DumpInfo, DumpKind, DumpReport, detect as detect_dump};
 pub use error::{Error, Result};
 pub use id::Id;
 pub use index::{IndexFile, IndexedPack};

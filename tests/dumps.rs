@@ -76,6 +76,30 @@ fn snapshot_count(repo: &Repo) -> usize {
         .len()
 }
 
+/// The catalog bkp reads from the dump `argv` writes, fed in 64 KiB blocks as a backup reads.
+fn dump_catalog(argv: &[String], kind: bkp::DumpKind) -> Vec<bkp::catalog::Section> {
+    let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    assert!(out.status.success(), "{argv:?}: {}", text(&out.stderr));
+    let mut reader = bkp::catalog::CatalogReader::for_dump(kind).unwrap();
+    for block in out.stdout.chunks(64 << 10) {
+        reader.feed(block);
+    }
+    let sections = reader.finish();
+    assert_eq!(sections.last().unwrap().end, out.stdout.len() as u64);
+    sections
+}
+
+/// Each table's rows in `sections`' table data.
+fn assert_rows(sections: &[bkp::catalog::Section], expected: &[(&str, u64)]) {
+    for (table, rows) in expected {
+        let data = sections
+            .iter()
+            .find(|s| s.kind == "TABLE DATA" && s.name == *table)
+            .unwrap_or_else(|| panic!("no data of {table} in {sections:#?}"));
+        assert_eq!(data.rows, *rows, "{table}");
+    }
+}
+
 fn quote(argv: &[String]) -> String {
     argv.iter()
         .map(|a| format!("'{a}'"))
@@ -326,6 +350,26 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     // Only the chunks holding pg_dump's random \restrict key (top and bottom) change.
     shared_scenarios(&repo, &pg, 64 * 1024, "\"nosuchdb\" does not exist");
 
+    // The catalog of the real dump: rows as the tables hold them after the day's change
+    // (20,000 - 3 + 2 customers), and the primary keys tied to their tables.
+    let catalog = dump_catalog(&pg.dump_command(&[], "shop"), bkp::DumpKind::PostgresPlain);
+    assert_rows(
+        &catalog,
+        &[
+            ("public.customers", 19_999),
+            ("public.blobs", 3_000),
+            ("public.big", 1),
+        ],
+    );
+    for table in ["public.customers", "public.blobs", "public.big"] {
+        assert!(
+            catalog
+                .iter()
+                .any(|s| s.kind == "CONSTRAINT" && s.table.as_deref() == Some(table)),
+            "no primary key of {table}: {catalog:#?}"
+        );
+    }
+
     let listed = ok(&repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert!(
@@ -371,6 +415,13 @@ fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     db.sql(MARIADB_SCHEMA);
     // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
     shared_scenarios(&repo, &db, 4096, "nosuchdb");
+
+    // The catalog of the real dump (extended inserts; a 2.4 MB row longer than any head).
+    let catalog = dump_catalog(&db.dump_command("shop"), bkp::DumpKind::MySql);
+    assert_rows(
+        &catalog,
+        &[("customers", 19_999), ("blobs", 3_000), ("big", 1)],
+    );
 
     let listed = ok(&repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();

@@ -1,0 +1,782 @@
+//! The table catalog of a dump, read from the stream as it goes by: where each object of a
+//! pg_dump plain or mysqldump/mariadb-dump stream starts and ends, which table it belongs to,
+//! and for table data how many rows it holds; with a BLAKE3 digest of every section's bytes, so
+//! that two snapshots tell which tables changed without being read again.
+//!
+//! A section starts at the line that names it and runs to the next such line:
+//! - pg_dump (plain): `-- Name: T; Type: K; Schema: S; Owner: O` and `-- Data for Name: ...`
+//!   (the dump's table of contents, one entry per object); its data sections are `COPY ... FROM
+//!   stdin;` blocks, a row a line up to `\.`, inside which nothing is read as a marker (a row may
+//!   hold any text, `-- Name:` too).
+//! - mysqldump: `-- Table structure for table `T``, `-- Dumping data for table `T``, views,
+//!   routines and events, `-- Current Database: `D`` (several databases); rows are the value
+//!   tuples of `INSERT INTO ... VALUES (...),(...);`, counted outside quoted strings.
+//!
+//! What comes before the first marker is the `PREAMBLE` (session settings a restore of any part
+//! needs), what comes after the last section the `TRAILER`. Other streams have no catalog.
+//! One pass, memory bounded by the first [`HEAD_MAX`] bytes of a line and the section list,
+//! whatever the lines' lengths (an extended INSERT may be megabytes).
+
+use memchr::memchr;
+use serde::{Deserialize, Serialize};
+
+use crate::dump::DumpKind;
+
+/// Bytes of a line looked at to tell what it is.
+const HEAD_MAX: usize = 1024;
+
+/// pg_dump's kinds of object that belong to a table, named in their statement.
+const BELONGS_TO_A_TABLE: [&str; 8] = [
+    "INDEX",
+    "CONSTRAINT",
+    "FK CONSTRAINT",
+    "CHECK CONSTRAINT",
+    "TRIGGER",
+    "DEFAULT",
+    "POLICY",
+    "ROW SECURITY",
+];
+
+/// One part of a dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    /// The dump's own word for it: pg_dump's type (`TABLE`, `TABLE DATA`, `INDEX`, `FK
+    /// CONSTRAINT`, `SEQUENCE`, ...), for mysqldump `TABLE`, `TABLE DATA`, `VIEW`, `ROUTINES`,
+    /// `EVENTS`, `DATABASE`; `PREAMBLE` and `TRAILER` before the first and after the last.
+    pub kind: String,
+    /// Schema-qualified for PostgreSQL (`public.orders`), with its database for a mysqldump of
+    /// several (`shop.orders`); names as the dump spells them, unquoted.
+    pub name: String,
+    /// The table an index, constraint, trigger, default or table data belongs to.
+    pub table: Option<String>,
+    /// Stream offsets: the section is `start..end`.
+    pub start: u64,
+    pub end: u64,
+    /// Rows of table data; 0 for other sections.
+    pub rows: u64,
+    /// BLAKE3 of the section's bytes.
+    pub digest: [u8; 32],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    Postgres,
+    MySql,
+}
+
+/// What the current line is, once its head is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LineKind {
+    Other,
+    /// A COPY row: counted.
+    Row,
+    /// An INSERT: its value tuples counted from this offset in the line on.
+    Insert(usize),
+}
+
+/// Counts the top-level tuples of `VALUES (...),(...);`, across pieces of a line and across
+/// lines (MariaDB's mysqldump writes a tuple a line), up to the `;` that ends the statement.
+#[derive(Default)]
+struct TupleCounter {
+    depth: u32,
+    quote: Option<u8>,
+    escaped: bool,
+    ended: bool,
+}
+
+impl TupleCounter {
+    /// Counts the tuples that start in `bytes`; stops after the `;` that ends the statement,
+    /// returning where (or `bytes.len()`).
+    fn feed(&mut self, bytes: &[u8]) -> (u64, usize) {
+        let mut rows = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.escaped {
+                self.escaped = false;
+                i += 1;
+                continue;
+            }
+            if let Some(q) = self.quote {
+                // Most of a dump's bytes are inside strings: jump to what can end one.
+                match memchr::memchr2(b'\\', q, &bytes[i..]) {
+                    None => return (rows, bytes.len()),
+                    Some(n) => {
+                        i += n;
+                        match bytes[i] {
+                            b'\\' => self.escaped = true,
+                            _ => self.quote = None,
+                        }
+                    }
+                }
+            } else {
+                match bytes[i] {
+                    b @ (b'\'' | b'"' | b'`') => self.quote = Some(b),
+                    b'(' => {
+                        rows += u64::from(self.depth == 0);
+                        self.depth += 1;
+                    }
+                    b')' => self.depth = self.depth.saturating_sub(1),
+                    b';' if self.depth == 0 => {
+                        self.ended = true;
+                        return (rows, i + 1);
+                    }
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        (rows, bytes.len())
+    }
+}
+
+/// Reads the catalog of a stream fed to it block by block ([`CatalogReader::feed`]).
+pub struct CatalogReader {
+    dialect: Dialect,
+    /// Stream offset of the next byte fed.
+    at: u64,
+    sections: Vec<Section>,
+    open: Section,
+    hasher: blake3::Hasher,
+    /// The current line: where it starts, its first bytes, and how many of those came in
+    /// earlier blocks (not hashed yet: hashing waits until the line is known not to start a
+    /// new section).
+    line_start: u64,
+    head: Vec<u8>,
+    head_from_earlier_blocks: usize,
+    /// What the line is, once its head is complete.
+    line: Option<LineKind>,
+    in_copy: bool,
+    /// Inside an INSERT statement: its lines are its values, not markers.
+    in_insert: bool,
+    tuples: TupleCounter,
+    /// mysqldump of several databases: the one being dumped.
+    database: Option<String>,
+}
+
+impl CatalogReader {
+    /// A reader for a dump of `kind`; `None` for kinds without a catalog.
+    pub fn for_dump(kind: DumpKind) -> Option<CatalogReader> {
+        let dialect = match kind {
+            DumpKind::PostgresPlain => Dialect::Postgres,
+            DumpKind::MySql => Dialect::MySql,
+            _ => return None,
+        };
+        Some(CatalogReader {
+            dialect,
+            at: 0,
+            sections: Vec::new(),
+            open: section("PREAMBLE", String::new(), None, 0),
+            hasher: blake3::Hasher::new(),
+            line_start: 0,
+            head: Vec::with_capacity(HEAD_MAX),
+            head_from_earlier_blocks: 0,
+            line: None,
+            in_copy: false,
+            in_insert: false,
+            tuples: TupleCounter::default(),
+            database: None,
+        })
+    }
+
+    /// The next block of the stream.
+    pub fn feed(&mut self, block: &[u8]) {
+        // Bytes of `block` before this index are hashed into the open section.
+        let mut hashed_to = 0;
+        let mut i = 0;
+        while i < block.len() {
+            if self.in_insert && self.head.is_empty() {
+                // The statement's values, through the end of the line that ends it.
+                let (rows, used) = self.tuples.feed(&block[i..]);
+                let used = match self.tuples.ended {
+                    true => {
+                        memchr(b'\n', &block[i + used..]).map_or(block.len() - i, |n| used + n + 1)
+                    }
+                    false => used,
+                };
+                self.open.rows += rows;
+                i += used;
+                self.at += used as u64;
+                if block[i - 1] == b'\n' {
+                    self.end_line();
+                } else {
+                    // A line goes on in the next block: its head is past.
+                    self.line = Some(LineKind::Insert(0));
+                }
+                continue;
+            }
+            if self.in_copy && self.head.is_empty() {
+                // Rows, a line each, up to `\.`: counted without copying their heads.
+                let rows = self.copy_rows(&block[i..]);
+                i += rows.1;
+                self.at += rows.1 as u64;
+                self.line_start = self.at;
+                self.open.rows += rows.0;
+                if i == block.len() {
+                    break;
+                }
+            }
+            let end = memchr(b'\n', &block[i..]).map_or(block.len(), |n| i + n + 1);
+            let piece = &block[i..end];
+            let ends_line = block[end - 1] == b'\n';
+            if self.line.is_none() {
+                let take = piece.len().min(HEAD_MAX - self.head.len());
+                self.head.extend_from_slice(&piece[..take]);
+                if ends_line || self.head.len() == HEAD_MAX {
+                    // (A line's bytes in one block are one piece: it starts at `i`, or in an
+                    // earlier block.)
+                    let line_index = if self.head_from_earlier_blocks == 0 {
+                        i
+                    } else {
+                        0
+                    };
+                    self.head_complete(line_index, &mut hashed_to, block);
+                    if take < piece.len() {
+                        self.count_rest(&piece[take..]);
+                    }
+                }
+            } else {
+                self.count_rest(piece);
+            }
+            self.at += piece.len() as u64;
+            i = end;
+            if ends_line {
+                self.end_line();
+            }
+        }
+        // Hash what is known to belong to the open section; an unfinished head waits.
+        let until = if self.line.is_none() {
+            let in_block = self.head.len() - self.head_from_earlier_blocks;
+            let line_index = block.len() - in_block;
+            self.head_from_earlier_blocks = self.head.len();
+            line_index.max(hashed_to)
+        } else {
+            block.len()
+        };
+        self.hasher.update(&block[hashed_to..until]);
+    }
+
+    /// The complete rows at the start of `bytes` (COPY data), up to the `\.` line or the last
+    /// newline: (rows, bytes they take).
+    fn copy_rows(&self, bytes: &[u8]) -> (u64, usize) {
+        let (mut rows, mut start) = (0, 0);
+        for newline in memchr::memchr_iter(b'\n', bytes) {
+            let line = trim_newline(&bytes[start..=newline]);
+            if line == b"\\." {
+                break;
+            }
+            rows += 1;
+            start = newline + 1;
+        }
+        (rows, start)
+    }
+
+    /// The catalog, once the whole stream is fed.
+    pub fn finish(mut self) -> Vec<Section> {
+        if self.line.is_none() && !self.head.is_empty() {
+            // A last line without a newline: its head is all of it, from earlier blocks.
+            self.head_complete(0, &mut 0, &[]);
+        }
+        self.close(self.at);
+        self.sections
+    }
+
+    /// The current line's head is known (it starts at `line_index` in `block`, or in an
+    /// earlier block): what it is, the section it starts if any, its rows so far.
+    fn head_complete(&mut self, line_index: usize, hashed_to: &mut usize, block: &[u8]) {
+        let kind = self.classify(line_index, hashed_to, block);
+        self.line = Some(kind);
+        // The head's bytes in this block are hashed with the block's; those from earlier
+        // blocks now, into the section the line turned out to be in.
+        let earlier = self.head_from_earlier_blocks;
+        self.hasher.update(&self.head[..earlier]);
+        match kind {
+            LineKind::Row => self.open.rows += 1,
+            LineKind::Insert(from) => {
+                let (rows, _) = self.tuples.feed(&self.head[from.min(self.head.len())..]);
+                self.open.rows += rows;
+            }
+            LineKind::Other => {}
+        }
+    }
+
+    /// Counts rows in the rest of a line, past its head.
+    fn count_rest(&mut self, bytes: &[u8]) {
+        if let Some(LineKind::Insert(_)) = self.line {
+            self.open.rows += self.tuples.feed(bytes).0;
+        }
+    }
+
+    fn end_line(&mut self) {
+        self.line = None;
+        self.line_start = self.at;
+        self.head.clear();
+        self.head_from_earlier_blocks = 0;
+        if self.tuples.ended {
+            self.in_insert = false;
+            self.tuples = TupleCounter::default();
+        }
+    }
+
+    /// Tells what the line whose head is complete is, starting a section if it names one.
+    /// `line_index` is where it starts in `block` (0 if in an earlier block).
+    fn classify(&mut self, line_index: usize, hashed_to: &mut usize, block: &[u8]) -> LineKind {
+        let head = std::mem::take(&mut self.head);
+        let kind = self.classify_line(trim_newline(&head), line_index, hashed_to, block);
+        self.head = head;
+        kind
+    }
+
+    fn classify_line(
+        &mut self,
+        line: &[u8],
+        line_index: usize,
+        hashed_to: &mut usize,
+        block: &[u8],
+    ) -> LineKind {
+        if self.in_insert {
+            return LineKind::Insert(0);
+        }
+        if self.in_copy {
+            if line == b"\\." {
+                self.in_copy = false;
+                return LineKind::Other;
+            }
+            return LineKind::Row;
+        }
+        let Some((kind, name, table)) = self.marker(line) else {
+            return match self.dialect {
+                // (pg_dump writes table data as `COPY ... FROM stdin;`, which may be longer
+                // than a head.)
+                Dialect::Postgres if line.starts_with(b"COPY ") => {
+                    self.in_copy = self.open.kind == "TABLE DATA";
+                    LineKind::Other
+                }
+                Dialect::Postgres => {
+                    if self.open.table.is_none() && BELONGS_TO_A_TABLE.contains(&&*self.open.kind) {
+                        self.open.table = statement_table(line);
+                    }
+                    LineKind::Other
+                }
+                Dialect::MySql if line.starts_with(b"INSERT INTO ") => {
+                    self.in_insert = true;
+                    let from = memchr::memmem::find(line, b" VALUES").unwrap_or(line.len());
+                    LineKind::Insert(from)
+                }
+                Dialect::MySql => LineKind::Other,
+            };
+        };
+        // A new section from this line on: the block's bytes before it close the open one.
+        if self.head_from_earlier_blocks == 0 {
+            self.hasher.update(&block[*hashed_to..line_index]);
+            *hashed_to = line_index;
+        }
+        self.close(self.line_start);
+        self.open = section(&kind, name, table, self.line_start);
+        LineKind::Other
+    }
+
+    fn close(&mut self, end: u64) {
+        let hasher = std::mem::replace(&mut self.hasher, blake3::Hasher::new());
+        let mut done = std::mem::replace(&mut self.open, section("", String::new(), None, end));
+        done.end = end;
+        done.digest = *hasher.finalize().as_bytes();
+        // An empty preamble (a dump that starts with a marker) is not worth a section.
+        if !(done.kind == "PREAMBLE" && done.start == done.end) {
+            self.sections.push(done);
+        }
+    }
+
+    /// The section a line starts: (kind, name, table).
+    fn marker(&mut self, line: &[u8]) -> Option<(String, String, Option<String>)> {
+        let line = std::str::from_utf8(line).ok()?;
+        match self.dialect {
+            Dialect::Postgres => {
+                if line == "-- PostgreSQL database dump complete" {
+                    return Some(("TRAILER".into(), String::new(), None));
+                }
+                let rest = line
+                    .strip_prefix("-- Name: ")
+                    .or_else(|| line.strip_prefix("-- Data for Name: "))?;
+                let (name, rest) = rest.split_once("; Type: ")?;
+                let (kind, rest) = rest.split_once("; Schema: ")?;
+                let schema = rest.split_once("; Owner: ").map_or(rest, |(s, _)| s);
+                let qualified = match schema {
+                    "-" | "" => name.to_string(),
+                    schema => format!("{schema}.{name}"),
+                };
+                let table = match kind {
+                    "TABLE DATA" => Some(qualified.clone()),
+                    _ => None,
+                };
+                Some((kind.to_string(), qualified, table))
+            }
+            Dialect::MySql => {
+                if line.starts_with("/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE") {
+                    return Some(("TRAILER".into(), String::new(), None));
+                }
+                if let Some(rest) = line.strip_prefix("-- Current Database: ") {
+                    let db = unquote_backticks(rest.trim());
+                    self.database = Some(db.clone());
+                    return Some(("DATABASE".into(), db, None));
+                }
+                const MARKERS: [(&str, &str); 6] = [
+                    ("-- Table structure for table ", "TABLE"),
+                    ("-- Dumping data for table ", "TABLE DATA"),
+                    ("-- Temporary view structure for view ", "VIEW"),
+                    ("-- Temporary table structure for view ", "VIEW"),
+                    ("-- Final view structure for view ", "VIEW"),
+                    ("-- Dumping routines for database ", "ROUTINES"),
+                ];
+                let (rest, kind) = MARKERS
+                    .iter()
+                    .find_map(|(prefix, kind)| Some((line.strip_prefix(prefix)?, *kind)))
+                    .or_else(|| {
+                        Some((
+                            line.strip_prefix("-- Dumping events for database ")?,
+                            "EVENTS",
+                        ))
+                    })?;
+                let name = unquote_backticks(rest.trim().trim_matches('\''));
+                let name = match &self.database {
+                    Some(db) if !matches!(kind, "ROUTINES" | "EVENTS") => format!("{db}.{name}"),
+                    _ => name,
+                };
+                let table = (kind == "TABLE DATA").then(|| name.clone());
+                Some((kind.to_string(), name, table))
+            }
+        }
+    }
+}
+
+fn section(kind: &str, name: String, table: Option<String>, start: u64) -> Section {
+    Section {
+        kind: kind.to_string(),
+        name,
+        table,
+        start,
+        end: start,
+        rows: 0,
+        digest: [0; 32],
+    }
+}
+
+fn trim_newline(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// `` `a``b` `` -> ``a`b``; a name without backticks as it is.
+fn unquote_backticks(text: &str) -> String {
+    match text.strip_prefix('`').and_then(|t| t.strip_suffix('`')) {
+        Some(inner) => inner.replace("``", "`"),
+        None => text.to_string(),
+    }
+}
+
+/// The table a pg_dump statement applies to: `ALTER TABLE [ONLY] T ...`, `CREATE [UNIQUE] INDEX
+/// I ON [ONLY] T ...`, `CREATE TRIGGER ... ON T ...`; unquoted and schema-qualified as written.
+fn statement_table(line: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(line).ok()?;
+    let rest = if let Some(rest) = line.strip_prefix("ALTER TABLE ") {
+        rest
+    } else if line.starts_with("CREATE INDEX ")
+        || line.starts_with("CREATE UNIQUE INDEX ")
+        || line.starts_with("CREATE TRIGGER ")
+        || line.starts_with("CREATE CONSTRAINT TRIGGER ")
+    {
+        let at = line.find(" ON ")?;
+        &line[at + 4..]
+    } else {
+        return None;
+    };
+    let rest = rest.strip_prefix("ONLY ").unwrap_or(rest);
+    qualified_identifier(rest)
+}
+
+/// The SQL identifier (`a.b`, `"A b"."c""d"`) at the start of `text`, unquoted.
+fn qualified_identifier(text: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' || c == ' ' || c == '(' || c == ';' {
+                    break;
+                }
+                part.push(c);
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        if chars.peek() != Some(&'.') {
+            break;
+        }
+        chars.next();
+    }
+    Some(parts.join("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The catalog of `dump` fed in blocks of `block` bytes.
+    fn read(kind: DumpKind, dump: &[u8], block: usize) -> Vec<Section> {
+        let mut reader = CatalogReader::for_dump(kind).unwrap();
+        for piece in dump.chunks(block) {
+            reader.feed(piece);
+        }
+        reader.finish()
+    }
+
+    /// The catalog is the same however the stream is cut into blocks, sections cover the
+    /// stream, and each digest is the hash of its section's bytes.
+    fn read_every_way(kind: DumpKind, dump: &[u8]) -> Vec<Section> {
+        let whole = read(kind, dump, dump.len().max(1));
+        for block in [1, 2, 3, 7, 64, 1000, 1024, 1025, 4096] {
+            assert_eq!(read(kind, dump, block), whole, "blocks of {block}");
+        }
+        let mut at = 0;
+        for s in &whole {
+            assert_eq!(s.start, at, "{s:?}");
+            let bytes = &dump[s.start as usize..s.end as usize];
+            assert_eq!(&s.digest, blake3::hash(bytes).as_bytes(), "{s:?}");
+            at = s.end;
+        }
+        assert_eq!(at, dump.len() as u64);
+        whole
+    }
+
+    fn find<'a>(sections: &'a [Section], kind: &str, name: &str) -> &'a Section {
+        sections
+            .iter()
+            .find(|s| s.kind == kind && s.name == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {sections:#?}"))
+    }
+
+    const PG: &str = r#"--
+-- PostgreSQL database dump
+--
+
+\restrict abc
+
+SET statement_timeout = 0;
+
+--
+-- Name: orders; Type: TABLE; Schema: public; Owner: postgres
+--
+
+CREATE TABLE public.orders (
+    id integer NOT NULL,
+    note text
+);
+
+--
+-- Name: Wéird "T"; Type: TABLE; Schema: sales.eu; Owner: postgres
+--
+
+CREATE TABLE "sales.eu"."Wéird ""T""" (x int);
+
+--
+-- Data for Name: orders; Type: TABLE DATA; Schema: public; Owner: postgres
+--
+
+COPY public.orders (id, note) FROM stdin;
+1	-- Name: evil; Type: TABLE; Schema: public; Owner: x
+2	\\.not the end
+3	DROP TABLE orders;
+\.
+
+--
+-- Data for Name: Wéird "T"; Type: TABLE DATA; Schema: sales.eu; Owner: postgres
+--
+
+COPY "sales.eu"."Wéird ""T""" (x) FROM stdin;
+\.
+
+--
+-- Name: orders_note_idx; Type: INDEX; Schema: public; Owner: postgres
+--
+
+CREATE INDEX orders_note_idx ON public.orders USING btree (note);
+
+--
+-- Name: Wéird "T" t_fk; Type: FK CONSTRAINT; Schema: sales.eu; Owner: postgres
+--
+
+ALTER TABLE ONLY "sales.eu"."Wéird ""T"""
+    ADD CONSTRAINT t_fk FOREIGN KEY (x) REFERENCES public.orders(id);
+
+--
+-- PostgreSQL database dump complete
+--
+
+\unrestrict abc
+
+"#;
+
+    #[test]
+    fn a_pg_dump_is_cut_into_its_table_of_contents() {
+        let sections = read_every_way(DumpKind::PostgresPlain, PG.as_bytes());
+        let kinds: Vec<(&str, &str)> = sections
+            .iter()
+            .map(|s| (s.kind.as_str(), s.name.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("PREAMBLE", ""),
+                ("TABLE", "public.orders"),
+                ("TABLE", "sales.eu.Wéird \"T\""),
+                ("TABLE DATA", "public.orders"),
+                ("TABLE DATA", "sales.eu.Wéird \"T\""),
+                ("INDEX", "public.orders_note_idx"),
+                ("FK CONSTRAINT", "sales.eu.Wéird \"T\" t_fk"),
+                ("TRAILER", ""),
+            ]
+        );
+        // Rows that look like SQL or like markers are rows; `\.` ends the data only alone.
+        let data = find(&sections, "TABLE DATA", "public.orders");
+        assert_eq!(data.rows, 3);
+        assert_eq!(data.table.as_deref(), Some("public.orders"));
+        assert_eq!(
+            find(&sections, "TABLE DATA", "sales.eu.Wéird \"T\"").rows,
+            0
+        );
+        assert_eq!(
+            find(&sections, "INDEX", "public.orders_note_idx")
+                .table
+                .as_deref(),
+            Some("public.orders")
+        );
+        assert_eq!(
+            find(&sections, "FK CONSTRAINT", "sales.eu.Wéird \"T\" t_fk")
+                .table
+                .as_deref(),
+            Some("sales.eu.Wéird \"T\"")
+        );
+        // A section starts at the line that names it.
+        let table = find(&sections, "TABLE", "public.orders");
+        assert!(PG[table.start as usize..].starts_with("-- Name: orders;"));
+    }
+
+    #[test]
+    fn a_dump_cut_off_in_a_table_ends_with_that_table() {
+        let cut = &PG[..PG.find("3\tDROP").unwrap() + 4];
+        let sections = read_every_way(DumpKind::PostgresPlain, cut.as_bytes());
+        let last = sections.last().unwrap();
+        assert_eq!((last.kind.as_str(), last.rows), ("TABLE DATA", 3));
+        assert_eq!(last.end, cut.len() as u64);
+    }
+
+    const MYSQL: &str = r#"/*M!999999\- enable the sandbox mode */ 
+-- MariaDB dump 10.19  Distrib 10.11.6-MariaDB, for debian-linux-gnu (x86_64)
+--
+-- Host: localhost    Database: shop
+-- ------------------------------------------------------
+/*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
+
+--
+-- Table structure for table `cus``tomers`
+--
+
+DROP TABLE IF EXISTS `cus``tomers`;
+CREATE TABLE `cus``tomers` (
+  `id` int(11) NOT NULL,
+  `note` text DEFAULT NULL
+);
+
+--
+-- Dumping data for table `cus``tomers`
+--
+
+LOCK TABLES `cus``tomers` WRITE;
+INSERT INTO `cus``tomers` VALUES (1,'a (b), c'),(2,'it\'s (x'),(3,'Zürich ✓ ''q'' -- Dumping data for table `x`'),(4,NULL);
+INSERT INTO `cus``tomers` VALUES (5,'))),((');
+INSERT INTO `cus``tomers` VALUES
+(6,'a tuple a line, as MariaDB writes them'),
+(7,'-- Table structure for table `no`'),
+(8,'x;y');
+UNLOCK TABLES;
+
+--
+-- Table structure for table `empty`
+--
+
+CREATE TABLE `empty` (`id` int);
+
+--
+-- Dumping data for table `empty`
+--
+
+LOCK TABLES `empty` WRITE;
+UNLOCK TABLES;
+/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */;
+
+-- Dump completed on 2026-12-06 20:00:00
+"#;
+
+    #[test]
+    fn a_mysqldump_is_cut_at_its_tables_and_counts_value_tuples() {
+        let sections = read_every_way(DumpKind::MySql, MYSQL.as_bytes());
+        let kinds: Vec<(&str, &str, u64)> = sections
+            .iter()
+            .map(|s| (s.kind.as_str(), s.name.as_str(), s.rows))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("PREAMBLE", "", 0),
+                ("TABLE", "cus`tomers", 0),
+                ("TABLE DATA", "cus`tomers", 8),
+                ("TABLE", "empty", 0),
+                ("TABLE DATA", "empty", 0),
+                ("TRAILER", "", 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_insert_longer_than_a_head_is_counted_whole() {
+        let mut dump = String::from(
+            "-- MySQL dump 10.13\n--\n-- Dumping data for table `t`\n--\n\nINSERT INTO `t` VALUES ",
+        );
+        let tuples: Vec<String> = (0..5000)
+            .map(|n| format!("({n},'{}')", "x(".repeat(n % 7)))
+            .collect();
+        dump.push_str(&tuples.join(","));
+        dump.push_str(";\n");
+        let sections = read_every_way(DumpKind::MySql, dump.as_bytes());
+        assert_eq!(find(&sections, "TABLE DATA", "t").rows, 5000);
+    }
+
+    #[test]
+    fn several_databases_qualify_their_tables() {
+        let dump = "-- MySQL dump 10.13\n--\n-- Current Database: `a`\n--\n\nUSE `a`;\n\n--\n-- Table structure for table `t`\n--\n\nCREATE TABLE `t` (x int);\n--\n-- Current Database: `b`\n--\n\n--\n-- Dumping data for table `t`\n--\n\nINSERT INTO `t` VALUES (1);\n";
+        let sections = read_every_way(DumpKind::MySql, dump.as_bytes());
+        assert_eq!(find(&sections, "TABLE", "a.t").rows, 0);
+        assert_eq!(find(&sections, "TABLE DATA", "b.t").rows, 1);
+    }
+
+    #[test]
+    fn streams_of_other_kinds_have_no_catalog() {
+        assert!(CatalogReader::for_dump(DumpKind::PostgresCustom).is_none());
+        assert!(CatalogReader::for_dump(DumpKind::Unknown).is_none());
+    }
+}
