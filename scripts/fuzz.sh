@@ -10,7 +10,7 @@ seconds=${1:-600}
 shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=(key_file config envelope pack_header index_file snapshot tree_node obsolete_list dump_header
-    catalog series_name)
+    catalog series_name dump_toc)
 [ $# -gt 0 ] && targets=("$@")
 cargo +nightly fuzz build
 run() {

@@ -186,11 +186,47 @@ pub fn dump_header(bytes: &[u8]) {
     let _ = inspector.finish();
 }
 
+/// A dump's table of contents (the input's first byte picks the dialect and the block size,
+/// the rest is the stream): never a panic, and sections that cover the stream exactly, each
+/// with the digest of its bytes, however the stream is cut into blocks. A dump's content is
+/// whatever the database's users wrote into it.
+pub fn dump_toc(bytes: &[u8]) {
+    let Some((&first, stream)) = bytes.split_first() else {
+        return;
+    };
+    let kind = match first & 1 {
+        0 => crate::DumpKind::PostgresPlain,
+        _ => crate::DumpKind::MySql,
+    };
+    let read = |step: usize| {
+        let mut reader = crate::toc::TocReader::for_dump(kind).expect("a dialect with a toc");
+        for block in stream.chunks(step) {
+            reader.feed(block);
+        }
+        reader.finish()
+    };
+    let sections = read(usize::from(first >> 1) + 1);
+    assert_eq!(
+        sections,
+        read(stream.len().max(1)),
+        "the block size matters"
+    );
+    let mut at = 0;
+    for section in &sections {
+        assert_eq!(section.start, at, "{section:?}");
+        assert!(section.end >= section.start, "{section:?}");
+        let bytes = &stream[section.start as usize..section.end as usize];
+        assert_eq!(&section.digest, blake3::hash(bytes).as_bytes());
+        at = section.end;
+    }
+    assert_eq!(at, stream.len() as u64);
+}
+
 /// A decoder run on arbitrary bytes.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 11] = [
+pub const TARGETS: [(&str, Target); 12] = [
     ("key_file", key_file),
     ("config", config),
     ("envelope", envelope),
@@ -202,6 +238,7 @@ pub const TARGETS: [(&str, Target); 11] = [
     ("dump_header", dump_header),
     ("catalog", catalog),
     ("series_name", series_name),
+    ("dump_toc", dump_toc),
 ];
 
 #[cfg(test)]

@@ -30,7 +30,6 @@
 //! ```
 
 mod backup;
-pub mod catalog;
 mod check;
 mod chunker;
 pub mod command;
@@ -66,6 +65,7 @@ mod store;
 mod stream_index;
 #[doc(hidden)]
 pub mod synthetic;
+pub mod toc;
 mod tree;
 mod walk;
 

@@ -76,11 +76,12 @@ fn snapshot_count(repo: &Repo) -> usize {
         .len()
 }
 
-/// The catalog bkp reads from the dump `argv` writes, fed in 64 KiB blocks as a backup reads.
-fn dump_catalog(argv: &[String], kind: bkp::DumpKind) -> Vec<bkp::catalog::Section> {
+/// The table of contents bkp reads from the dump `argv` writes, fed in 64 KiB blocks as a
+/// backup reads.
+fn dump_toc(argv: &[String], kind: bkp::DumpKind) -> Vec<bkp::toc::Section> {
     let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
     assert!(out.status.success(), "{argv:?}: {}", text(&out.stderr));
-    let mut reader = bkp::catalog::CatalogReader::for_dump(kind).unwrap();
+    let mut reader = bkp::toc::TocReader::for_dump(kind).unwrap();
     for block in out.stdout.chunks(64 << 10) {
         reader.feed(block);
     }
@@ -90,7 +91,7 @@ fn dump_catalog(argv: &[String], kind: bkp::DumpKind) -> Vec<bkp::catalog::Secti
 }
 
 /// Each table's rows in `sections`' table data.
-fn assert_rows(sections: &[bkp::catalog::Section], expected: &[(&str, u64)]) {
+fn assert_rows(sections: &[bkp::toc::Section], expected: &[(&str, u64)]) {
     for (table, rows) in expected {
         let data = sections
             .iter()
@@ -350,11 +351,11 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     // Only the chunks holding pg_dump's random \restrict key (top and bottom) change.
     shared_scenarios(&repo, &pg, 64 * 1024, "\"nosuchdb\" does not exist");
 
-    // The catalog of the real dump: rows as the tables hold them after the day's change
+    // The table of contents of the real dump: rows as the tables hold them after the day's change
     // (20,000 - 3 + 2 customers), and the primary keys tied to their tables.
-    let catalog = dump_catalog(&pg.dump_command(&[], "shop"), bkp::DumpKind::PostgresPlain);
+    let toc = dump_toc(&pg.dump_command(&[], "shop"), bkp::DumpKind::PostgresPlain);
     assert_rows(
-        &catalog,
+        &toc,
         &[
             ("public.customers", 19_999),
             ("public.blobs", 3_000),
@@ -363,10 +364,9 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     );
     for table in ["public.customers", "public.blobs", "public.big"] {
         assert!(
-            catalog
-                .iter()
+            toc.iter()
                 .any(|s| s.kind == "CONSTRAINT" && s.table.as_deref() == Some(table)),
-            "no primary key of {table}: {catalog:#?}"
+            "no primary key of {table}: {toc:#?}"
         );
     }
 
@@ -416,12 +416,9 @@ fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     // mysqldump --skip-dump-date repeats itself byte for byte: only the snapshot is added.
     shared_scenarios(&repo, &db, 4096, "nosuchdb");
 
-    // The catalog of the real dump (extended inserts; a 2.4 MB row longer than any head).
-    let catalog = dump_catalog(&db.dump_command("shop"), bkp::DumpKind::MySql);
-    assert_rows(
-        &catalog,
-        &[("customers", 19_999), ("blobs", 3_000), ("big", 1)],
-    );
+    // The table of contents of the real dump (extended inserts; a 2.4 MB row longer than any head).
+    let toc = dump_toc(&db.dump_command("shop"), bkp::DumpKind::MySql);
+    assert_rows(&toc, &[("customers", 19_999), ("blobs", 3_000), ("big", 1)]);
 
     let listed = ok(&repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();

@@ -1,5 +1,5 @@
-//! Prints the table catalog bkp reads from a dump file, and how fast it reads it:
-//! `cargo run --release --example catalog -- dump.sql [pg|mysql]` (the kind is detected from the
+//! Prints the table of contents bkp reads from a dump file, and how fast it reads it:
+//! `cargo run --release --example toc -- dump.sql [pg|mysql]` (the kind is detected from the
 //! first bytes unless given).
 use std::io::Read;
 use std::time::Instant;
@@ -7,7 +7,7 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: catalog DUMP [pg|mysql]");
+        eprintln!("usage: toc DUMP [pg|mysql]");
         std::process::exit(2);
     };
     let mut file = std::fs::File::open(path).expect("the dump opens");
@@ -18,8 +18,8 @@ fn main() {
         Some("mysql") => bkp::DumpKind::MySql,
         _ => bkp::detect_dump(&block[..first]).kind,
     };
-    let Some(mut reader) = bkp::catalog::CatalogReader::for_dump(kind) else {
-        eprintln!("{path}: a {} stream has no catalog", kind.name());
+    let Some(mut reader) = bkp::toc::TocReader::for_dump(kind) else {
+        eprintln!("{path}: a {} stream has no table of contents", kind.name());
         std::process::exit(1);
     };
     let started = Instant::now();

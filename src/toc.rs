@@ -1,4 +1,4 @@
-//! The table catalog of a dump, read from the stream as it goes by: where each object of a
+//! A dump's table of contents, read from the stream as it goes by: where each object of a
 //! pg_dump plain or mysqldump/mariadb-dump stream starts and ends, which table it belongs to,
 //! and for table data how many rows it holds; with a BLAKE3 digest of every section's bytes, so
 //! that two snapshots tell which tables changed without being read again.
@@ -13,7 +13,8 @@
 //!   tuples of `INSERT INTO ... VALUES (...),(...);`, counted outside quoted strings.
 //!
 //! What comes before the first marker is the `PREAMBLE` (session settings a restore of any part
-//! needs), what comes after the last section the `TRAILER`. Other streams have no catalog.
+//! needs), what comes after the last section the `TRAILER`. Other streams have no table of
+//! contents. (Not the listing catalogs of `catalogs/`: this is about what is inside a dump.)
 //! One pass, memory bounded by the first [`HEAD_MAX`] bytes of a line and the section list,
 //! whatever the lines' lengths (an extended INSERT may be megabytes).
 
@@ -129,8 +130,8 @@ impl TupleCounter {
     }
 }
 
-/// Reads the catalog of a stream fed to it block by block ([`CatalogReader::feed`]).
-pub struct CatalogReader {
+/// Reads the table of contents of a stream fed to it block by block ([`TocReader::feed`]).
+pub struct TocReader {
     dialect: Dialect,
     /// Stream offset of the next byte fed.
     at: u64,
@@ -153,15 +154,15 @@ pub struct CatalogReader {
     database: Option<String>,
 }
 
-impl CatalogReader {
-    /// A reader for a dump of `kind`; `None` for kinds without a catalog.
-    pub fn for_dump(kind: DumpKind) -> Option<CatalogReader> {
+impl TocReader {
+    /// A reader for a dump of `kind`; `None` for kinds without a table of contents.
+    pub fn for_dump(kind: DumpKind) -> Option<TocReader> {
         let dialect = match kind {
             DumpKind::PostgresPlain => Dialect::Postgres,
             DumpKind::MySql => Dialect::MySql,
             _ => return None,
         };
-        Some(CatalogReader {
+        Some(TocReader {
             dialect,
             at: 0,
             sections: Vec::new(),
@@ -270,7 +271,7 @@ impl CatalogReader {
         (rows, start)
     }
 
-    /// The catalog, once the whole stream is fed.
+    /// The sections, once the whole stream is fed.
     pub fn finish(mut self) -> Vec<Section> {
         if self.line.is_none() && !self.head.is_empty() {
             // A last line without a newline: its head is all of it, from earlier blocks.
@@ -536,16 +537,16 @@ fn qualified_identifier(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// The catalog of `dump` fed in blocks of `block` bytes.
+    /// The sections of `dump` fed in blocks of `block` bytes.
     fn read(kind: DumpKind, dump: &[u8], block: usize) -> Vec<Section> {
-        let mut reader = CatalogReader::for_dump(kind).unwrap();
+        let mut reader = TocReader::for_dump(kind).unwrap();
         for piece in dump.chunks(block) {
             reader.feed(piece);
         }
         reader.finish()
     }
 
-    /// The catalog is the same however the stream is cut into blocks, sections cover the
+    /// The sections are the same however the stream is cut into blocks, they cover the
     /// stream, and each digest is the hash of its section's bytes.
     fn read_every_way(kind: DumpKind, dump: &[u8]) -> Vec<Section> {
         let whole = read(kind, dump, dump.len().max(1));
@@ -775,8 +776,8 @@ UNLOCK TABLES;
     }
 
     #[test]
-    fn streams_of_other_kinds_have_no_catalog() {
-        assert!(CatalogReader::for_dump(DumpKind::PostgresCustom).is_none());
-        assert!(CatalogReader::for_dump(DumpKind::Unknown).is_none());
+    fn streams_of_other_kinds_have_no_table_of_contents() {
+        assert!(TocReader::for_dump(DumpKind::PostgresCustom).is_none());
+        assert!(TocReader::for_dump(DumpKind::Unknown).is_none());
     }
 }
