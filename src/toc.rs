@@ -89,6 +89,9 @@ impl TupleCounter {
     /// Counts the tuples that start in `bytes`; stops after the `;` that ends the statement,
     /// returning where (or `bytes.len()`).
     fn feed(&mut self, bytes: &[u8]) -> (u64, usize) {
+        if self.ended {
+            return (0, 0);
+        }
         let mut rows = 0;
         let mut i = 0;
         while i < bytes.len() {
@@ -186,15 +189,19 @@ impl TocReader {
         let mut i = 0;
         while i < block.len() {
             if self.in_insert && self.head.is_empty() {
-                // The statement's values, through the end of the line that ends it.
-                let (rows, used) = self.tuples.feed(&block[i..]);
-                let used = match self.tuples.ended {
-                    true => {
-                        memchr(b'\n', &block[i + used..]).map_or(block.len() - i, |n| used + n + 1)
+                // The statement's values, through the end of the line that ends it (which may
+                // come in a later block than the `;`).
+                let used = if self.tuples.ended {
+                    memchr(b'\n', &block[i..]).map_or(block.len() - i, |n| n + 1)
+                } else {
+                    let (rows, used) = self.tuples.feed(&block[i..]);
+                    self.open.rows += rows;
+                    match self.tuples.ended {
+                        true => memchr(b'\n', &block[i + used..])
+                            .map_or(block.len() - i, |n| used + n + 1),
+                        false => used,
                     }
-                    false => used,
                 };
-                self.open.rows += rows;
                 i += used;
                 self.at += used as u64;
                 if block[i - 1] == b'\n' {
