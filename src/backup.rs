@@ -14,13 +14,12 @@
 //! Order of writes: packs, index file, snapshot (see [`crate::repo`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::chunker::{Chunker, GearTable};
+use crate::chunker::{ChunkInput, Chunker, GearTable};
 use crate::crypto::{CipherKey, KeyRole, MasterKey};
 use crate::dump::{DumpInfo, DumpReport};
 use crate::error::{Error, Result};
@@ -36,6 +35,7 @@ use crate::snapshot::{AddedBytes, ChunkSpan, PackRef, Snapshot, SnapshotEntry, a
 use crate::source::{Source, StreamFacts};
 use crate::store::Pending;
 use crate::stream_index::HeaderSource;
+use crate::toc::{ChunkRuns, Entry};
 use crate::tree::{TreeBuilder, TreeRoot};
 
 #[derive(Clone, Debug)]
@@ -850,6 +850,8 @@ pub(crate) struct CutChunks {
     pub known: Arc<Index>,
     /// The stream's BLAKE3 hash, as its source recorded it.
     pub stream_hash: [u8; 32],
+    /// The dump's table of contents, as its source recorded it (same chunks, same ids).
+    pub toc: Vec<Entry>,
 }
 
 pub(crate) enum CutChunk {
@@ -863,7 +865,7 @@ pub(crate) enum CutChunk {
 }
 
 /// Where a backup's chunks come from, once the pipeline runs.
-enum Reading<R: Read> {
+enum Reading<R: ChunkInput> {
     Stream {
         chunker: Chunker<R>,
         detected: Receiver<DumpInfo>,
@@ -983,7 +985,10 @@ pub(crate) fn backup_from(
             } => {
                 let streamed = stream_chunks(&mut chunker, &mut dedup, key, &detected, progress);
                 drop(chunker); // hang up on the reader if chunking stopped early
-                (streamed, Facts::Later(facts))
+                match streamed {
+                    Ok((root, runs)) => (Ok(root), Facts::Later(facts, Box::new(runs))),
+                    Err(e) => (Err(e), Facts::Now(StreamRead::default())),
+                }
             }
             Reading::Chunks(cut) => match feed_chunks(&cut, &mut dedup, key, progress) {
                 Ok((root, size)) => {
@@ -991,6 +996,7 @@ pub(crate) fn backup_from(
                         size,
                         hash: cut.stream_hash,
                         dump: None,
+                        toc: cut.toc,
                     };
                     (Ok(root), Facts::Now(facts))
                 }
@@ -1005,12 +1011,23 @@ pub(crate) fn backup_from(
         let stream = match facts {
             Facts::Now(facts) => facts,
             // The chunker saw the end of the stream, so the reading thread is done.
-            Facts::Later(facts) => facts
+            Facts::Later(facts, runs) => facts
                 .recv()
                 .map(|facts| StreamRead {
                     size: facts.size,
                     hash: facts.hash,
                     dump: Some(facts.dump),
+                    toc: match facts.toc {
+                        Some(sections) => runs.entries(sections).unwrap_or_else(|| {
+                            progress(BackupEvent::Warning(
+                                "the dump's table of contents did not match its chunks and \
+                                 is left out: `ls`, `diff` and `restore --table` will not \
+                                 know this snapshot's tables",
+                            ));
+                            Vec::new()
+                        }),
+                        None => Vec::new(),
+                    },
                 })
                 .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?,
         };
@@ -1035,6 +1052,7 @@ pub(crate) fn backup_from(
         added,
         annotations: annotations(options, stream.dump.as_ref()),
         packs: depends_on,
+        toc: stream.toc,
     };
     progress(BackupEvent::Recording);
     let (id, snapshot_len) = repo.commit_snapshot(&snapshot)?;
@@ -1076,7 +1094,9 @@ pub(crate) fn backup_from(
 /// What the stream turned out to be, or where the reading thread will say so.
 enum Facts {
     Now(StreamRead),
-    Later(Receiver<StreamFacts>),
+    /// From the reading thread, once it is done; with the runs of chunks the stream was cut
+    /// into, which its table of contents is matched with.
+    Later(Receiver<StreamFacts>, Box<ChunkRuns>),
 }
 
 /// What the stream turned out to be.
@@ -1086,6 +1106,7 @@ struct StreamRead {
     hash: [u8; 32],
     /// What the dump's header and trailer said (a stream read here).
     dump: Option<DumpReport>,
+    toc: Vec<Entry>,
 }
 
 /// The caller's annotations plus what the dump's header and trailer said.
@@ -1106,14 +1127,17 @@ fn annotations(options: &BackupOptions, dump: Option<&DumpReport>) -> BTreeMap<S
     out
 }
 
-fn stream_chunks<R: Read>(
+/// Chunks the stream into the deduper; returns the tree and the runs of chunks between the
+/// cuts the reading thread asked for (the dump's sections).
+fn stream_chunks<R: ChunkInput>(
     chunker: &mut Chunker<R>,
     dedup: &mut Deduper<'_>,
     key: &MasterKey,
     detected: &Receiver<DumpInfo>,
     progress: &mut dyn FnMut(BackupEvent<'_>),
-) -> Result<TreeRoot> {
+) -> Result<(TreeRoot, ChunkRuns)> {
     let mut tree = TreeBuilder::default();
+    let mut runs = ChunkRuns::default();
     let mut size = 0u64;
     let mut report = ProgressReport::default();
     // The reading thread sends the header's verdict once, so this reports it once.
@@ -1122,12 +1146,21 @@ fn stream_chunks<R: Read>(
             progress(BackupEvent::DumpDetected(&info));
         }
     };
-    while let Some(chunk) = chunker.next_chunk().map_err(Error::from_source)? {
+    while let Some((chunk, at_cut)) = chunker.next_chunk_at_cut().map_err(Error::from_source)? {
         let id = key.chunk_id(chunk);
+        let offset = size;
         size += chunk.len() as u64;
         let place = dedup.added.chunks;
         dedup.added.chunks += 1;
+        let new_before = dedup.added.new_raw;
         dedup.offer(id, chunk, false, place)?;
+        runs.chunk(
+            place,
+            offset,
+            &id.0,
+            at_cut,
+            dedup.added.new_raw - new_before,
+        );
         // (After the first chunk is looked up: by then the parent's first packs are in.)
         report_detected(progress);
         tree.push(id, place, &mut |node, at| dedup.store_tree_node(node, at))?;
@@ -1140,7 +1173,7 @@ fn stream_chunks<R: Read>(
         bytes_read: size,
         bytes_new: dedup.added.new_raw,
     }));
-    Ok(root)
+    Ok((root, runs))
 }
 
 /// Progress events, one per 8 MiB of the stream.

@@ -6,6 +6,7 @@
 //! Cut points are part of the repository format: same key + same parameters + same fastcdc major
 //! version = same chunks. That is why fastcdc is pinned.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 
 use fastcdc::v2020::{self, Normalization};
@@ -81,6 +82,18 @@ impl GearTable {
     }
 }
 
+/// A reader that may say where chunks must end: at the start of each section of a dump
+/// ([`crate::toc`]), so that a section is whole chunks.
+pub trait ChunkInput: Read {
+    /// Stream offsets, ascending, of cuts learned since the last call; each one is told before
+    /// the bytes at it are read.
+    fn take_cuts(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+impl ChunkInput for &[u8] {}
+
 /// Splits a byte stream into chunks. Memory: one buffer of a few max-size chunks.
 pub struct Chunker<R> {
     reader: R,
@@ -92,9 +105,13 @@ pub struct Chunker<R> {
     start: usize,
     end: usize,
     eof: bool,
+    /// Stream offset of `buf[start]`.
+    offset: u64,
+    /// Cuts ahead, ascending.
+    cuts: VecDeque<u64>,
 }
 
-impl<R: Read> Chunker<R> {
+impl<R: ChunkInput> Chunker<R> {
     pub fn new(reader: R, params: ChunkerParams, gear: GearTable) -> Result<Chunker<R>> {
         params.validate()?;
         let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, Normalization::Level1);
@@ -110,19 +127,40 @@ impl<R: Read> Chunker<R> {
             start: 0,
             end: 0,
             eof: false,
+            offset: 0,
+            cuts: VecDeque::new(),
         })
     }
 
-    /// The next chunk, or `None` at the end of the stream.
+    #[cfg(test)]
     pub fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
+        Ok(self.next_chunk_at_cut()?.map(|(chunk, _)| chunk))
+    }
+
+    /// The next chunk, or `None` at the end of the stream, and whether it starts at a cut the
+    /// input asked for (the start of a dump's section). A chunk ends where the content says
+    /// (FastCDC), at the maximum size, or at a cut the input asked for, whichever comes first.
+    pub fn next_chunk_at_cut(&mut self) -> io::Result<Option<(&[u8], bool)>> {
         if self.end - self.start < self.params.max_size as usize && !self.eof {
             self.refill()?;
         }
         if self.start == self.end {
             return Ok(None);
         }
+        let mut at_cut = false;
+        while let Some(&cut) = self.cuts.front()
+            && cut <= self.offset
+        {
+            at_cut |= cut == self.offset;
+            self.cuts.pop_front();
+        }
+        let available = self.end - self.start;
+        let limit = match self.cuts.front() {
+            Some(&cut) => available.min((cut - self.offset).try_into().unwrap_or(usize::MAX)),
+            None => available,
+        };
         let (_, len) = v2020::cut_gear(
-            &self.buf[self.start..self.end],
+            &self.buf[self.start..self.start + limit],
             self.params.min_size as usize,
             self.params.avg_size as usize,
             self.params.max_size as usize,
@@ -135,7 +173,8 @@ impl<R: Read> Chunker<R> {
         );
         let chunk = &self.buf[self.start..self.start + len];
         self.start += len;
-        Ok(Some(chunk))
+        self.offset += len as u64;
+        Ok(Some((chunk, at_cut)))
     }
 
     fn refill(&mut self) -> io::Result<()> {
@@ -153,6 +192,7 @@ impl<R: Read> Chunker<R> {
                 Err(e) => return Err(e),
             }
         }
+        self.cuts.extend(self.reader.take_cuts());
         Ok(())
     }
 }
@@ -196,6 +236,77 @@ mod tests {
         let data = pseudo_random(1 << 20);
         assert_eq!(chunk_lengths(&data, [1; 32]), chunk_lengths(&data, [1; 32]));
         assert_ne!(chunk_lengths(&data, [1; 32]), chunk_lengths(&data, [2; 32]));
+    }
+
+    /// A reader that asks for cuts at fixed offsets, told a block at a time as a dump's
+    /// reading thread tells them.
+    struct WithCuts<'a> {
+        data: &'a [u8],
+        at: usize,
+        cuts: Vec<u64>,
+    }
+
+    impl Read for WithCuts<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.data.len() - self.at).min(100_000);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    impl ChunkInput for WithCuts<'_> {
+        fn take_cuts(&mut self) -> Vec<u64> {
+            let (told, later): (Vec<u64>, Vec<u64>) = self
+                .cuts
+                .iter()
+                .partition(|&&c| c <= self.at as u64 + 100_000);
+            self.cuts = later;
+            told
+        }
+    }
+
+    /// (offset, length, starts at a cut) of each chunk.
+    fn cut_with(data: &[u8], cuts: &[u64]) -> Vec<(u64, usize, bool)> {
+        let input = WithCuts {
+            data,
+            at: 0,
+            cuts: cuts.to_vec(),
+        };
+        let mut chunker =
+            Chunker::new(input, ChunkerParams::DEFAULT, GearTable::from_key(&[1; 32])).unwrap();
+        let (mut out, mut at) = (Vec::new(), 0);
+        while let Some((chunk, at_cut)) = chunker.next_chunk_at_cut().unwrap() {
+            out.push((at, chunk.len(), at_cut));
+            at += chunk.len() as u64;
+        }
+        out
+    }
+
+    #[test]
+    fn chunks_end_at_the_cuts_asked_for_and_a_section_is_cut_alike_wherever_it_is() {
+        let section = pseudo_random(300_000);
+        let tiny = b"-- Name: t; Type: TABLE; Schema: public; Owner: x\n".to_vec();
+        for before in [0usize, 1, 5000, 70_000, 250_000] {
+            let mut data = pseudo_random(before + 1);
+            data.truncate(before);
+            data.extend_from_slice(&tiny);
+            data.extend_from_slice(&section);
+            let (a, b) = (before as u64, (before + tiny.len()) as u64);
+            let cuts: Vec<u64> = [a, b].into_iter().filter(|&c| c > 0).collect();
+            let chunks = cut_with(&data, &cuts);
+            let starts: Vec<u64> = chunks.iter().filter(|c| c.2).map(|c| c.0).collect();
+            assert_eq!(starts, cuts, "before = {before}");
+            // The section's chunks, relative to its start, do not depend on what precedes it.
+            let of_section: Vec<(u64, usize)> = chunks
+                .iter()
+                .filter(|c| c.0 >= b)
+                .map(|c| (c.0 - b, c.1))
+                .collect();
+            let alone: Vec<(u64, usize)> =
+                cut_with(&section, &[]).iter().map(|c| (c.0, c.1)).collect();
+            assert_eq!(of_section, alone, "before = {before}");
+        }
     }
 
     #[test]

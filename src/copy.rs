@@ -191,6 +191,7 @@ fn copy_chunks(
             chunks: rx,
             known,
             stream_hash: entry.snapshot.stream_hash,
+            toc: entry.snapshot.toc.clone(),
         };
         let backed_up = backup_from(target, Input::Chunks(cut), options, &mut |_| {});
         let restored = restorer.join().expect("the restore does not panic");

@@ -65,6 +65,7 @@ mod store;
 mod stream_index;
 #[doc(hidden)]
 pub mod synthetic;
+pub mod tables;
 pub mod toc;
 mod tree;
 mod walk;

@@ -11,9 +11,11 @@ use crate::crypto::OpeningKey;
 use crate::envelope;
 use crate::error::Result;
 use crate::id::Id;
+use crate::toc::Entry;
 use crate::tree::TreeRoot;
 
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP03";
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BKPSNP04";
+const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"BKPSNP03";
 const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"BKPSNP02";
 const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"BKPSNP01";
 
@@ -40,6 +42,9 @@ pub struct Snapshot {
     /// written before format 3 (`BKPSNP01`); a pack that a prune has since repacked away sends
     /// the reader to the index files.
     pub packs: Vec<PackRef>,
+    /// The dump's table of contents (docs/FORMAT.md §13): its sections in stream order, each
+    /// with its chunks. Empty for streams without one and in snapshots before `BKPSNP04`.
+    pub toc: Vec<Entry>,
 }
 
 /// A pack by id and stored length (what an aligned read of its header needs), and where in
@@ -86,12 +91,16 @@ impl ChunkSpan {
 }
 
 impl Snapshot {
-    /// Opens a sealed snapshot of any layout: `BKPSNP03`, `BKPSNP02` (packs without their
-    /// uses) or `BKPSNP01` (without `packs`).
+    /// Opens a sealed snapshot of any layout: `BKPSNP04`, `BKPSNP03` (without `toc`),
+    /// `BKPSNP02` (packs without their uses) or `BKPSNP01` (without `packs`).
     pub fn open(metadata: &OpeningKey, bytes: &[u8], object: &str) -> Result<Snapshot> {
         if bytes.starts_with(SNAPSHOT_MAGIC_V1) {
             let v1: v1::Snapshot = envelope::open(SNAPSHOT_MAGIC_V1, metadata, bytes, object)?;
             return Ok(v1.into());
+        }
+        if bytes.starts_with(SNAPSHOT_MAGIC_V3) {
+            let v3: v3::Snapshot = envelope::open(SNAPSHOT_MAGIC_V3, metadata, bytes, object)?;
+            return Ok(v3.into());
         }
         if bytes.starts_with(SNAPSHOT_MAGIC_V2) {
             let v2: v2::Snapshot = envelope::open(SNAPSHOT_MAGIC_V2, metadata, bytes, object)?;
@@ -153,6 +162,7 @@ pub(crate) mod v2 {
                         uses: None,
                     })
                     .collect(),
+                toc: Vec::new(),
             }
         }
     }
@@ -170,6 +180,49 @@ pub(crate) mod v2 {
                 added: s.added,
                 annotations: s.annotations,
                 packs: s.packs.into_iter().map(|p| (p.id, p.len)).collect(),
+            }
+        }
+    }
+}
+
+/// Layout version 3 (`BKPSNP03`): that of version 4 without `toc`.
+mod v3 {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use serde::Deserialize;
+
+    use super::{AddedBytes, PackRef};
+    use crate::tree::TreeRoot;
+
+    #[derive(Deserialize)]
+    pub struct Snapshot {
+        time: SystemTime,
+        hostname: String,
+        tags: Vec<String>,
+        name: String,
+        size: u64,
+        stream_hash: [u8; 32],
+        tree: TreeRoot,
+        added: AddedBytes,
+        annotations: BTreeMap<String, String>,
+        packs: Vec<PackRef>,
+    }
+
+    impl From<Snapshot> for super::Snapshot {
+        fn from(s: Snapshot) -> Self {
+            super::Snapshot {
+                time: s.time,
+                hostname: s.hostname,
+                tags: s.tags,
+                name: s.name,
+                size: s.size,
+                stream_hash: s.stream_hash,
+                tree: s.tree,
+                added: s.added,
+                annotations: s.annotations,
+                packs: s.packs,
+                toc: Vec::new(),
             }
         }
     }

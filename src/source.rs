@@ -2,32 +2,55 @@
 //!
 //! A [`Source`] starts draining its reader the moment it is created, so a dump program writing
 //! into our stdin never stalls while the repository is being opened. The same thread hashes the
-//! whole stream and inspects the dump's header and trailer, off the chunker's thread.
+//! whole stream, inspects the dump's header and trailer and reads its table of contents, off
+//! the chunker's thread.
 
 use std::io::{self, Read};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::dump::{DumpInfo, DumpInspector, DumpReport};
+use crate::toc::{Section, TocReader};
 
 /// Read size. Blocks small enough to stay in a core's cache between the read and the hashing
 /// made the whole day-1 backup 10 % cheaper in CPU than 1 MiB blocks (docs/PERFORMANCE.md):
 /// the kernel's copy into the block alone went from 10 % of the profile to 2 %.
 const BLOCK: usize = 256 << 10;
 
-type Block = io::Result<Vec<u8>>;
+/// Bytes read, with the stream offsets at which a chunk must end that were found up to then
+/// (where the dump's sections start, [`crate::toc`]).
+struct Block {
+    bytes: Vec<u8>,
+    cuts: Vec<u64>,
+}
 
 /// The writing end of a block queue: full blocks go out, read ones come back for reuse (fresh
 /// allocations cost page faults on every block).
 pub(crate) struct BlockSender {
-    blocks: Sender<Block>,
+    blocks: Sender<io::Result<Block>>,
     spare: Receiver<Vec<u8>>,
 }
 
-/// Reads `source` in blocks into `blocks`, calling `inspect` on each, until the end, an error,
-/// or the receiving side hanging up.
-pub(crate) fn pump(mut source: impl Read, queue: BlockSender, mut inspect: impl FnMut(&[u8])) {
+/// What the reading thread does with the stream besides passing it on.
+pub(crate) trait Inspect {
+    /// Looks at the next block; returns the cuts found in it or before.
+    fn block(&mut self, block: &[u8]) -> Vec<u64>;
+    /// The stream has ended: the cuts found only now.
+    fn end(&mut self) -> Vec<u64>;
+}
+
+/// Reads `source` in blocks into `blocks`, showing each to `inspect`, until the end, an error,
+/// or the receiving side hanging up. A block is passed on once the next one has been inspected
+/// too: a cut at a line that starts near a block's end is known only from the next block, and
+/// the chunker must know every cut in a block before it cuts there.
+pub(crate) fn pump(mut source: impl Read, queue: BlockSender, inspect: &mut impl Inspect) {
     let BlockSender { blocks, spare } = queue;
+    let mut held: Option<Vec<u8>> = None;
+    let mut cuts = Vec::new();
+    let pass_on = |block: Vec<u8>, cuts: &mut Vec<u64>| {
+        let cuts = std::mem::take(cuts);
+        blocks.send(Ok(Block { bytes: block, cuts })).is_ok()
+    };
     loop {
         let mut block = spare.try_recv().unwrap_or_default();
         block.resize(BLOCK, 0);
@@ -47,15 +70,27 @@ pub(crate) fn pump(mut source: impl Read, queue: BlockSender, mut inspect: impl 
         };
         block.truncate(filled);
         let at_end = filled < BLOCK;
-        inspect(&block);
-        if filled > 0 && blocks.send(Ok(block)).is_err() {
+        cuts.extend(inspect.block(&block));
+        if let Some(previous) = held.take()
+            && !pass_on(previous, &mut cuts)
+        {
             return;
         }
+        if filled > 0 {
+            held = Some(block);
+        }
         if let Err(e) = result {
+            if let Some(last) = held.take() {
+                pass_on(last, &mut cuts);
+            }
             let _ = blocks.send(Err(e));
             return;
         }
         if at_end {
+            cuts.extend(inspect.end());
+            if let Some(last) = held.take() {
+                pass_on(last, &mut cuts);
+            }
             return;
         }
     }
@@ -63,25 +98,28 @@ pub(crate) fn pump(mut source: impl Read, queue: BlockSender, mut inspect: impl 
 
 /// The reading end of a [`pump`].
 pub(crate) struct BlockReader {
-    blocks: Receiver<Block>,
+    blocks: Receiver<io::Result<Block>>,
     spare: Sender<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
     done: bool,
+    /// Cuts received and not yet taken ([`crate::chunker::ChunkInput`]).
+    cuts: Vec<u64>,
 }
 
 /// A bounded queue of `capacity` blocks between a pump and a reader.
 pub(crate) fn block_queue(capacity: usize) -> (BlockSender, BlockReader) {
     let (tx, rx) = bounded(capacity.max(1));
     // Room for every block there is, so none is freed and allocated again: the pump allocates
-    // only when no spare is waiting, which bounds the blocks to `capacity + 2`.
-    let (spare_tx, spare_rx) = bounded(capacity.max(1) + 2);
+    // only when no spare is waiting, which bounds the blocks to `capacity + 3` (one held back).
+    let (spare_tx, spare_rx) = bounded(capacity.max(1) + 3);
     let reader = BlockReader {
         blocks: rx,
         spare: spare_tx,
         current: Vec::new(),
         pos: 0,
         done: false,
+        cuts: Vec::new(),
     };
     let sender = BlockSender {
         blocks: tx,
@@ -98,8 +136,9 @@ impl Read for BlockReader {
             }
             match self.blocks.recv() {
                 Ok(Ok(block)) => {
-                    let used = std::mem::replace(&mut self.current, block);
+                    let used = std::mem::replace(&mut self.current, block.bytes);
                     let _ = self.spare.try_send(used);
+                    self.cuts.extend(block.cuts);
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
@@ -116,6 +155,12 @@ impl Read for BlockReader {
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+impl crate::chunker::ChunkInput for BlockReader {
+    fn take_cuts(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.cuts)
     }
 }
 
@@ -137,6 +182,51 @@ pub(crate) struct StreamFacts {
     pub size: u64,
     pub hash: [u8; 32],
     pub dump: DumpReport,
+    /// The dump's table of contents, for the kinds that have one.
+    pub toc: Option<Vec<Section>>,
+}
+
+/// The reading thread's work on each block: the stream's hash and size, the dump's header
+/// and trailer, and its table of contents.
+struct Reading {
+    hasher: blake3::Hasher,
+    inspector: DumpInspector,
+    toc: Option<TocReader>,
+    /// The table of contents, once the stream has ended.
+    sections: Option<Vec<Section>>,
+    size: u64,
+    detected: Sender<DumpInfo>,
+}
+
+impl Inspect for Reading {
+    fn block(&mut self, block: &[u8]) -> Vec<u64> {
+        self.hasher.update(block);
+        self.size += block.len() as u64;
+        if let Some(info) = self.inspector.observe(block) {
+            self.toc = TocReader::for_dump(info.kind);
+            let _ = self.detected.try_send(info.clone());
+        }
+        match &mut self.toc {
+            Some(toc) => {
+                toc.feed(block);
+                toc.take_starts()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn end(&mut self) -> Vec<u64> {
+        // (Sections finish once the facts are sent; a last line may start one only now.)
+        match &mut self.toc {
+            Some(toc) => {
+                let sections = toc.finish();
+                let cuts = toc.take_starts();
+                self.sections = Some(sections);
+                cuts
+            }
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Source {
@@ -146,20 +236,20 @@ impl Source {
         let (detected_tx, detected) = bounded(1);
         let (facts_tx, facts) = bounded(1);
         std::thread::spawn(move || {
-            let mut hasher = blake3::Hasher::new();
-            let mut inspector = DumpInspector::default();
-            let mut size = 0u64;
-            pump(reader, block_tx, |block| {
-                hasher.update(block);
-                size += block.len() as u64;
-                if let Some(info) = inspector.observe(block) {
-                    let _ = detected_tx.try_send(info.clone());
-                }
-            });
+            let mut reading = Reading {
+                hasher: blake3::Hasher::new(),
+                inspector: DumpInspector::default(),
+                toc: None,
+                sections: None,
+                size: 0,
+                detected: detected_tx,
+            };
+            pump(reader, block_tx, &mut reading);
             let _ = facts_tx.send(StreamFacts {
-                size,
-                hash: *hasher.finalize().as_bytes(),
-                dump: inspector.finish(),
+                size: reading.size,
+                hash: *reading.hasher.finalize().as_bytes(),
+                toc: reading.sections,
+                dump: reading.inspector.finish(),
             });
         });
         Source {

@@ -125,6 +125,7 @@ pub fn fill(repo: &Repository, filler: &Filler, progress: &mut dyn FnMut(&str, u
             added: AddedBytes::default(),
             annotations,
             packs: Vec::new(),
+            toc: Vec::new(),
         });
         if batch.len() == 1000 || i + 1 == filler.snapshots {
             repo.commit_synthetic_snapshots(&std::mem::take(&mut batch))?;

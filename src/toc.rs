@@ -1,7 +1,8 @@
 //! A dump's table of contents, read from the stream as it goes by: where each object of a
 //! pg_dump plain or mysqldump/mariadb-dump stream starts and ends, which table it belongs to,
-//! and for table data how many rows it holds; with a BLAKE3 digest of every section's bytes, so
-//! that two snapshots tell which tables changed without being read again.
+//! and for table data how many rows it holds. A backup ends a chunk at every section's start, so
+//! that a section is whole chunks: its digest is that of their (keyed) ids, and two snapshots
+//! tell which tables changed, and a restore reads one table, without reading anything else.
 //!
 //! A section starts at the line that names it and runs to the next such line:
 //! - pg_dump (plain): `-- Name: T; Type: K; Schema: S; Owner: O` and `-- Data for Name: ...`
@@ -55,8 +56,106 @@ pub struct Section {
     pub end: u64,
     /// Rows of table data; 0 for other sections.
     pub rows: u64,
-    /// BLAKE3 of the section's bytes.
+}
+
+/// A section as a snapshot records it: with the chunks it is made of (a backup ends a chunk
+/// at every section's start) and their digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub section: Section,
+    /// Its chunks are the stream's chunks `first_chunk..first_chunk + chunks`, numbered from 0.
+    pub first_chunk: u64,
+    pub chunks: u64,
+    /// [`SECTION_DIGEST_CONTEXT`]-derived BLAKE3 of the chunks' ids in order: equal for equal
+    /// bytes (the chunks of a section depend on its bytes alone), keyed through the ids.
     pub digest: [u8; 32],
+    /// Bytes of its chunks that the backup stored as new (not yet in the repository).
+    pub new_bytes: u64,
+}
+
+impl Entry {
+    /// Whether this is a table's rows.
+    pub fn is_table_data(&self) -> bool {
+        self.section.kind == "TABLE DATA"
+    }
+
+    /// Bytes of the stream it takes.
+    pub fn len(&self) -> u64 {
+        self.section.end - self.section.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub const SECTION_DIGEST_CONTEXT: &str = "bkp v1 dump section digest";
+
+/// The runs of chunks between cuts, as a backup cuts them: where each starts in the stream,
+/// its first chunk and the digest of its ids.
+#[derive(Default)]
+pub struct ChunkRuns {
+    runs: Vec<Run>,
+    open: Option<(Run, blake3::Hasher)>,
+}
+
+struct Run {
+    offset: u64,
+    first_chunk: u64,
+    chunks: u64,
+    new_bytes: u64,
+    digest: [u8; 32],
+}
+
+impl ChunkRuns {
+    /// The next chunk of the stream: `number`, at `offset`, starting a run if `at_cut` (or if
+    /// it is the first); `new_bytes` of it were stored as new (its length, or 0).
+    pub fn chunk(&mut self, number: u64, offset: u64, id: &[u8; 32], at_cut: bool, new_bytes: u64) {
+        if at_cut || self.open.is_none() {
+            self.close();
+            let run = Run {
+                offset,
+                first_chunk: number,
+                chunks: 0,
+                new_bytes: 0,
+                digest: [0; 32],
+            };
+            self.open = Some((run, blake3::Hasher::new_derive_key(SECTION_DIGEST_CONTEXT)));
+        }
+        let (run, hasher) = self.open.as_mut().expect("a run is open");
+        run.chunks += 1;
+        run.new_bytes += new_bytes;
+        hasher.update(id);
+    }
+
+    fn close(&mut self) {
+        if let Some((mut run, hasher)) = self.open.take() {
+            run.digest = *hasher.finalize().as_bytes();
+            self.runs.push(run);
+        }
+    }
+
+    /// The sections with their chunks, if each starts where a run does (so it must, but a
+    /// table of contents that does not match is left out rather than recorded wrong).
+    pub fn entries(mut self, sections: Vec<Section>) -> Option<Vec<Entry>> {
+        self.close();
+        if sections.len() != self.runs.len() {
+            return None;
+        }
+        sections
+            .into_iter()
+            .zip(self.runs)
+            .map(|(section, run)| {
+                (section.start == run.offset).then_some(Entry {
+                    section,
+                    first_chunk: run.first_chunk,
+                    chunks: run.chunks,
+                    digest: run.digest,
+                    new_bytes: run.new_bytes,
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +184,23 @@ struct TupleCounter {
     ended: bool,
 }
 
+/// Where the first of the bytes `is` picks is in `bytes`: a plain loop over the first few
+/// (a dump's strings and numbers are mostly short, shorter than `memchr`'s setup is worth),
+/// then `find` for the rest.
+#[inline]
+fn find_first(
+    bytes: &[u8],
+    is: impl Fn(u8) -> bool,
+    find: impl Fn(&[u8]) -> Option<usize>,
+) -> Option<usize> {
+    const NEAR: usize = 32;
+    let near = bytes.len().min(NEAR);
+    bytes[..near]
+        .iter()
+        .position(|&b| is(b))
+        .or_else(|| find(&bytes[near..]).map(|n| n + near))
+}
+
 impl TupleCounter {
     /// Counts the tuples that start in `bytes`; stops after the `;` that ends the statement,
     /// returning where (or `bytes.len()`).
@@ -97,30 +213,45 @@ impl TupleCounter {
         while i < bytes.len() {
             if self.escaped {
                 self.escaped = false;
-                i += 1;
-                continue;
-            }
-            if let Some(q) = self.quote {
+            } else if let Some(q) = self.quote {
                 // Most of a dump's bytes are inside strings: jump to what can end one.
-                match memchr::memchr2(b'\\', q, &bytes[i..]) {
-                    None => return (rows, bytes.len()),
-                    Some(n) => {
-                        i += n;
-                        match bytes[i] {
-                            b'\\' => self.escaped = true,
-                            _ => self.quote = None,
-                        }
-                    }
+                let Some(n) = find_first(
+                    &bytes[i..],
+                    |b| b == b'\\' || b == q,
+                    |rest| memchr::memchr2(b'\\', q, rest),
+                ) else {
+                    return (rows, bytes.len());
+                };
+                i += n;
+                match bytes[i] {
+                    b'\\' => self.escaped = true,
+                    _ => self.quote = None,
+                }
+            } else if self.depth > 0 {
+                // Inside a tuple, outside strings (numbers, NULL, 0x...): only a quote or a
+                // parenthesis matters.
+                let Some(n) = find_first(
+                    &bytes[i..],
+                    |b| matches!(b, b'\'' | b'(' | b')'),
+                    |rest| memchr::memchr3(b'\'', b'(', b')', rest),
+                ) else {
+                    return (rows, bytes.len());
+                };
+                i += n;
+                match bytes[i] {
+                    b'\'' => self.quote = Some(b'\''),
+                    b'(' => self.depth += 1,
+                    _ => self.depth -= 1,
                 }
             } else {
+                // Between tuples: `,`, white space, `(` or the `;` that ends the statement.
                 match bytes[i] {
                     b @ (b'\'' | b'"' | b'`') => self.quote = Some(b),
                     b'(' => {
-                        rows += u64::from(self.depth == 0);
-                        self.depth += 1;
+                        rows += 1;
+                        self.depth = 1;
                     }
-                    b')' => self.depth = self.depth.saturating_sub(1),
-                    b';' if self.depth == 0 => {
+                    b';' => {
                         self.ended = true;
                         return (rows, i + 1);
                     }
@@ -140,13 +271,11 @@ pub struct TocReader {
     at: u64,
     sections: Vec<Section>,
     open: Section,
-    hasher: blake3::Hasher,
-    /// The current line: where it starts, its first bytes, and how many of those came in
-    /// earlier blocks (not hashed yet: hashing waits until the line is known not to start a
-    /// new section).
+    /// Where sections started since [`TocReader::take_starts`] was last called.
+    starts: Vec<u64>,
+    /// The current line: where it starts and its first bytes.
     line_start: u64,
     head: Vec<u8>,
-    head_from_earlier_blocks: usize,
     /// What the line is, once its head is complete.
     line: Option<LineKind>,
     in_copy: bool,
@@ -170,10 +299,9 @@ impl TocReader {
             at: 0,
             sections: Vec::new(),
             open: section("PREAMBLE", String::new(), None, 0),
-            hasher: blake3::Hasher::new(),
+            starts: Vec::new(),
             line_start: 0,
             head: Vec::with_capacity(HEAD_MAX),
-            head_from_earlier_blocks: 0,
             line: None,
             in_copy: false,
             in_insert: false,
@@ -184,8 +312,6 @@ impl TocReader {
 
     /// The next block of the stream.
     pub fn feed(&mut self, block: &[u8]) {
-        // Bytes of `block` before this index are hashed into the open section.
-        let mut hashed_to = 0;
         let mut i = 0;
         while i < block.len() {
             if self.in_insert && self.head.is_empty() {
@@ -213,12 +339,12 @@ impl TocReader {
                 continue;
             }
             if self.in_copy && self.head.is_empty() {
-                // Rows, a line each, up to `\.`: counted without copying their heads.
-                let rows = self.copy_rows(&block[i..]);
-                i += rows.1;
-                self.at += rows.1 as u64;
+                // Rows, a line each, up to `\.`: counted without looking at them one by one.
+                let (rows, used) = copy_rows(&block[i..]);
+                i += used;
+                self.at += used as u64;
                 self.line_start = self.at;
-                self.open.rows += rows.0;
+                self.open.rows += rows;
                 if i == block.len() {
                     break;
                 }
@@ -230,14 +356,7 @@ impl TocReader {
                 let take = piece.len().min(HEAD_MAX - self.head.len());
                 self.head.extend_from_slice(&piece[..take]);
                 if ends_line || self.head.len() == HEAD_MAX {
-                    // (A line's bytes in one block are one piece: it starts at `i`, or in an
-                    // earlier block.)
-                    let line_index = if self.head_from_earlier_blocks == 0 {
-                        i
-                    } else {
-                        0
-                    };
-                    self.head_complete(line_index, &mut hashed_to, block);
+                    self.head_complete();
                     if take < piece.len() {
                         self.count_rest(&piece[take..]);
                     }
@@ -251,52 +370,31 @@ impl TocReader {
                 self.end_line();
             }
         }
-        // Hash what is known to belong to the open section; an unfinished head waits.
-        let until = if self.line.is_none() {
-            let in_block = self.head.len() - self.head_from_earlier_blocks;
-            let line_index = block.len() - in_block;
-            self.head_from_earlier_blocks = self.head.len();
-            line_index.max(hashed_to)
-        } else {
-            block.len()
-        };
-        self.hasher.update(&block[hashed_to..until]);
     }
 
-    /// The complete rows at the start of `bytes` (COPY data), up to the `\.` line or the last
-    /// newline: (rows, bytes they take).
-    fn copy_rows(&self, bytes: &[u8]) -> (u64, usize) {
-        let (mut rows, mut start) = (0, 0);
-        for newline in memchr::memchr_iter(b'\n', bytes) {
-            let line = trim_newline(&bytes[start..=newline]);
-            if line == b"\\." {
-                break;
-            }
-            rows += 1;
-            start = newline + 1;
-        }
-        (rows, start)
+    /// Where sections started since the last call (stream offsets, ascending; never 0): a
+    /// backup ends a chunk at each, so that a section is made of whole chunks.
+    pub fn take_starts(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.starts)
     }
 
-    /// The sections, once the whole stream is fed.
-    pub fn finish(mut self) -> Vec<Section> {
+    /// The sections, once the whole stream is fed (a last line without a newline may start
+    /// one: [`TocReader::take_starts`] says so after this).
+    pub fn finish(&mut self) -> Vec<Section> {
         if self.line.is_none() && !self.head.is_empty() {
-            // A last line without a newline: its head is all of it, from earlier blocks.
-            self.head_complete(0, &mut 0, &[]);
+            self.head_complete();
         }
         self.close(self.at);
-        self.sections
+        std::mem::take(&mut self.sections)
     }
 
-    /// The current line's head is known (it starts at `line_index` in `block`, or in an
-    /// earlier block): what it is, the section it starts if any, its rows so far.
-    fn head_complete(&mut self, line_index: usize, hashed_to: &mut usize, block: &[u8]) {
-        let kind = self.classify(line_index, hashed_to, block);
+    /// The current line's head is known: what it is, the section it starts if any, its rows
+    /// so far.
+    fn head_complete(&mut self) {
+        let head = std::mem::take(&mut self.head);
+        let kind = self.classify_line(trim_newline(&head));
+        self.head = head;
         self.line = Some(kind);
-        // The head's bytes in this block are hashed with the block's; those from earlier
-        // blocks now, into the section the line turned out to be in.
-        let earlier = self.head_from_earlier_blocks;
-        self.hasher.update(&self.head[..earlier]);
         match kind {
             LineKind::Row => self.open.rows += 1,
             LineKind::Insert(from) => {
@@ -318,29 +416,14 @@ impl TocReader {
         self.line = None;
         self.line_start = self.at;
         self.head.clear();
-        self.head_from_earlier_blocks = 0;
         if self.tuples.ended {
             self.in_insert = false;
             self.tuples = TupleCounter::default();
         }
     }
 
-    /// Tells what the line whose head is complete is, starting a section if it names one.
-    /// `line_index` is where it starts in `block` (0 if in an earlier block).
-    fn classify(&mut self, line_index: usize, hashed_to: &mut usize, block: &[u8]) -> LineKind {
-        let head = std::mem::take(&mut self.head);
-        let kind = self.classify_line(trim_newline(&head), line_index, hashed_to, block);
-        self.head = head;
-        kind
-    }
-
-    fn classify_line(
-        &mut self,
-        line: &[u8],
-        line_index: usize,
-        hashed_to: &mut usize,
-        block: &[u8],
-    ) -> LineKind {
+    /// Tells what a line (its head) is, starting a section if it names one.
+    fn classify_line(&mut self, line: &[u8]) -> LineKind {
         if self.in_insert {
             return LineKind::Insert(0);
         }
@@ -373,27 +456,22 @@ impl TocReader {
                 Dialect::MySql => LineKind::Other,
             };
         };
-        // A new section from this line on: the block's bytes before it close the open one.
-        if self.head_from_earlier_blocks == 0 {
-            self.hasher.update(&block[*hashed_to..line_index]);
-            *hashed_to = line_index;
-        }
         self.close(self.line_start);
+        if self.line_start > 0 {
+            self.starts.push(self.line_start);
+        }
         self.open = section(&kind, name, table, self.line_start);
         LineKind::Other
     }
 
     fn close(&mut self, end: u64) {
-        let hasher = std::mem::replace(&mut self.hasher, blake3::Hasher::new());
         let mut done = std::mem::replace(&mut self.open, section("", String::new(), None, end));
         done.end = end;
-        done.digest = *hasher.finalize().as_bytes();
         // An empty preamble (a dump that starts with a marker) is not worth a section.
         if !(done.kind == "PREAMBLE" && done.start == done.end) {
             self.sections.push(done);
         }
     }
-
     /// The section a line starts: (kind, name, table).
     fn marker(&mut self, line: &[u8]) -> Option<(String, String, Option<String>)> {
         let line = std::str::from_utf8(line).ok()?;
@@ -464,8 +542,26 @@ fn section(kind: &str, name: String, table: Option<String>, start: u64) -> Secti
         start,
         end: start,
         rows: 0,
-        digest: [0; 32],
     }
+}
+
+/// The rows at the start of `bytes` (COPY data, from a line's start): (rows, bytes they take),
+/// up to the `\.` line that ends the data or to the last complete line.
+fn copy_rows(bytes: &[u8]) -> (u64, usize) {
+    let until =
+        end_of_copy(bytes).unwrap_or_else(|| memchr::memrchr(b'\n', bytes).map_or(0, |n| n + 1));
+    let rows = bytecount::count(&bytes[..until], b'\n');
+    (rows as u64, until)
+}
+
+/// Where the line `\.` (or a line that may turn out to be it) starts in `bytes`. A row cannot
+/// start with `\.`: COPY's text format writes a backslash in data as `\\`.
+fn end_of_copy(bytes: &[u8]) -> Option<usize> {
+    memchr::memmem::find_iter(bytes, b"\\.").find(|&at| {
+        let rest = &bytes[at + 2..];
+        (at == 0 || bytes[at - 1] == b'\n')
+            && (rest.is_empty() || rest[0] == b'\n' || rest.starts_with(b"\r"))
+    })
 }
 
 fn trim_newline(line: &[u8]) -> &[u8] {
@@ -544,30 +640,38 @@ fn qualified_identifier(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// The sections of `dump` fed in blocks of `block` bytes.
-    fn read(kind: DumpKind, dump: &[u8], block: usize) -> Vec<Section> {
+    /// The sections of `dump` fed in blocks of `block` bytes, and the starts it told of.
+    fn read(kind: DumpKind, dump: &[u8], block: usize) -> (Vec<Section>, Vec<u64>) {
         let mut reader = TocReader::for_dump(kind).unwrap();
+        let mut starts = Vec::new();
         for piece in dump.chunks(block) {
             reader.feed(piece);
+            starts.extend(reader.take_starts());
         }
-        reader.finish()
+        let sections = reader.finish();
+        starts.extend(reader.take_starts());
+        (sections, starts)
     }
 
     /// The sections are the same however the stream is cut into blocks, they cover the
-    /// stream, and each digest is the hash of its section's bytes.
+    /// stream, and the reader told of every start but the stream's.
     fn read_every_way(kind: DumpKind, dump: &[u8]) -> Vec<Section> {
-        let whole = read(kind, dump, dump.len().max(1));
+        let (whole, starts) = read(kind, dump, dump.len().max(1));
         for block in [1, 2, 3, 7, 64, 1000, 1024, 1025, 4096] {
-            assert_eq!(read(kind, dump, block), whole, "blocks of {block}");
+            assert_eq!(
+                read(kind, dump, block),
+                (whole.clone(), starts.clone()),
+                "blocks of {block}"
+            );
         }
         let mut at = 0;
         for s in &whole {
             assert_eq!(s.start, at, "{s:?}");
-            let bytes = &dump[s.start as usize..s.end as usize];
-            assert_eq!(&s.digest, blake3::hash(bytes).as_bytes(), "{s:?}");
             at = s.end;
         }
         assert_eq!(at, dump.len() as u64);
+        let told: Vec<u64> = whole.iter().map(|s| s.start).filter(|&s| s > 0).collect();
+        assert_eq!(starts, told);
         whole
     }
 

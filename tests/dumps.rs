@@ -134,6 +134,9 @@ CREATE TABLE blobs (id int PRIMARY KEY, data bytea);
 INSERT INTO blobs SELECT g, decode(md5(g::text) || md5((g + 1)::text), 'hex') FROM generate_series(1, 3000) g;
 CREATE TABLE big (id int PRIMARY KEY, body text);
 INSERT INTO big VALUES (1, repeat('a large row ', 200000));
+CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers(id), total numeric(10,2));
+CREATE INDEX orders_customer_idx ON orders (customer);
+INSERT INTO orders SELECT g, (g % 1000) * 10 + 1, g / 7.0 FROM generate_series(1, 5000) g;
 ";
 
 const DAILY_CHANGE: &str = "
@@ -152,7 +155,13 @@ CREATE TABLE blobs (id INT PRIMARY KEY, data BLOB);
 INSERT INTO blobs SELECT seq, UNHEX(CONCAT(MD5(seq), MD5(seq + 1))) FROM seq_1_to_3000;
 CREATE TABLE big (id INT PRIMARY KEY, body LONGTEXT);
 INSERT INTO big VALUES (1, REPEAT('a large row ', 200000));
+CREATE TABLE orders (id INT PRIMARY KEY, customer INT, total DECIMAL(10,2), INDEX (customer),
+  FOREIGN KEY (customer) REFERENCES customers (id));
+INSERT INTO orders SELECT seq, (seq % 1000) * 10 + 1, seq / 7 FROM seq_1_to_5000;
 ";
+
+/// The tables of the schemas above, as each dump names them.
+const TABLES: [&str; 4] = ["customers", "blobs", "big", "orders"];
 
 /// What the shared scenarios need from a database server.
 trait Database {
@@ -166,6 +175,9 @@ trait Database {
     fn dump_lines(&self, db: &str) -> Vec<Vec<u8>>;
     fn restore_command(&self, db: &str) -> String;
     fn stop(&mut self);
+    /// `table` (of [`TABLES`]) as its dump names it.
+    fn qualified(&self, table: &str) -> String;
+    fn count_rows(&self, db: &str, table: &str) -> u64;
 }
 
 impl Database for Postgres {
@@ -192,6 +204,14 @@ impl Database for Postgres {
     }
     fn stop(&mut self) {
         Postgres::stop(self);
+    }
+    fn qualified(&self, table: &str) -> String {
+        format!("public.{table}")
+    }
+    fn count_rows(&self, db: &str, table: &str) -> u64 {
+        self.query(db, &format!("SELECT count(*) FROM {table}"))
+            .parse()
+            .unwrap()
     }
 }
 
@@ -220,6 +240,51 @@ impl Database for MariaDb {
     fn stop(&mut self) {
         MariaDb::stop(self);
     }
+    fn qualified(&self, table: &str) -> String {
+        table.to_string()
+    }
+    fn count_rows(&self, db: &str, table: &str) -> u64 {
+        self.query(&format!("SELECT count(*) FROM {db}.{table}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// `bkp ls` of the latest `shop` snapshot: every table, with the rows the database holds.
+fn assert_ls_counts_rows(repo: &Repo, db: &dyn Database) {
+    let out = ok(repo, "bkp ls latest --tag shop --json");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), TABLES.len(), "{listed:?}");
+    for table in TABLES {
+        let entry = listed
+            .iter()
+            .find(|t| t["name"] == db.qualified(table))
+            .unwrap_or_else(|| panic!("{}: no {table} in {listed:?}", db.name()));
+        assert_eq!(entry["rows"], db.count_rows("shop", table), "{table}");
+        assert!(entry["bytes"].as_u64().unwrap() > 0, "{entry}");
+    }
+}
+
+/// `bkp diff` between two snapshots of `shop`: the tables it says changed, sorted.
+fn changed_tables(repo: &Repo, before: &str, after: &str) -> Vec<String> {
+    let out = ok(repo, &format!("bkp diff {before} {after} --json"));
+    let diff: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = diff["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), TABLES.len(), "{diff}");
+    let mut changed: Vec<String> = tables
+        .iter()
+        .filter(|t| t["status"] != "unchanged")
+        .map(|t| {
+            format!(
+                "{} {}",
+                t["status"].as_str().unwrap(),
+                t["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    changed.sort();
+    changed
 }
 
 /// A restore of the latest `shop` snapshot into a new database `into` equals database `shop`.
@@ -264,6 +329,12 @@ fn shared_scenarios(repo: &Repo, db: &dyn Database, unchanged_max: u64, missing_
         added <= unchanged_max,
         "{name}: unchanged database added {added} bytes"
     );
+    assert_ls_counts_rows(repo, db);
+    let unchanged_id = unchanged["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        changed_tables(repo, first["snapshot_id"].as_str().unwrap(), &unchanged_id),
+        Vec::<String>::new()
+    );
     let listed = ok(repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(
@@ -281,6 +352,12 @@ fn shared_scenarios(repo: &Repo, db: &dyn Database, unchanged_max: u64, missing_
         "{name}: daily change added {added} of {size} bytes"
     );
     assert_restores(repo, db, "restored2");
+    // Only `customers` changed, and the catalog says so without reading the dumps.
+    assert_eq!(
+        changed_tables(repo, &unchanged_id, "latest"),
+        [format!("changed {}", db.qualified("customers"))]
+    );
+    assert_ls_counts_rows(repo, db);
 
     // A dump that fails, at the start or midway, never records a snapshot.
     let missing_db = quote(&db.dump_argv("nosuchdb"));
@@ -348,8 +425,9 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
     let mut pg = Postgres::start();
     pg.sql("postgres", "CREATE DATABASE shop");
     pg.sql("shop", PG_SCHEMA);
-    // Only the chunks holding pg_dump's random \restrict key (top and bottom) change.
-    shared_scenarios(&repo, &pg, 64 * 1024, "\"nosuchdb\" does not exist");
+    // Only the sections holding pg_dump's random \restrict key (top and bottom) change, and
+    // each is a small chunk of its own.
+    shared_scenarios(&repo, &pg, 16 * 1024, "\"nosuchdb\" does not exist");
 
     // The table of contents of the real dump: rows as the tables hold them after the day's change
     // (20,000 - 3 + 2 customers), and the primary keys tied to their tables.
@@ -419,6 +497,23 @@ fn mariadb_dumps_round_trip_dedup_and_fail_loudly() {
     // The table of contents of the real dump (extended inserts; a 2.4 MB row longer than any head).
     let toc = dump_toc(&db.dump_command("shop"), bkp::DumpKind::MySql);
     assert_rows(&toc, &[("customers", 19_999), ("blobs", 3_000), ("big", 1)]);
+
+    // With the dump date (mysqldump's default) an unchanged database adds only the chunk of
+    // the trailer that holds it.
+    let dated: Vec<String> = db
+        .dump_command("shop")
+        .into_iter()
+        .filter(|a| a != "--skip-dump-date")
+        .collect();
+    let dated = quote(&dated);
+    backup_json(&repo, &format!("bkp backup --json --tag dated -- {dated}"));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = backup_json(&repo, &format!("bkp backup --json --tag dated -- {dated}"));
+    let added = again["bytes_added"].as_u64().unwrap();
+    assert!(
+        added <= 16 * 1024,
+        "an unchanged dated dump added {added} bytes"
+    );
 
     let listed = ok(&repo, "bkp snapshots --json --tag shop");
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();

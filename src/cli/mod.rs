@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 
 mod maintenance;
 mod metrics;
+mod tables;
 use maintenance::{check, forget, key_command, prune, stats};
 
 const EXIT_CODES: &str = "\
@@ -134,6 +135,12 @@ enum Commands {
     Restore(RestoreArgs),
     /// List snapshots, oldest first
     Snapshots(SnapshotsArgs),
+    /// List the tables in a snapshot of a dump, with their rows and sizes
+    #[command(after_help = LS_HELP)]
+    Ls(LsArgs),
+    /// Which tables changed between two snapshots of a dump, were added or removed
+    #[command(after_help = DIFF_HELP)]
+    Diff(DiffArgs),
     /// Verify the repository: structure, and with --read-data the stored data itself
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
@@ -445,6 +452,55 @@ fn parse_percent(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
+const LS_HELP: &str = "\
+bkp reads the table of contents of a plain pg_dump or a mysqldump/mariadb-dump stream while it
+backs it up (docs/FORMAT.md section 13): each table's rows (COPY rows or INSERT value tuples)
+and bytes, and digests of its data and definition. `ls` and `diff` read only that, never the
+stream. Snapshots of other streams (pg_dump -Fc, compressed dumps) have none.
+
+Examples:
+  bkp ls latest --tag shop
+  bkp ls 1a2b3c4d --json | jq '.[] | select(.rows == 0) | .name'";
+
+const DIFF_HELP: &str = "\
+A table is `changed` when its data, definition, indexes or constraints differ (by their
+digests, without reading the stream), `added` or `removed` when only one snapshot has it.
+`new` is how much of the table's data the later snapshot's backup stored as new chunks: the
+cost of its changes before compression. Unchanged tables are left out unless --all.
+
+Examples:
+  bkp diff 1a2b3c4d latest --tag shop
+  bkp diff 1a2b3c4d 5e6f7a8b --json";
+
+#[derive(Args)]
+struct LsArgs {
+    /// Snapshot id (a unique prefix is enough) or `latest`
+    snapshot: String,
+    /// With `latest`: the newest snapshot having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Print a JSON array: name, rows, bytes, new_bytes, schema_bytes per table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    /// The earlier snapshot: id (a unique prefix) or `latest`
+    before: String,
+    /// The later snapshot: id (a unique prefix) or `latest`
+    after: String,
+    /// With `latest`: the newest snapshot having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// List unchanged tables too
+    #[arg(long)]
+    all: bool,
+    /// Print one JSON object: {"before", "after", "tables": [{"name", "status", ...}]}
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct SnapshotsArgs {
     /// Only snapshots having all these tags
@@ -500,6 +556,8 @@ pub fn run() -> Result<ExitCode> {
         Commands::Backup(args) => backup_with_metrics(&location, cli.quiet, args),
         Commands::Restore(args) => restore(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
+        Commands::Ls(args) => tables::ls(&location, args).map(|()| ExitCode::SUCCESS),
+        Commands::Diff(args) => tables::diff(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Check(args) => check(&location, cli.quiet, args),
         Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
@@ -1157,22 +1215,26 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
     })
 }
 
+/// The snapshot `spec` names: an id (a unique prefix) or `latest`, among those with `tags`.
+fn pick_snapshot(repo: &Repository, spec: &str, tags: &[String]) -> Result<SnapshotEntry> {
+    if spec != "latest" {
+        return Ok(repo.find_snapshot(spec, tags)?);
+    }
+    let (entry, skipped) = repo.find_latest(tags)?;
+    for (newer, reason) in &skipped {
+        // Said even with --quiet: the operator asked for the newest and gets an older one.
+        eprintln!(
+            "bkp: note: skipped the newer snapshot {} ({}): {reason}; name it by id if you need it",
+            newer.id.short(),
+            humantime::format_rfc3339_seconds(newer.snapshot.time)
+        );
+    }
+    Ok(entry)
+}
+
 fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("restore"))?;
-    let entry = if args.snapshot == "latest" {
-        let (entry, skipped) = repo.find_latest(&args.tags)?;
-        for (newer, reason) in &skipped {
-            // Said even with --quiet: the operator asked for the newest and gets an older one.
-            eprintln!(
-                "bkp: note: skipped the newer snapshot {} ({}): {reason}; restore it by id if you need it",
-                newer.id.short(),
-                humantime::format_rfc3339_seconds(newer.snapshot.time)
-            );
-        }
-        entry
-    } else {
-        repo.find_snapshot(&args.snapshot, &args.tags)?
-    };
+    let entry = pick_snapshot(&repo, &args.snapshot, &args.tags)?;
     repo.warn_now();
     if entry.snapshot.dump_complete() == Some(false) {
         // Said even with --quiet: restoring a truncated dump must never go unnoticed.
@@ -1337,6 +1399,38 @@ fn dump_column(s: &bkp::Snapshot) -> String {
     column
 }
 
+/// A text table: the header and the rows, each column as wide as what it holds, those numbered
+/// in `right` aligned right (sizes), the last one unpadded.
+fn columns<R: AsRef<[String]>>(header: &[&str], rows: &[R], right: &[usize]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row.as_ref()) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (n, (cell, width)) in cells.zip(&widths).enumerate() {
+            let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
+            if n + 1 == widths.len() {
+                text.push_str(if right.contains(&n) { &pad } else { "" });
+                text.push_str(cell);
+            } else if right.contains(&n) {
+                text.push_str(&format!("{pad}{cell}  "));
+            } else {
+                text.push_str(&format!("{cell}{pad}  "));
+            }
+        }
+        text
+    };
+    let mut lines = vec![line(&mut header.iter().copied())];
+    lines.extend(
+        rows.iter()
+            .map(|row| line(&mut row.as_ref().iter().map(String::as_str))),
+    );
+    lines
+}
+
 fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("list snapshots"))?;
     let list = repo.snapshots(&args.tags)?;
@@ -1385,30 +1479,11 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
         "dump",
         "name",
     ];
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (n, (cell, width)) in cells.iter().zip(&widths).enumerate() {
-            let pad = width.saturating_sub(cell.chars().count());
-            match n {
-                // Sizes to the right, the name last and unpadded.
-                3 | 4 => text.push_str(&format!("{}{cell}  ", " ".repeat(pad))),
-                7 => text.push_str(cell),
-                _ => text.push_str(&format!("{cell}{}  ", " ".repeat(pad))),
-            }
-        }
-        text
-    };
-    writeln!(out, "{}", line(&header))?;
+    let lines = columns(&header, &rows, &[3, 4]);
+    writeln!(out, "{}", lines[0])?;
     let (mut incomplete, mut future) = (0, 0);
-    for (entry, row) in list.iter().zip(&rows) {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        writeln!(out, "{}", line(&cells))?;
+    for (entry, line) in list.iter().zip(&lines[1..]) {
+        writeln!(out, "{line}")?;
         let s = &entry.snapshot;
         incomplete += usize::from(s.dump_complete() == Some(false));
         future += usize::from(s.is_future_dated(now));

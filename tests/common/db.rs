@@ -181,6 +181,27 @@ impl Postgres {
         );
     }
 
+    /// The result of a query, unaligned and without headers.
+    pub fn query(&self, db: &str, sql: &str) -> String {
+        let out = run(
+            Command::new("psql").args([
+                "-tA",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &self.host(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]),
+            "psql",
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// `pg_dump` of `db` as an argument vector (extra options go before the database name).
     pub fn dump_command(&self, extra: &[&str], db: &str) -> Vec<String> {
         let mut argv: Vec<String> = ["pg_dump", "-h", &self.host(), "-U", "postgres"]
@@ -291,6 +312,23 @@ impl MariaDb {
             ]),
             "mariadb",
         );
+    }
+
+    /// The result of a query, tab-separated and without headers.
+    pub fn query(&self, sql: &str) -> String {
+        let out = run(
+            Command::new("mariadb").args([
+                "--no-defaults",
+                &self.socket_arg(),
+                "-uroot",
+                "-N",
+                "-B",
+                "-e",
+                sql,
+            ]),
+            "mariadb",
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     pub fn dump_command(&self, db: &str) -> Vec<String> {
