@@ -340,6 +340,8 @@ struct Fixture {
     pack_uses: bool,
     /// A put-only key file (`BKPKEY02`, §4.1) opens with this password, beside the full key.
     put_only_password: Option<&'static str>,
+    /// Snapshots are `BKPSNP04`, with the dump's table of contents (§13).
+    toc: bool,
 }
 
 const V1: Fixture = Fixture {
@@ -356,6 +358,7 @@ const V1: Fixture = Fixture {
     format_3: false,
     pack_uses: false,
     put_only_password: None,
+    toc: false,
 };
 
 const V2: Fixture = Fixture {
@@ -376,6 +379,7 @@ const V2: Fixture = Fixture {
     format_3: false,
     pack_uses: false,
     put_only_password: None,
+    toc: false,
 };
 
 /// The same three days, backed up by bkp 0.3 into a new (format 3) repository.
@@ -402,6 +406,37 @@ const V4: Fixture = Fixture {
     put_only_password: Some("fixture-put-only"),
     ..V3_USES
 };
+
+/// Three days of a generated dump with pg_dump's table of contents comments, by bkp 0.3 once
+/// snapshots recorded it (`BKPSNP04`, §13).
+const V4_TOC: Fixture = Fixture {
+    dir: "tests/fixtures/repo-v4-toc",
+    format_version: 4,
+    packs: 3,
+    delta_frames: 2,
+    streams: &[
+        (
+            626_328,
+            "a203c0700cd14c7a0efb0f160ad5fc9444b219369ef5b5bc37d7e99abdb070b5",
+        ),
+        (
+            628_284,
+            "606383998a17c504d11400e66426d37975d30d2fe01de5153ffa1ee4d93bc41a",
+        ),
+        (
+            630_697,
+            "84e4b8bf11fcf7c42aaf693d430046aac0e00cd44a025120cd6745d007a419ea",
+        ),
+    ],
+    put_only_password: None,
+    toc: true,
+    ..V3_USES
+};
+
+#[test]
+fn format_v4_fixture_with_tables_of_contents_decodes_from_the_specification_alone() {
+    decode_from_the_specification(&V4_TOC);
+}
 
 #[test]
 fn format_v1_fixture_decodes_from_the_specification_alone() {
@@ -629,10 +664,11 @@ fn decode_from_the_specification(fixture: &Fixture) {
             blake3::hash(&snapshot).to_hex().as_str()
         );
         assert_eq!(snapshot.len(), 4096);
-        let magic: &[u8; 8] = match (fixture.format_3, fixture.pack_uses) {
-            (_, true) => b"BKPSNP03",
-            (true, false) => b"BKPSNP02",
-            (false, false) => b"BKPSNP01",
+        let magic: &[u8; 8] = match (fixture.format_3, fixture.pack_uses, fixture.toc) {
+            (_, _, true) => b"BKPSNP04",
+            (_, true, false) => b"BKPSNP03",
+            (true, false, false) => b"BKPSNP02",
+            (false, false, false) => b"BKPSNP01",
         };
         let plain = open_metadata(&keys, magic, &snapshot);
         let id = file.file_name().unwrap().to_str().unwrap().to_string();
@@ -667,6 +703,33 @@ fn decode_from_the_specification(fixture: &Fixture) {
             }
             assert!(listed_packs.is_sorted(), "packs are sorted by id");
         }
+        // §13: the table of contents.
+        let mut toc = Vec::new();
+        if fixture.toc {
+            for _ in 0..r.varint() {
+                let kind = r.string();
+                let name = r.string();
+                let table = match r.bytes(1)[0] {
+                    0 => None,
+                    _ => Some(r.string()),
+                };
+                let (start, end, rows) = (r.varint(), r.varint(), r.varint());
+                let (first_chunk, chunks) = (r.varint(), r.varint());
+                let digest = r.array32();
+                let _new_bytes = r.varint();
+                toc.push(TocEntry {
+                    kind,
+                    name,
+                    table,
+                    start,
+                    end,
+                    rows,
+                    first_chunk,
+                    chunks,
+                    digest,
+                });
+            }
+        }
         assert!(r.rest_is_zero());
         let time_nanos = time.0 as u128 * 1_000_000_000 + time.1 as u128;
         snapshots.push((
@@ -677,10 +740,11 @@ fn decode_from_the_specification(fixture: &Fixture) {
             root_ids,
             listed_packs,
             uses,
+            toc,
         ));
         markers_expected.push((id, tags, time_nanos));
     }
-    snapshots.sort();
+    snapshots.sort_by_key(|s| s.0);
 
     // §11.1: each snapshot has its series marker, named by its tags and time.
     let marker_files = if root.join("series").exists() {
@@ -730,14 +794,14 @@ fn decode_from_the_specification(fixture: &Fixture) {
         ids: &[[u8; 32]],
         height: u8,
         chunks: &std::collections::HashMap<[u8; 32], Vec<u8>>,
-        out: &mut Vec<Vec<u8>>,
+        out: &mut Vec<([u8; 32], Vec<u8>)>,
         used: &mut Vec<([u8; 32], u64)>,
     ) {
         for id in ids {
             used.push((*id, out.len() as u64));
             let bytes = &chunks[id];
             if height == 0 {
-                out.push(bytes.clone());
+                out.push((*id, bytes.clone()));
             } else {
                 let children: Vec<[u8; 32]> = bytes
                     .chunks_exact(32)
@@ -748,7 +812,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
         }
     }
     assert_eq!(snapshots.len(), fixture.streams.len());
-    for ((_, size, hash, height, root_ids, listed_packs, uses), &(len, blake3_hex)) in
+    for ((_, size, hash, height, root_ids, listed_packs, uses, toc), &(len, blake3_hex)) in
         snapshots.iter().zip(fixture.streams)
     {
         assert_eq!((*size, hash.as_str()), (len, blake3_hex));
@@ -788,14 +852,85 @@ fn decode_from_the_specification(fixture: &Fixture) {
                 }
             }
         }
+        let (stream_ids, stream_chunks): (Vec<[u8; 32]>, Vec<Vec<u8>>) =
+            stream_chunks.into_iter().unzip();
         let stream = stream_chunks.concat();
         assert_eq!(stream.len() as u64, len);
         assert_eq!(blake3::hash(&stream).to_hex().as_str(), blake3_hex);
 
-        // §6.1: the documented chunker reproduces the stored cut points.
+        // §6.1: the documented chunker reproduces the stored cut points (each section of a
+        // dump cut as a stream of its own, §13).
         let lens: Vec<usize> = stream_chunks.iter().map(Vec::len).collect();
-        assert_eq!(cut_points(&stream, &keys.chunker_key, min, avg, max), lens);
+        let mut sections = vec![0..stream.len()];
+        if fixture.toc {
+            sections = toc
+                .iter()
+                .map(|e| e.start as usize..e.end as usize)
+                .collect();
+        }
+        let documented: Vec<usize> = sections
+            .iter()
+            .flat_map(|s| cut_points(&stream[s.clone()], &keys.chunker_key, min, avg, max))
+            .collect();
+        assert_eq!(documented, lens);
+
+        // §13: the sections cover the stream, each made of whole chunks whose ids it digests.
+        if fixture.toc {
+            let kinds: Vec<(&str, &str)> = toc
+                .iter()
+                .map(|e| (e.kind.as_str(), e.name.as_str()))
+                .collect();
+            assert_eq!(kinds[0], ("PREAMBLE", ""));
+            assert_eq!(kinds[1], ("TABLE", "public.t0"));
+            assert_eq!(kinds[2], ("TABLE DATA", "public.t0"));
+            assert_eq!(kinds.last(), Some(&("TRAILER", "")));
+            assert_eq!(toc.len(), 10);
+            let (mut at, mut chunk) = (0u64, 0u64);
+            for entry in toc {
+                assert_eq!(
+                    (entry.start, entry.first_chunk),
+                    (at, chunk),
+                    "{}",
+                    entry.name
+                );
+                let ids = &stream_ids[chunk as usize..(chunk + entry.chunks) as usize];
+                let bytes: usize = ids.iter().map(|id| chunks[id].len()).sum();
+                assert_eq!(entry.end - entry.start, bytes as u64);
+                let mut digest = blake3::Hasher::new_derive_key("bkp v1 dump section digest");
+                ids.iter().for_each(|id| {
+                    digest.update(id);
+                });
+                assert_eq!(digest.finalize().as_bytes(), &entry.digest);
+                let section = &stream[entry.start as usize..entry.end as usize];
+                if entry.kind == "TABLE DATA" {
+                    // COPY rows: the lines between the COPY line and `\.`.
+                    let text = std::str::from_utf8(section).unwrap();
+                    let data = text.split_once(" FROM stdin;\n").unwrap().1;
+                    let rows = data.split_once("\\.\n").unwrap().0.lines().count();
+                    assert_eq!(entry.rows, rows as u64);
+                    assert_eq!(entry.table.as_deref(), Some(entry.name.as_str()));
+                } else {
+                    assert_eq!(entry.rows, 0);
+                }
+                at = entry.end;
+                chunk += entry.chunks;
+            }
+            assert_eq!((at, chunk), (len, stream_chunks.len() as u64));
+        }
     }
+}
+
+/// A table of contents entry (§13), as the specification's decoder reads it.
+struct TocEntry {
+    kind: String,
+    name: String,
+    table: Option<String>,
+    start: u64,
+    end: u64,
+    rows: u64,
+    first_chunk: u64,
+    chunks: u64,
+    digest: [u8; 32],
 }
 
 #[test]
@@ -880,6 +1015,44 @@ fn format_v3_fixture_with_pack_uses_restores_and_checks_with_bkp() {
 #[test]
 fn format_v4_fixture_restores_and_checks_with_bkp() {
     restores_and_checks(&V4, ["70aac3c8", "b7eaeef5", "fcb77b88"]);
+}
+
+#[test]
+fn format_v4_fixture_with_tables_of_contents_restores_lists_and_diffs_with_bkp() {
+    restores_and_checks(&V4_TOC, ["6b16be79", "a7b23b91", "876715f5"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(V4_TOC.dir);
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_slice(&common::stdout_of(
+            bkp(&root).env("BKP_PASSWORD", PASSWORD).args(args),
+        ))
+        .unwrap()
+    };
+    let listed = json(&["ls", "6b16be79", "--json"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["public.t0", "public.t1", "public.t2", "public.t3"]);
+    assert!(listed.as_array().unwrap().iter().all(|t| t["rows"] == 1200));
+    // Every table of the generated dump changes from one day to the next.
+    let diff = json(&["diff", "6b16be79", "latest", "--tag", "fixture", "--json"]);
+    let tables = diff["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 4);
+    for table in tables {
+        assert_eq!(table["status"], "changed", "{table}");
+        assert_eq!(table["rows_before"], 1200, "{table}");
+    }
+    // A snapshot against itself: nothing changed.
+    let same = json(&["diff", "a7b23b91", "a7b23b91", "--json"]);
+    assert!(
+        same["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["status"] == "unchanged")
+    );
 }
 
 /// Restores each of a fixture's snapshots (ids oldest first) and `latest`, and checks it.

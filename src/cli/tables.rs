@@ -4,6 +4,16 @@ use bkp::tables::{Change, TableDiff};
 
 use super::*;
 
+/// The snapshot `spec` names, read whole: a listing of a long series may take it from a
+/// catalog (docs/FORMAT.md §11.3), which keeps no table of contents.
+fn pick_whole(repo: &Repository, spec: &str, tags: &[String]) -> Result<SnapshotEntry> {
+    let entry = pick_snapshot(repo, spec, tags)?;
+    if entry.snapshot.toc.is_empty() {
+        return Ok(repo.find_snapshot(&entry.id.to_hex(), &[])?);
+    }
+    Ok(entry)
+}
+
 /// What `ls` and `diff` need of a snapshot: its tables, or why it has none.
 fn tables_of(entry: &SnapshotEntry) -> Result<Vec<bkp::tables::Table>> {
     bkp::tables::tables(&entry.snapshot).ok_or_else(|| no_table_of_contents(entry))
@@ -25,7 +35,7 @@ fn no_table_of_contents(entry: &SnapshotEntry) -> anyhow::Error {
 
 pub(super) fn ls(location: &str, args: LsArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("list a snapshot's tables"))?;
-    let entry = pick_snapshot(&repo, &args.snapshot, &args.tags)?;
+    let entry = pick_whole(&repo, &args.snapshot, &args.tags)?;
     let tables = tables_of(&entry)?;
     let mut out = io::stdout().lock();
     if args.json {
@@ -61,8 +71,8 @@ pub(super) fn ls(location: &str, args: LsArgs) -> Result<()> {
 
 pub(super) fn diff(location: &str, args: DiffArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("compare snapshots"))?;
-    let before = pick_snapshot(&repo, &args.before, &args.tags)?;
-    let after = pick_snapshot(&repo, &args.after, &args.tags)?;
+    let before = pick_whole(&repo, &args.before, &args.tags)?;
+    let after = pick_whole(&repo, &args.after, &args.tags)?;
     let tables = bkp::tables::diff(&before.snapshot, &after.snapshot).ok_or_else(|| {
         match bkp::tables::tables(&before.snapshot) {
             None => no_table_of_contents(&before),

@@ -132,9 +132,18 @@ pub fn write_dump(out: &mut impl Write, size: u64, day: u32) -> io::Result<()> {
         "SET statement_timeout = 0;\nSET client_encoding = 'UTF8';\n"
     )?;
     for table in 0..TABLES {
+        // pg_dump's table of contents: a comment naming each object before it.
+        writeln!(
+            out,
+            "--\n-- Name: t{table}; Type: TABLE; Schema: public; Owner: postgres\n--\n"
+        )?;
         writeln!(
             out,
             "CREATE TABLE public.t{table} (id bigint, name text, email text, city text, balance numeric, updated timestamp, note text, score integer);\n"
+        )?;
+        writeln!(
+            out,
+            "--\n-- Data for Name: t{table}; Type: TABLE DATA; Schema: public; Owner: postgres\n--\n"
         )?;
         writeln!(
             out,
