@@ -861,13 +861,13 @@ fn decode_from_the_specification(fixture: &Fixture) {
         // §6.1: the documented chunker reproduces the stored cut points (each section of a
         // dump cut as a stream of its own, §13).
         let lens: Vec<usize> = stream_chunks.iter().map(Vec::len).collect();
-        let mut sections = vec![0..stream.len()];
-        if fixture.toc {
-            sections = toc
+        let sections: Vec<std::ops::Range<usize>> = match fixture.toc {
+            true => toc
                 .iter()
                 .map(|e| e.start as usize..e.end as usize)
-                .collect();
-        }
+                .collect(),
+            false => std::iter::once(0..stream.len()).collect(),
+        };
         let documented: Vec<usize> = sections
             .iter()
             .flat_map(|s| cut_points(&stream[s.clone()], &keys.chunker_key, min, avg, max))
