@@ -176,91 +176,202 @@ enum LineKind {
 
 /// Counts the top-level tuples of `VALUES (...),(...);`, across pieces of a line and across
 /// lines (MariaDB's mysqldump writes a tuple a line), up to the `;` that ends the statement.
+///
+/// What counts: a backslash escapes the byte after it; an unescaped `'` opens or closes a
+/// string; outside strings `(` opens a tuple (a row if it is not inside another) and `)` closes
+/// one, and a `;` outside all of them ends the statement. Most of a dump is in strings and
+/// numbers, so 64 bytes at a time are turned into bit masks of those five bytes, strings and
+/// escapes resolved with bit arithmetic (as simdjson does for JSON), and only the parentheses
+/// and semicolons outside strings are looked at one by one: a few per row.
 #[derive(Default)]
 struct TupleCounter {
     depth: u32,
-    quote: Option<u8>,
-    escaped: bool,
+    in_string: bool,
+    /// The next byte is escaped (the last one was an escaping backslash).
+    escape_next: bool,
     ended: bool,
 }
 
-/// Where the first of the bytes `is` picks is in `bytes`: a plain loop over the first few
-/// (a dump's strings and numbers are mostly short, shorter than `memchr`'s setup is worth),
-/// then `find` for the rest.
-#[inline]
-fn find_first(
-    bytes: &[u8],
-    is: impl Fn(u8) -> bool,
-    find: impl Fn(&[u8]) -> Option<usize>,
-) -> Option<usize> {
-    const NEAR: usize = 32;
-    let near = bytes.len().min(NEAR);
-    bytes[..near]
-        .iter()
-        .position(|&b| is(b))
-        .or_else(|| find(&bytes[near..]).map(|n| n + near))
+/// Bit masks of a 64-byte block: backslashes, quotes, `(`, `)`, `;`.
+#[cfg(target_arch = "x86_64")]
+fn special_bytes(block: &[u8; 64]) -> [u64; 5] {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+    };
+    let mut masks = [0u64; 5];
+    for lane in 0..4 {
+        // SAFETY: SSE2 is part of the x86_64 baseline; the load reads 16 bytes at 16 * lane,
+        // inside the 64-byte block, and needs no alignment.
+        let bytes = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * lane).cast::<__m128i>()) };
+        for (mask, byte) in masks.iter_mut().zip([b'\\', b'\'', b'(', b')', b';']) {
+            // SAFETY: SSE2 (as above), on values in registers.
+            let bits =
+                unsafe { _mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_set1_epi8(byte as i8))) };
+            *mask |= u64::from(bits as u16) << (16 * lane);
+        }
+    }
+    masks
+}
+
+/// [`special_bytes`] with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn special_bytes_avx2(block: &[u8; 64]) -> [u64; 5] {
+    use std::arch::x86_64::{
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_set1_epi8,
+    };
+    let mut masks = [0u64; 5];
+    for half in 0..2 {
+        // SAFETY: the load reads 32 bytes at 32 * half, inside the 64-byte block, and needs no
+        // alignment.
+        let bytes = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast::<__m256i>()) };
+        for (mask, byte) in masks.iter_mut().zip([b'\\', b'\'', b'(', b')', b';']) {
+            let bits = _mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi8(byte as i8)));
+            *mask |= u64::from(bits as u32) << (32 * half);
+        }
+    }
+    masks
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn special_bytes(block: &[u8; 64]) -> [u64; 5] {
+    let mut masks = [0u64; 5];
+    for (i, &b) in block.iter().enumerate() {
+        let k = match b {
+            b'\\' => 0,
+            b'\'' => 1,
+            b'(' => 2,
+            b')' => 3,
+            b';' => 4,
+            _ => continue,
+        };
+        masks[k] |= 1 << i;
+    }
+    masks
+}
+
+/// Each bit set, and every bit above it up to the next one set, toggled: which bytes are
+/// between an odd number of quotes.
+fn prefix_xor(mut bits: u64) -> u64 {
+    for shift in [1, 2, 4, 8, 16, 32] {
+        bits ^= bits << shift;
+    }
+    bits
 }
 
 impl TupleCounter {
     /// Counts the tuples that start in `bytes`; stops after the `;` that ends the statement,
     /// returning where (or `bytes.len()`).
     fn feed(&mut self, bytes: &[u8]) -> (u64, usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: this CPU has AVX2.
+            return unsafe { self.feed_avx2(bytes) };
+        }
+        self.feed_with(bytes, special_bytes)
+    }
+
+    /// [`TupleCounter::feed`] with masks made 32 bytes at a time: a third less time than 16.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn feed_avx2(&mut self, bytes: &[u8]) -> (u64, usize) {
+        self.feed_with(bytes, |block| special_bytes_avx2(block))
+    }
+
+    #[inline(always)]
+    fn feed_with(&mut self, bytes: &[u8], masks: impl Fn(&[u8; 64]) -> [u64; 5]) -> (u64, usize) {
         if self.ended {
             return (0, 0);
         }
         let mut rows = 0;
-        let mut i = 0;
-        while i < bytes.len() {
-            if self.escaped {
-                self.escaped = false;
-            } else if let Some(q) = self.quote {
-                // Most of a dump's bytes are inside strings: jump to what can end one.
-                let Some(n) = find_first(
-                    &bytes[i..],
-                    |b| b == b'\\' || b == q,
-                    |rest| memchr::memchr2(b'\\', q, rest),
-                ) else {
-                    return (rows, bytes.len());
-                };
-                i += n;
-                match bytes[i] {
-                    b'\\' => self.escaped = true,
-                    _ => self.quote = None,
-                }
-            } else if self.depth > 0 {
-                // Inside a tuple, outside strings (numbers, NULL, 0x...): only a quote or a
-                // parenthesis matters.
-                let Some(n) = find_first(
-                    &bytes[i..],
-                    |b| matches!(b, b'\'' | b'(' | b')'),
-                    |rest| memchr::memchr3(b'\'', b'(', b')', rest),
-                ) else {
-                    return (rows, bytes.len());
-                };
-                i += n;
-                match bytes[i] {
-                    b'\'' => self.quote = Some(b'\''),
-                    b'(' => self.depth += 1,
-                    _ => self.depth -= 1,
-                }
-            } else {
-                // Between tuples: `,`, white space, `(` or the `;` that ends the statement.
-                match bytes[i] {
-                    b @ (b'\'' | b'"' | b'`') => self.quote = Some(b),
-                    b'(' => {
-                        rows += 1;
-                        self.depth = 1;
-                    }
-                    b';' => {
-                        self.ended = true;
-                        return (rows, i + 1);
-                    }
-                    _ => {}
-                }
+        let mut blocks = bytes.chunks_exact(64);
+        for (n, block) in blocks.by_ref().enumerate() {
+            let block: &[u8; 64] = block.try_into().expect("64 bytes");
+            if let Some(end) = self.block(masks(block), block, &mut rows) {
+                return (rows, 64 * n + end + 1);
             }
-            i += 1;
+        }
+        let at = bytes.len() - blocks.remainder().len();
+        for (i, &byte) in blocks.remainder().iter().enumerate() {
+            if self.byte(byte, &mut rows) {
+                return (rows, at + i + 1);
+            }
         }
         (rows, bytes.len())
+    }
+
+    /// One byte; whether it ended the statement.
+    fn byte(&mut self, byte: u8, rows: &mut u64) -> bool {
+        if self.escape_next {
+            self.escape_next = false;
+            return false;
+        }
+        match byte {
+            b'\\' => self.escape_next = true,
+            b'\'' => self.in_string = !self.in_string,
+            _ if self.in_string => {}
+            b'(' => self.open(rows),
+            b')' => self.depth = self.depth.saturating_sub(1),
+            b';' if self.depth == 0 => {
+                self.ended = true;
+                return true;
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn open(&mut self, rows: &mut u64) {
+        *rows += u64::from(self.depth == 0);
+        self.depth += 1;
+    }
+
+    /// 64 bytes at once, as [`TupleCounter::byte`] would take them one by one; where the
+    /// statement ended in them, if it did.
+    #[inline(always)]
+    fn block(&mut self, masks: [u64; 5], block: &[u8; 64], rows: &mut u64) -> Option<usize> {
+        let [backslash, quote, open, close, semicolon] = masks;
+        let escaped = self.escaped(backslash);
+        let quote = quote & !escaped;
+        let carried = if self.in_string { !0 } else { 0 };
+        // A string's opening quote is inside it, its closing quote outside.
+        let in_string = prefix_xor(quote) ^ carried;
+        self.in_string = in_string >> 63 == 1;
+        let mut events = (open | close | semicolon) & !in_string & !escaped;
+        while events != 0 {
+            let at = events.trailing_zeros() as usize;
+            match block[at] {
+                b'(' => self.open(rows),
+                b')' => self.depth = self.depth.saturating_sub(1),
+                _ if self.depth == 0 => {
+                    self.ended = true;
+                    return Some(at);
+                }
+                _ => {}
+            }
+            events &= events - 1;
+        }
+        None
+    }
+
+    /// The bytes of a block that a backslash escapes, given its backslashes: in a run of
+    /// backslashes every other one escapes the next byte (simdjson's `json_escape_scanner`).
+    #[inline(always)]
+    fn escaped(&mut self, backslash: u64) -> u64 {
+        const ODD_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+        let first = u64::from(self.escape_next);
+        if backslash == 0 {
+            self.escape_next = false;
+            return first;
+        }
+        let potential_escape = backslash & !first;
+        let maybe_escaped = potential_escape << 1;
+        let escape_and_terminal_code =
+            ((maybe_escaped | ODD_BITS).wrapping_sub(potential_escape)) ^ ODD_BITS;
+        let escaped = escape_and_terminal_code ^ (backslash | first);
+        let escape = escape_and_terminal_code & backslash;
+        self.escape_next = escape >> 63 == 1;
+        escaped
     }
 }
 
@@ -876,6 +987,64 @@ UNLOCK TABLES;
         dump.push_str(";\n");
         let sections = read_every_way(DumpKind::MySql, dump.as_bytes());
         assert_eq!(find(&sections, "TABLE DATA", "t").rows, 5000);
+    }
+
+    /// The 64-bytes-at-a-time count agrees with the byte-at-a-time one, wherever the input is
+    /// split, on inputs made of the bytes that matter.
+    #[test]
+    fn tuples_counted_by_blocks_are_those_counted_byte_by_byte() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet = b"\\\\\\''''(()),;;xx 0";
+        for round in 0..3000 {
+            let len = (next() % 400) as usize;
+            // Mostly plain text, with runs of the bytes that matter.
+            let input: Vec<u8> = (0..len)
+                .map(|_| match next() % 4 {
+                    0 => b'a',
+                    _ => alphabet[(next() % alphabet.len() as u64) as usize],
+                })
+                .collect();
+            let mut by_byte = TupleCounter::default();
+            let (mut rows, mut used) = (0, input.len());
+            for (i, &b) in input.iter().enumerate() {
+                if by_byte.byte(b, &mut rows) {
+                    used = i + 1;
+                    break;
+                }
+            }
+            let split = (next() % (len as u64 + 1)) as usize;
+            let mut by_block = TupleCounter::default();
+            // This CPU's way, and the one every x86_64 has.
+            let (first, used_first) = by_block.feed(&input[..split]);
+            let (second, used_second) = if round % 2 == 0 {
+                by_block.feed(&input[split..])
+            } else {
+                by_block.feed_with(&input[split..], special_bytes)
+            };
+            let used_blocks = match used_first < split {
+                true => used_first,
+                false => split + used_second,
+            };
+            assert_eq!(
+                (first + second, used_blocks, by_block.ended),
+                (rows, used, by_byte.ended),
+                "round {round}: {:?} split at {split}",
+                String::from_utf8_lossy(&input)
+            );
+            if !by_byte.ended {
+                assert_eq!(
+                    (by_block.depth, by_block.in_string, by_block.escape_next),
+                    (by_byte.depth, by_byte.in_string, by_byte.escape_next),
+                    "round {round}"
+                );
+            }
+        }
     }
 
     #[test]
