@@ -149,6 +149,8 @@ struct Slice {
     id: Id,
     offset: u32,
     len: u32,
+    /// Its number in the stream.
+    place: u64,
 }
 
 /// A frame as the restore's [`Locations`] name it.
@@ -169,6 +171,7 @@ enum Locations<'a> {
 impl Locations<'_> {
     /// The frame holding chunk `id`, needed at stream chunk `place`, and where in it.
     fn chunk(&mut self, id: &Id, place: u64) -> Result<Option<(FrameName, Slice)>> {
+        let at = place;
         let found = match self {
             Locations::Index(index) => index
                 .chunk(id)
@@ -184,6 +187,7 @@ impl Locations<'_> {
                     id: *id,
                     offset,
                     len,
+                    place: at,
                 },
             )
         }))
@@ -229,6 +233,35 @@ pub(crate) type ChunkOut<'a> = dyn FnMut(&Id, u32, Option<&[u8]>) -> Result<()> 
 /// What a copy's receiver has already: a chunk's length, by id.
 pub(crate) type Has<'a> = &'a (dyn Fn(&Id) -> Option<u32> + Sync);
 
+/// The stream chunks a partial restore wants: ranges of chunk numbers, ascending, asked about
+/// in ascending order.
+#[derive(Clone, Copy)]
+struct Wanted<'a> {
+    ranges: &'a [Part],
+}
+
+impl Wanted<'_> {
+    /// Whether chunk `place` is wanted; `None` once no later chunk is.
+    fn has(&mut self, place: u64) -> Option<bool> {
+        while let Some((first, rest)) = self.ranges.split_first()
+            && first.chunks.end <= place
+        {
+            self.ranges = rest;
+        }
+        let first = self.ranges.first()?;
+        Some(first.chunks.start <= place)
+    }
+}
+
+/// Part of a stream, restored alone ([`restore_parts`]): its chunks by number, and what they
+/// must be: their bytes, and the digest of their ids (docs/FORMAT.md §13).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub chunks: std::ops::Range<u64>,
+    pub bytes: u64,
+    pub digest: [u8; 32],
+}
+
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
 struct Planner<'a> {
     repo: &'a Repository,
@@ -243,6 +276,8 @@ struct Planner<'a> {
     cache: Vec<Arc<FrameSlot>>,
     /// Stream chunks already written (by a pass with another index): walked, not planned.
     skip: u64,
+    /// Only these stream chunks (a partial restore), the others walked past.
+    wanted: Option<Wanted<'a>>,
     /// Chunks not to read, because the receiver has them.
     has: Option<Has<'a>>,
 }
@@ -354,8 +389,23 @@ impl Planner<'_> {
             if place <= self.skip {
                 continue;
             }
+            if let Some(wanted) = &mut self.wanted {
+                match wanted.has(place - 1) {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => break,
+                }
+            }
             let (frame, slice) = match self.has.and_then(|has| has(&id)) {
-                Some(len) => (None, Slice { id, offset: 0, len }),
+                Some(len) => (
+                    None,
+                    Slice {
+                        id,
+                        offset: 0,
+                        len,
+                        place: place - 1,
+                    },
+                ),
                 None => {
                     let (frame, slice) =
                         self.locations
@@ -418,9 +468,65 @@ struct Sink<'a> {
     hasher: blake3::Hasher,
     size: u64,
     written: u64,
-    /// Stream chunks written: where a pass with another index resumes.
-    chunks: u64,
+    /// The stream chunk after the last one written: where a pass with another index resumes.
+    next_place: u64,
     next_report: u64,
+    /// A partial restore's parts, checked as they are written.
+    parts: Option<PartsCheck<'a>>,
+}
+
+/// Checks each part of a partial restore as its chunks go out: all of its chunks, in order
+/// (the digest of their ids), and its bytes.
+struct PartsCheck<'a> {
+    parts: &'a [Part],
+    /// The part being written, its digest and bytes so far.
+    at: usize,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl PartsCheck<'_> {
+    fn chunk(&mut self, entry: &SnapshotEntry, slice: &Slice) -> Result<()> {
+        while self
+            .parts
+            .get(self.at)
+            .is_some_and(|p| p.chunks.end <= slice.place)
+        {
+            self.close(entry)?;
+        }
+        if !self
+            .parts
+            .get(self.at)
+            .is_some_and(|p| p.chunks.contains(&slice.place))
+        {
+            return Err(Error::Internal(format!("chunk {} of no part", slice.place)));
+        }
+        self.hasher.update(&slice.id.0);
+        self.bytes += slice.len as u64;
+        Ok(())
+    }
+
+    /// The part being written is complete: it must be what the snapshot says.
+    fn close(&mut self, entry: &SnapshotEntry) -> Result<()> {
+        let part = &self.parts[self.at];
+        let digest = std::mem::replace(
+            &mut self.hasher,
+            blake3::Hasher::new_derive_key(crate::toc::SECTION_DIGEST_CONTEXT),
+        )
+        .finalize();
+        if digest.as_bytes() != &part.digest || self.bytes != part.bytes {
+            return Err(Error::corrupt(
+                format!("snapshot {}", entry.id.short()),
+                format!(
+                    "its chunks {}..{} are not the section its table of contents names",
+                    part.chunks.start, part.chunks.end
+                ),
+            ));
+        }
+        self.bytes = 0;
+        self.at += 1;
+        Ok(())
+    }
 }
 
 impl Sink<'_> {
@@ -428,7 +534,7 @@ impl Sink<'_> {
         match &run.slot {
             None => {
                 for slice in &run.slices {
-                    self.count(entry, slice.len)?;
+                    self.count(entry, slice)?;
                     match &mut self.out {
                         Output::Chunks(out) => out(&slice.id, slice.len, None)?,
                         Output::Stream(_) => {
@@ -440,7 +546,7 @@ impl Sink<'_> {
             Some(slot) => slot.with_raw(|raw| {
                 for slice in &run.slices {
                     let chunk = verified_chunk(repo, raw, slice)?;
-                    self.count(entry, slice.len)?;
+                    self.count(entry, slice)?;
                     match &mut self.out {
                         Output::Stream(out) => {
                             out.write_all(chunk).map_err(Error::Sink)?;
@@ -461,15 +567,19 @@ impl Sink<'_> {
 
     /// Counts a chunk of `len` bytes about to go out. A tree that names chunks over and over
     /// (damaged, or written to hang a restore) stops here, not after an endless stream.
-    fn count(&mut self, entry: &SnapshotEntry, len: u32) -> Result<()> {
-        if self.written + len as u64 > self.size {
+    fn count(&mut self, entry: &SnapshotEntry, slice: &Slice) -> Result<()> {
+        let len = slice.len as u64;
+        if self.written + len > self.size {
             return Err(Error::corrupt(
                 format!("snapshot {}", entry.id.short()),
                 format!("its chunk tree yields more than its {} bytes", self.size),
             ));
         }
-        self.written += len as u64;
-        self.chunks += 1;
+        if let Some(parts) = &mut self.parts {
+            parts.chunk(entry, slice)?;
+        }
+        self.written += len;
+        self.next_place = slice.place + 1;
         Ok(())
     }
 
@@ -494,7 +604,34 @@ pub fn restore(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
-    restore_into(repo, entry, Output::Stream(out), None, progress)
+    restore_into(repo, entry, Output::Stream(out), None, None, progress)
+}
+
+/// Restores only `parts` of `entry`'s stream (ascending, not overlapping; sections of a dump,
+/// docs/FORMAT.md §13) into `out`, one after the other, reading only the frames that hold
+/// them (and the tree). Each chunk is checked against its id, and each part against the
+/// digest of its chunks' ids and its length; the whole stream's hash cannot be.
+pub fn restore_parts(
+    repo: &Repository,
+    entry: &SnapshotEntry,
+    parts: &[Part],
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(&RestoreProgress),
+) -> Result<RestoreSummary> {
+    if parts
+        .windows(2)
+        .any(|w| w[0].chunks.end > w[1].chunks.start)
+    {
+        return Err(Error::Internal("parts out of order".into()));
+    }
+    restore_into(
+        repo,
+        entry,
+        Output::Stream(out),
+        None,
+        Some(parts),
+        progress,
+    )
 }
 
 /// Restores `entry`'s chunks into `out` in stream order, each by id and length, with its
@@ -506,7 +643,14 @@ pub(crate) fn restore_chunks(
     has: Has<'_>,
     out: &mut ChunkOut<'_>,
 ) -> Result<RestoreSummary> {
-    restore_into(repo, entry, Output::Chunks(out), Some(has), &mut |_| {})
+    restore_into(
+        repo,
+        entry,
+        Output::Chunks(out),
+        Some(has),
+        None,
+        &mut |_| {},
+    )
 }
 
 fn restore_into<'a>(
@@ -514,19 +658,29 @@ fn restore_into<'a>(
     entry: &SnapshotEntry,
     out: Output<'a>,
     has: Option<Has<'_>>,
+    parts: Option<&'a [Part]>,
     progress: &'a mut dyn FnMut(&RestoreProgress),
 ) -> Result<RestoreSummary> {
     repo.require_full_key("restore")?;
     let started = Instant::now();
-    let size = entry.snapshot.size;
+    let size = match parts {
+        Some(parts) => parts.iter().map(|p| p.bytes).sum(),
+        None => entry.snapshot.size,
+    };
     let mut sink = Sink {
         out,
         progress,
         hasher: blake3::Hasher::new(),
         size,
         written: 0,
-        chunks: 0,
+        next_place: 0,
         next_report: 0,
+        parts: parts.map(|parts| PartsCheck {
+            parts,
+            at: 0,
+            hasher: blake3::Hasher::new_derive_key(crate::toc::SECTION_DIGEST_CONTEXT),
+            bytes: 0,
+        }),
     };
     // Passes, each going on from where the one before it stopped: the snapshot's packs as
     // the stream reaches them, if it says where it uses them; all their headers at once (a
@@ -554,20 +708,26 @@ fn restore_into<'a>(
 impl Sink<'_> {
     /// Checks what was written against the snapshot, once every chunk is.
     fn finish(mut self, entry: &SnapshotEntry, started: Instant) -> Result<RestoreSummary> {
-        let size = entry.snapshot.size;
+        let size = self.size;
         if let Output::Stream(out) = &mut self.out {
             out.flush().map_err(Error::Sink)?;
         }
         self.report();
 
         let object = format!("snapshot {}", entry.id.short());
+        if let Some(parts) = &mut self.parts {
+            while parts.at < parts.parts.len() {
+                parts.close(entry)?;
+            }
+        }
         if self.written != size {
             return Err(Error::corrupt(
                 object,
                 format!("restored {} bytes, expected {size}", self.written),
             ));
         }
-        if matches!(self.out, Output::Stream(_))
+        if self.parts.is_none()
+            && matches!(self.out, Output::Stream(_))
             && self.hasher.finalize().as_bytes() != &entry.snapshot.stream_hash
         {
             return Err(Error::corrupt(
@@ -640,8 +800,9 @@ fn restore_with(
             stopped,
             spare: spare_tx,
             cache: Vec::new(),
-            skip: sink.chunks,
+            skip: sink.next_place,
             has,
+            wanted: sink.parts.as_ref().map(|p| Wanted { ranges: p.parts }),
         };
         scope.spawn(|| planner.run(repo, entry));
         for run in run_rx {

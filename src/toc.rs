@@ -27,8 +27,11 @@ use crate::dump::DumpKind;
 /// Bytes of a line looked at to tell what it is.
 const HEAD_MAX: usize = 1024;
 
-/// pg_dump's kinds of object that belong to a table, named in their statement.
-const BELONGS_TO_A_TABLE: [&str; 8] = [
+/// pg_dump's kinds of object that belong to a table, named in their statement (a sequence: an
+/// identity column's, or one `OWNED BY` a column).
+const BELONGS_TO_A_TABLE: [&str; 10] = [
+    "SEQUENCE",
+    "SEQUENCE OWNED BY",
     "INDEX",
     "CONSTRAINT",
     "FK CONSTRAINT",
@@ -554,7 +557,15 @@ impl TocReader {
                     LineKind::Other
                 }
                 Dialect::Postgres => {
-                    if self.open.table.is_none() && BELONGS_TO_A_TABLE.contains(&&*self.open.kind) {
+                    let kind = &*self.open.kind;
+                    // (A sequence's own `ALTER TABLE s OWNER TO ...` names no table; an
+                    // identity column's `ALTER TABLE t ALTER COLUMN c ADD GENERATED` does.)
+                    let names_table = kind != "SEQUENCE"
+                        || memchr::memmem::find(line, b" ADD GENERATED ").is_some();
+                    if self.open.table.is_none()
+                        && BELONGS_TO_A_TABLE.contains(&kind)
+                        && names_table
+                    {
                         self.open.table = statement_table(line);
                     }
                     LineKind::Other
@@ -692,12 +703,20 @@ fn unquote_backticks(text: &str) -> String {
 /// I ON [ONLY] T ...`, `CREATE TRIGGER ... ON T ...`; unquoted and schema-qualified as written.
 fn statement_table(line: &[u8]) -> Option<String> {
     let line = std::str::from_utf8(line).ok()?;
+    if line.starts_with("ALTER SEQUENCE ") {
+        // `ALTER SEQUENCE s OWNED BY t.column;`
+        let at = line.find(" OWNED BY ")?;
+        let mut parts = identifier_parts(&line[at + 10..])?;
+        parts.pop();
+        return (!parts.is_empty()).then(|| parts.join("."));
+    }
     let rest = if let Some(rest) = line.strip_prefix("ALTER TABLE ") {
         rest
     } else if line.starts_with("CREATE INDEX ")
         || line.starts_with("CREATE UNIQUE INDEX ")
         || line.starts_with("CREATE TRIGGER ")
         || line.starts_with("CREATE CONSTRAINT TRIGGER ")
+        || line.starts_with("CREATE POLICY ")
     {
         let at = line.find(" ON ")?;
         &line[at + 4..]
@@ -710,6 +729,11 @@ fn statement_table(line: &[u8]) -> Option<String> {
 
 /// The SQL identifier (`a.b`, `"A b"."c""d"`) at the start of `text`, unquoted.
 fn qualified_identifier(text: &str) -> Option<String> {
+    identifier_parts(text).map(|parts| parts.join("."))
+}
+
+/// The parts of the SQL identifier at the start of `text`, unquoted.
+pub(crate) fn identifier_parts(text: &str) -> Option<Vec<String>> {
     let mut parts = Vec::new();
     let mut chars = text.chars().peekable();
     loop {
@@ -744,7 +768,7 @@ fn qualified_identifier(text: &str) -> Option<String> {
         }
         chars.next();
     }
-    Some(parts.join("."))
+    Some(parts)
 }
 
 #[cfg(test)]

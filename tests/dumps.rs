@@ -134,9 +134,9 @@ CREATE TABLE blobs (id int PRIMARY KEY, data bytea);
 INSERT INTO blobs SELECT g, decode(md5(g::text) || md5((g + 1)::text), 'hex') FROM generate_series(1, 3000) g;
 CREATE TABLE big (id int PRIMARY KEY, body text);
 INSERT INTO big VALUES (1, repeat('a large row ', 200000));
-CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers(id), total numeric(10,2));
+CREATE TABLE orders (id serial PRIMARY KEY, customer int REFERENCES customers(id), total numeric(10,2));
 CREATE INDEX orders_customer_idx ON orders (customer);
-INSERT INTO orders SELECT g, (g % 1000) * 10 + 1, g / 7.0 FROM generate_series(1, 5000) g;
+INSERT INTO orders (customer, total) SELECT (g % 1000) * 10 + 1, g / 7.0 FROM generate_series(1, 5000) g;
 ";
 
 const DAILY_CHANGE: &str = "
@@ -178,6 +178,10 @@ trait Database {
     /// `table` (of [`TABLES`]) as its dump names it.
     fn qualified(&self, table: &str) -> String;
     fn count_rows(&self, db: &str, table: &str) -> u64;
+    /// The tables of `db`, sorted.
+    fn tables(&self, db: &str) -> Vec<String>;
+    /// A digest of `table`'s rows in key order.
+    fn table_digest(&self, db: &str, table: &str) -> String;
 }
 
 impl Database for Postgres {
@@ -212,6 +216,14 @@ impl Database for Postgres {
         self.query(db, &format!("SELECT count(*) FROM {table}"))
             .parse()
             .unwrap()
+    }
+    fn tables(&self, db: &str) -> Vec<String> {
+        let sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
+        self.query(db, sql).lines().map(str::to_string).collect()
+    }
+    fn table_digest(&self, db: &str, table: &str) -> String {
+        let sql = format!("SELECT md5(string_agg(t::text, E'\\n' ORDER BY id)) FROM {table} t");
+        self.query(db, &sql)
     }
 }
 
@@ -248,6 +260,88 @@ impl Database for MariaDb {
             .parse()
             .unwrap()
     }
+    fn tables(&self, db: &str) -> Vec<String> {
+        let sql = format!(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = '{db}' ORDER BY 1"
+        );
+        self.query(&sql).lines().map(str::to_string).collect()
+    }
+    fn table_digest(&self, db: &str, table: &str) -> String {
+        let out = self.query(&format!("CHECKSUM TABLE {db}.{table}"));
+        out.split('\t').nth(1).unwrap().to_string()
+    }
+}
+
+/// `bkp restore --table` of the latest `shop` snapshot into new databases: one table alone
+/// (its foreign key to a table not restored left out, with a note), two tables together (the
+/// key kept), and a name that is not there.
+fn assert_restores_tables(repo: &Repo, db: &dyn Database) {
+    let name = db.name();
+    db.create_database("onlyorders");
+    let out = ok(
+        repo,
+        &format!(
+            "bkp restore latest --tag shop --table orders | {}",
+            db.restore_command("onlyorders")
+        ),
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("left out a foreign key to") && stderr.contains("customers"),
+        "{name}: {stderr}"
+    );
+    assert_eq!(db.tables("onlyorders"), ["orders"], "{name}");
+    assert_eq!(
+        db.table_digest("onlyorders", "orders"),
+        db.table_digest("shop", "orders"),
+        "{name}"
+    );
+    db.create_database("twotables");
+    let out = ok(
+        repo,
+        &format!(
+            "bkp restore latest --tag shop --table {} --table customers | {}",
+            db.qualified("orders"),
+            db.restore_command("twotables")
+        ),
+    );
+    assert!(
+        !text(&out.stderr).contains("foreign key"),
+        "{name}: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(db.tables("twotables"), ["customers", "orders"], "{name}");
+    for table in ["customers", "orders"] {
+        assert_eq!(
+            db.table_digest("twotables", table),
+            db.table_digest("shop", table),
+            "{name} {table}"
+        );
+    }
+    // The foreign key came along: a row for a customer that does not exist is refused.
+    let refused = shell(
+        repo,
+        &format!(
+            "echo 'INSERT INTO orders (id, customer, total) VALUES (999999, 424242, 1);' | {}",
+            db.restore_command("twotables")
+        ),
+    );
+    assert!(
+        !refused.status.success(),
+        "{name}: the foreign key is missing"
+    );
+    let unknown = shell(repo, "bkp restore latest --tag shop --table order");
+    assert_eq!(
+        unknown.status.code(),
+        Some(1),
+        "{name}: {}",
+        text(&unknown.stderr)
+    );
+    assert!(
+        text(&unknown.stderr).contains("did you mean") && text(&unknown.stderr).contains("orders"),
+        "{name}: {}",
+        text(&unknown.stderr)
+    );
 }
 
 /// `bkp ls` of the latest `shop` snapshot: every table, with the rows the database holds.
@@ -358,6 +452,7 @@ fn shared_scenarios(repo: &Repo, db: &dyn Database, unchanged_max: u64, missing_
         [format!("changed {}", db.qualified("customers"))]
     );
     assert_ls_counts_rows(repo, db);
+    assert_restores_tables(repo, db);
 
     // A dump that fails, at the start or midway, never records a snapshot.
     let missing_db = quote(&db.dump_argv("nosuchdb"));
