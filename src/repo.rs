@@ -938,6 +938,12 @@ impl Repository {
         self.delete_objects(replaces)
     }
 
+    /// Stores a drill's record (`name`, sealed), durably.
+    pub(crate) fn commit_drill(&self, name: &str, sealed: Vec<u8>) -> Result<()> {
+        self.store.put_new(name, sealed)?;
+        self.store.barrier()
+    }
+
     /// Stores an obsolete list (prune's marks), durably.
     pub(crate) fn commit_obsolete_list(&self, list: &ObsoleteList) -> Result<()> {
         let sealed = if self.config.format_version >= SHARED_OBSOLETE_FORMAT {

@@ -577,7 +577,92 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
         text(&out.stderr)
     );
 
+    assert_drills(&repo, &pg, dir.path());
     assert_fails_without_server(&repo, &mut pg, "connection");
+}
+
+/// `bkp drill` into scratch databases: one that succeeds, one whose psql fails (the tables
+/// exist already), one interrupted; each recorded and shown by `bkp snapshots`.
+fn assert_drills(repo: &Repo, pg: &Postgres, dir: &Path) {
+    let last_drill = || -> serde_json::Value {
+        let out = ok(repo, "bkp snapshots --json --tag shop");
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        listed[0]["series_last_drill"].clone()
+    };
+    assert!(last_drill().is_null());
+    pg.sql("postgres", "CREATE DATABASE drill");
+    let psql = pg.restore_command("drill");
+    let metrics = dir.join("drill.prom");
+    let out = ok(
+        repo,
+        &format!(
+            "bkp drill latest --tag shop --metrics-file {} -- {psql}",
+            metrics.display()
+        ),
+    );
+    assert!(text(&out.stderr).contains("OK"), "{}", text(&out.stderr));
+    let drill = last_drill();
+    assert_eq!(drill["ok"], true, "{drill}");
+    assert!(drill["bytes"].as_u64().unwrap() > 1_000_000, "{drill}");
+    assert_eq!(Database::tables(pg, "drill"), Database::tables(pg, "shop"));
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        prom.contains("bkp_drill_last_exit_code{tags=\"shop\"} 0"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("bkp_drill_last_success_timestamp_seconds"),
+        "{prom}"
+    );
+    let listed = text(&ok(repo, "bkp snapshots --tag shop").stdout);
+    assert!(
+        listed.contains("shop: last drill") && listed.contains(" OK"),
+        "{listed}"
+    );
+
+    // Again into the same database: psql stops at the first CREATE TABLE, exit 9, recorded.
+    let failed = shell(repo, &format!("bkp drill latest --tag shop -- {psql}"));
+    assert_eq!(failed.status.code(), Some(9), "{}", text(&failed.stderr));
+    assert!(
+        text(&failed.stderr).contains("FAILED"),
+        "{}",
+        text(&failed.stderr)
+    );
+    let drill = last_drill();
+    assert_eq!(drill["ok"], false, "{drill}");
+    assert!(
+        drill["failure"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3"),
+        "{drill}"
+    );
+    let listed = text(&ok(repo, "bkp snapshots --tag shop").stdout);
+    assert!(listed.contains("FAILED"), "{listed}");
+
+    // Interrupted while the command does not read: stopped, recorded, 128 + SIGTERM.
+    let interrupted = shell(
+        repo,
+        "bkp drill latest --tag shop -- sleep 60 & pid=$!; sleep 2; kill -TERM $pid; wait $pid",
+    );
+    assert_eq!(
+        interrupted.status.code(),
+        Some(143),
+        "{}",
+        text(&interrupted.stderr)
+    );
+    let drill = last_drill();
+    assert_eq!(drill["failure"], "interrupted by signal 15", "{drill}");
+
+    // A command that does not exist is a failed drill too.
+    let missing = shell(repo, "bkp drill latest --tag shop -- no-such-psql -d drill");
+    assert_eq!(missing.status.code(), Some(9), "{}", text(&missing.stderr));
+    assert!(
+        last_drill()["failure"]
+            .as_str()
+            .unwrap()
+            .contains("could not be started"),
+    );
 }
 
 #[test]

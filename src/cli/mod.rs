@@ -16,6 +16,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 use zeroize::Zeroizing;
 
+mod drill;
 mod maintenance;
 mod metrics;
 mod tables;
@@ -34,6 +35,8 @@ Exit codes:
   7    no dump to save: the dump command failed (non-zero exit, killed, or could not be
        started) or the input was empty; nothing was recorded
   8    the storage refused the credentials (S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
+  9    drill failed: its command exited non-zero, stopped reading or could not be started
+       (the failure is recorded; a restore that fails verification is 5, also recorded)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP; nothing was recorded
   141  restore output closed early (broken pipe, e.g. `| head`)";
 
@@ -141,6 +144,9 @@ enum Commands {
     /// Which tables changed between two snapshots of a dump, were added or removed
     #[command(after_help = DIFF_HELP)]
     Diff(DiffArgs),
+    /// Restore a snapshot into a command (a scratch database) and record whether it worked
+    #[command(after_help = DRILL_HELP)]
+    Drill(DrillArgs),
     /// Verify the repository: structure, and with --read-data the stored data itself
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
@@ -491,6 +497,41 @@ Examples:
   bkp diff 1a2b3c4d latest --tag shop
   bkp diff 1a2b3c4d 5e6f7a8b --json";
 
+const DRILL_HELP: &str = "\
+A backup is only as good as its last restore. `bkp drill` restores the snapshot into COMMAND's
+standard input (a client of a scratch database), checks that every byte verified and that
+COMMAND exited 0, and records the outcome in the repository (time, duration, bytes, host,
+command, and what failed): `bkp snapshots` shows each series' last drill, `--json` too.
+COMMAND's output goes to stderr. Exit codes: 0 the drill succeeded; 9 COMMAND failed (exited
+non-zero, stopped reading, could not be started); 5 the restore failed verification; 130/143
+interrupted (recorded as such). A password in COMMAND's arguments is refused, as for backup.
+
+Examples:
+  createdb scratch && bkp drill latest --tag shop -- psql -q -v ON_ERROR_STOP=1 -d scratch
+  bkp drill latest --tag shop --metrics-file /var/lib/node_exporter/bkp-drill-shop.prom \\
+      -- mariadb scratch
+Weekly, from cron (drop and create the scratch database around it):
+  0 4 * * 0  dropdb --if-exists scratch && createdb scratch && bkp drill latest --tag shop -q -- psql -q -v ON_ERROR_STOP=1 -d scratch
+or the systemd units examples/systemd/bkp-drill-shop.service and .timer.";
+
+#[derive(Args)]
+struct DrillArgs {
+    /// Snapshot id (a unique prefix is enough) or `latest`
+    snapshot: String,
+    /// With `latest`: the newest snapshot having all these tags
+    #[arg(short, long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Print the recorded drill as one JSON object
+    #[arg(long)]
+    json: bool,
+    /// Write the outcome (exit code, times, bytes) to this file for node_exporter's textfile collector
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<std::path::PathBuf>,
+    /// The command to restore into (no shell), e.g. psql -v ON_ERROR_STOP=1 -d scratch
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
+}
+
 #[derive(Args)]
 struct LsArgs {
     /// Snapshot id (a unique prefix is enough) or `latest`
@@ -577,6 +618,7 @@ pub fn run() -> Result<ExitCode> {
         Commands::Snapshots(args) => snapshots(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Ls(args) => tables::ls(&location, args).map(|()| ExitCode::SUCCESS),
         Commands::Diff(args) => tables::diff(&location, args).map(|()| ExitCode::SUCCESS),
+        Commands::Drill(args) => drill::drill_with_metrics(&location, cli.quiet, args),
         Commands::Check(args) => check(&location, cli.quiet, args),
         Commands::Forget(args) => forget(&location, cli.quiet, args).map(|()| ExitCode::SUCCESS),
         Commands::Stats(args) => stats(&location, args).map(|()| ExitCode::SUCCESS),
@@ -1028,14 +1070,12 @@ fn backup_with_metrics(location: &str, quiet: bool, mut args: BackupArgs) -> Res
         Err(err) => (exit_status(err), None),
     };
     let outcome = metrics::Outcome {
+        job: metrics::Job::Backup,
         tags: &tags,
         exit_code,
         ended: std::time::SystemTime::now(),
         duration: started.elapsed(),
-        saved: saved.map(|summary| metrics::Saved {
-            bytes_read: summary.snapshot.snapshot.size,
-            bytes_added: summary.bytes_stored,
-        }),
+        sizes: saved.map(|summary| vec![summary.snapshot.snapshot.size, summary.bytes_stored]),
     };
     if let Err(why) = metrics::write(&path, &outcome) {
         eprintln!("bkp: warning: the metrics file was not written: {why:#}");
@@ -1469,9 +1509,31 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
     let list = repo.snapshots(&args.tags)?;
     // Shown as such (with their tags unknown: they cannot be read), not only warned about.
     let damaged = repo.take_damaged_objects("snapshots/");
+    // Each series' last restore drill (one listing and one read per series).
+    let mut drills: Vec<(Vec<String>, Option<bkp::drill::Drill>)> = Vec::new();
+    for entry in &list {
+        if !drills.iter().any(|(tags, _)| *tags == entry.snapshot.tags) {
+            let drill = repo.last_drill(&entry.snapshot.tags)?;
+            drills.push((entry.snapshot.tags.clone(), drill));
+        }
+    }
+    let last_drill = |tags: &Vec<String>| {
+        drills
+            .iter()
+            .find(|(t, _)| t == tags)
+            .and_then(|(_, d)| d.as_ref())
+    };
     let mut out = io::stdout().lock();
     if args.json {
-        let mut array: Vec<_> = list.iter().map(snapshot_json).collect();
+        let mut array: Vec<_> = list
+            .iter()
+            .map(|entry| {
+                let mut value = snapshot_json(entry);
+                value["series_last_drill"] = last_drill(&entry.snapshot.tags)
+                    .map_or(serde_json::Value::Null, drill::drill_json);
+                value
+            })
+            .collect();
         array.extend(damaged.iter().map(|(object, error)| {
             json!({
                 "id": object.rsplit('/').next(),
@@ -1547,6 +1609,35 @@ fn snapshots(location: &str, args: SnapshotsArgs) -> Result<()> {
         )?;
     }
     writeln!(out)?;
+    for (tags, drill) in &drills {
+        let series = match tags.is_empty() {
+            true => "(no tags)".to_string(),
+            false => tags.join(","),
+        };
+        let Some(drill) = drill else {
+            writeln!(
+                out,
+                "{series}: never drilled (`bkp drill` restores into a scratch database)"
+            )?;
+            continue;
+        };
+        let time = humantime::format_rfc3339_seconds(drill.time).to_string();
+        let when = time.get(..16).unwrap_or(&time).replace('T', " ");
+        match &drill.failure {
+            None => writeln!(
+                out,
+                "{series}: last drill {when} OK, snapshot {}, {} in {:.0} s",
+                drill.snapshot.short(),
+                HumanBytes(drill.bytes),
+                drill.duration.as_secs_f64()
+            )?,
+            Some(why) => writeln!(
+                out,
+                "{series}: last drill {when} FAILED, snapshot {}: {why}",
+                drill.snapshot.short()
+            )?,
+        }
+    }
     Ok(())
 }
 
