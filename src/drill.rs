@@ -1,6 +1,6 @@
 //! Restore drills: the record of a snapshot restored into a command (a scratch database's
 //! client) and whether that worked, kept in the repository so that `bkp snapshots` can say when
-//! each series last proved restorable (docs/FORMAT.md §15).
+//! each series last proved restorable (docs/FORMAT.md §14).
 //!
 //! A drill is a write-once object `drills/<series name>/<newest first>-<id>`: sealed to the
 //! metadata key like a snapshot, named by the hash of its bytes (`<id>`) after the time it

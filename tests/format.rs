@@ -788,6 +788,51 @@ fn decode_from_the_specification(fixture: &Fixture) {
         assert!(marker_files.is_empty());
     }
 
+    // §14: restore drills, each filed under its series and named by its time and hash.
+    if fixture.toc {
+        let drills = files_under(&root, "drills");
+        assert_eq!(drills.len(), 1, "the fixture's one drill");
+        for file in drills {
+            let bytes = std::fs::read(&file).unwrap();
+            let name = file.file_name().unwrap().to_str().unwrap();
+            let (newest_first, id) = name.split_once('-').unwrap();
+            assert_eq!(id, blake3::hash(&bytes).to_hex().as_str());
+            let plain = open_metadata(&keys, b"BKPDRL01", &bytes);
+            let mut r = Reader::new(&plain);
+            let snapshot = hex::encode(r.array32());
+            let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
+            let series = file
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert_eq!(series_tags(&keys.chunk_id_key, series), tags);
+            let time = (r.varint(), r.varint());
+            let nanos = time.0 as u128 * 1_000_000_000 + time.1 as u128;
+            assert_eq!(
+                u64::MAX - u64::from_str_radix(newest_first, 16).unwrap(),
+                nanos as u64
+            );
+            let _duration = (r.varint(), r.varint());
+            let bytes_restored = r.varint();
+            let _hostname = r.string();
+            assert_eq!(r.string(), "wc -c");
+            assert_eq!(r.bytes(1), [0], "the drill succeeded");
+            assert!(r.rest_is_zero());
+            // It restored the whole of the newest snapshot.
+            let drilled = markers_expected
+                .iter()
+                .position(|(id, _, _)| *id == snapshot)
+                .expect("a drill of one of the fixture's snapshots");
+            let (_, _, drilled_nanos) = markers_expected[drilled];
+            let newest = markers_expected.iter().map(|m| m.2).max().unwrap();
+            assert_eq!(drilled_nanos, newest);
+            assert_eq!(bytes_restored, fixture.streams[2].0);
+        }
+    }
+
     // §8: walk each tree and rebuild its stream, noting where each node and chunk is needed:
     // the number of stream chunks before it (§11.2).
     fn walk(
