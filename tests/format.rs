@@ -770,13 +770,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
                 0,
                 "markers are empty"
             );
-            let series = marker
-                .parent()
-                .unwrap()
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap();
+            let series = name_of(marker.parent().unwrap());
             assert_eq!(&series_tags(&keys.chunk_id_key, series), tags);
             let file = marker.file_name().unwrap().to_str().unwrap();
             let (newest_first, marked) = file.split_once('-').unwrap();
@@ -801,13 +795,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
             let mut r = Reader::new(&plain);
             let snapshot = hex::encode(r.array32());
             let tags: Vec<String> = (0..r.varint()).map(|_| r.string()).collect();
-            let series = file
-                .parent()
-                .unwrap()
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap();
+            let series = name_of(file.parent().unwrap());
             assert_eq!(series_tags(&keys.chunk_id_key, series), tags);
             let time = (r.varint(), r.varint());
             let nanos = time.0 as u128 * 1_000_000_000 + time.1 as u128;
@@ -963,6 +951,11 @@ fn decode_from_the_specification(fixture: &Fixture) {
             assert_eq!((at, chunk), (len, stream_chunks.len() as u64));
         }
     }
+}
+
+/// The last component of `path`.
+fn name_of(path: &Path) -> &str {
+    path.file_name().unwrap().to_str().unwrap()
 }
 
 /// A table of contents entry (§13), as the specification's decoder reads it.

@@ -20,7 +20,7 @@ pub(super) fn drill_with_metrics(location: &str, quiet: bool, args: DrillArgs) -
         return drill(location, quiet, args).map(|(code, _)| ExitCode::from(code));
     };
     let started = Instant::now();
-    let tags = args.tags.clone();
+    let tags = args.pick.tags.clone();
     let result = drill(location, quiet, args);
     let (exit_code, restored) = match &result {
         Ok((code, drill)) => (*code, drill.as_ref().filter(|d| d.ok()).map(|d| d.bytes)),
@@ -51,7 +51,7 @@ fn drill(location: &str, quiet: bool, args: DrillArgs) -> Result<(u8, Option<Dri
         return Err(Error::PasswordInCommand { form }.into());
     }
     let repo = open_repository(location, Access::FullKeyTo("run a restore drill"))?;
-    let entry = pick_snapshot(&repo, &args.snapshot, &args.tags)?;
+    let entry = pick_snapshot(&repo, &args.pick)?;
     repo.warn_now();
     let command_line = bkp::command::display_command(&args.command);
 

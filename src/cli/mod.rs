@@ -422,13 +422,20 @@ struct BackupArgs {
     command: Vec<std::ffi::OsString>,
 }
 
+/// Which snapshot a command reads.
 #[derive(Args)]
-struct RestoreArgs {
+struct Pick {
     /// Snapshot id (a unique prefix is enough) or `latest`
     snapshot: String,
     /// With `latest`: the newest snapshot having all these tags (complete, readable, not dated more than an hour ahead; skipped newer ones are named on stderr)
     #[arg(short, long = "tag", value_name = "TAG")]
     tags: Vec<String>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    pick: Pick,
     /// Write to this new file instead of standard output (removed again if the restore fails)
     #[arg(short, long, value_name = "FILE")]
     output: Option<std::path::PathBuf>,
@@ -516,11 +523,8 @@ or the systemd units examples/systemd/bkp-drill-shop.service and .timer.";
 
 #[derive(Args)]
 struct DrillArgs {
-    /// Snapshot id (a unique prefix is enough) or `latest`
-    snapshot: String,
-    /// With `latest`: the newest snapshot having all these tags
-    #[arg(short, long = "tag", value_name = "TAG")]
-    tags: Vec<String>,
+    #[command(flatten)]
+    pick: Pick,
     /// Print the recorded drill as one JSON object
     #[arg(long)]
     json: bool,
@@ -534,11 +538,8 @@ struct DrillArgs {
 
 #[derive(Args)]
 struct LsArgs {
-    /// Snapshot id (a unique prefix is enough) or `latest`
-    snapshot: String,
-    /// With `latest`: the newest snapshot having all these tags
-    #[arg(short, long = "tag", value_name = "TAG")]
-    tags: Vec<String>,
+    #[command(flatten)]
+    pick: Pick,
     /// Print a JSON array: name, rows, bytes, new_bytes, schema_bytes per table
     #[arg(long)]
     json: bool,
@@ -1274,8 +1275,13 @@ fn backup_json(summary: &BackupSummary) -> serde_json::Value {
     })
 }
 
+/// The snapshot `pick` names: an id (a unique prefix) or `latest`, among those with its tags.
+fn pick_snapshot(repo: &Repository, pick: &Pick) -> Result<SnapshotEntry> {
+    pick_by(repo, &pick.snapshot, &pick.tags)
+}
+
 /// The snapshot `spec` names: an id (a unique prefix) or `latest`, among those with `tags`.
-fn pick_snapshot(repo: &Repository, spec: &str, tags: &[String]) -> Result<SnapshotEntry> {
+fn pick_by(repo: &Repository, spec: &str, tags: &[String]) -> Result<SnapshotEntry> {
     if spec != "latest" {
         return Ok(repo.find_snapshot(spec, tags)?);
     }
@@ -1293,7 +1299,7 @@ fn pick_snapshot(repo: &Repository, spec: &str, tags: &[String]) -> Result<Snaps
 
 fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("restore"))?;
-    let entry = pick_snapshot(&repo, &args.snapshot, &args.tags)?;
+    let entry = pick_snapshot(&repo, &args.pick)?;
     repo.warn_now();
     if entry.snapshot.dump_complete() == Some(false) {
         // Said even with --quiet: restoring a truncated dump must never go unnoticed.

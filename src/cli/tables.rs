@@ -7,7 +7,7 @@ use super::*;
 /// The snapshot `spec` names, read whole: a listing of a long series may take it from a
 /// catalog (docs/FORMAT.md §11.3), which keeps no table of contents.
 fn pick_whole(repo: &Repository, spec: &str, tags: &[String]) -> Result<SnapshotEntry> {
-    let entry = pick_snapshot(repo, spec, tags)?;
+    let entry = pick_by(repo, spec, tags)?;
     if entry.snapshot.toc.is_empty() {
         return Ok(repo.find_snapshot(&entry.id.to_hex(), &[])?);
     }
@@ -35,7 +35,7 @@ fn no_table_of_contents(entry: &SnapshotEntry) -> anyhow::Error {
 
 pub(super) fn ls(location: &str, args: LsArgs) -> Result<()> {
     let repo = open_repository(location, Access::FullKeyTo("list a snapshot's tables"))?;
-    let entry = pick_whole(&repo, &args.snapshot, &args.tags)?;
+    let entry = pick_whole(&repo, &args.pick.snapshot, &args.pick.tags)?;
     let tables = tables_of(&entry)?;
     let mut out = io::stdout().lock();
     if args.json {

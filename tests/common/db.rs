@@ -163,22 +163,7 @@ impl Postgres {
     }
 
     pub fn sql(&self, db: &str, sql: &str) {
-        run(
-            Command::new("psql").args([
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                &self.host(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ]),
-            "psql",
-        );
+        self.query(db, sql);
     }
 
     /// The result of a query, unaligned and without headers.
@@ -302,16 +287,7 @@ impl MariaDb {
     }
 
     pub fn sql(&self, sql: &str) {
-        run(
-            Command::new("mariadb").args([
-                "--no-defaults",
-                &self.socket_arg(),
-                "-uroot",
-                "-e",
-                sql,
-            ]),
-            "mariadb",
-        );
+        self.query(sql);
     }
 
     /// The result of a query, tab-separated and without headers.
