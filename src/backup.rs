@@ -1018,15 +1018,17 @@ pub(crate) fn backup_from(
                     hash: facts.hash,
                     dump: Some(facts.dump),
                     toc: match facts.toc {
-                        Some(sections) => runs.entries(sections).unwrap_or_else(|| {
-                            progress(BackupEvent::Warning(
-                                "the dump's table of contents did not match its chunks and \
+                        Some(sections) if !sections.is_empty() => {
+                            runs.entries(sections).unwrap_or_else(|| {
+                                progress(BackupEvent::Warning(
+                                    "the dump's table of contents did not match its chunks and \
                                  is left out: `ls`, `diff` and `restore --table` will not \
                                  know this snapshot's tables",
-                            ));
-                            Vec::new()
-                        }),
-                        None => Vec::new(),
+                                ));
+                                Vec::new()
+                            })
+                        }
+                        _ => Vec::new(),
                     },
                 })
                 .map_err(|_| Error::Internal("the input's reading thread stopped".into()))?,

@@ -174,10 +174,21 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Option<Vec<TableDiff>> {
 /// or without its schema (or database) when only one table has that last part. An unknown or
 /// ambiguous name is an error that lists the near matches.
 pub fn resolve(snapshot: &Snapshot, asked: &[String]) -> Result<Vec<String>> {
+    let kind = snapshot
+        .annotations
+        .get(crate::snapshot::annotation::DUMP_KIND);
+    if kind.is_some_and(|k| k == crate::DumpKind::PostgresCustom.name()) {
+        return Err(Error::invalid(
+            "table",
+            "this snapshot is a pg_dump custom archive, whose tables are not SQL in the \
+             stream: restore it whole into pg_restore, e.g. `bkp restore ID | pg_restore -t \
+             TABLE -d scratch`",
+        ));
+    }
     let known = tables(snapshot).ok_or_else(|| {
         Error::invalid(
             "table",
-            "this snapshot has no table of contents (only plain pg_dump and mysqldump streams \
+            "this snapshot has no table of contents (only plain pg_dump, uncompressed pg_dump -Fc and mysqldump streams \
              backed up by bkp 0.3 or later have one): restore the whole snapshot",
         )
     })?;

@@ -576,6 +576,37 @@ fn postgres_dumps_round_trip_dedup_and_fail_loudly() {
         "{}",
         text(&out.stderr)
     );
+    // An uncompressed custom archive has a table of contents too: its data blocks, with rows.
+    let custom = dump_toc(
+        &pg.dump_command(&["-Fc", "-Z0"], "shop"),
+        bkp::DumpKind::PostgresCustom,
+    );
+    assert_rows(
+        &custom,
+        &[
+            ("public.customers", 19_999),
+            ("public.blobs", 3_000),
+            ("public.big", 1),
+            ("public.orders", 5_000),
+        ],
+    );
+    let listed = ok(&repo, "bkp ls latest --tag fc --json");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let orders = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "public.orders")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(orders["rows"], 5_000);
+    // Its tables are not SQL in the stream: restore --table says what to do instead.
+    let refused = shell(&repo, "bkp restore latest --tag fc --table orders");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("pg_restore"),
+        "{}",
+        text(&refused.stderr)
+    );
 
     assert_drills(&repo, &pg, dir.path());
     assert_fails_without_server(&repo, &mut pg, "connection");

@@ -485,10 +485,11 @@ Examples:
   bkp restore latest --tag crm --table public.orders | psql -v ON_ERROR_STOP=1 -d scratch";
 
 const LS_HELP: &str = "\
-bkp reads the table of contents of a plain pg_dump or a mysqldump/mariadb-dump stream while it
-backs it up (docs/FORMAT.md section 13): each table's rows (COPY rows or INSERT value tuples)
-and bytes, and digests of its data and definition. `ls` and `diff` read only that, never the
-stream. Snapshots of other streams (pg_dump -Fc, compressed dumps) have none.
+bkp reads the table of contents of a plain pg_dump, an uncompressed custom archive (pg_dump -Fc
+-Z0) or a mysqldump/mariadb-dump stream while it backs it up (docs/FORMAT.md section 13): each
+table's rows (COPY rows or INSERT value tuples) and bytes, and digests of its data and
+definition. `ls` and `diff` read only that, never the stream. Snapshots of other streams
+(compressed archives or dumps) have none.
 
 Examples:
   bkp ls latest --tag shop

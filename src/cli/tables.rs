@@ -27,8 +27,8 @@ fn no_table_of_contents(entry: &SnapshotEntry) -> anyhow::Error {
         .map_or("unknown", String::as_str);
     anyhow::anyhow!(
         "snapshot {} has no table of contents (its stream is {kind}): bkp reads one from \
-         plain pg_dump and mysqldump/mariadb-dump streams, in backups made by bkp 0.3 or later; \
-         restore the whole snapshot instead",
+         plain pg_dump, uncompressed pg_dump -Fc and mysqldump/mariadb-dump streams, in \
+         backups made by bkp 0.3 or later; restore the whole snapshot instead",
         entry.id.short()
     )
 }

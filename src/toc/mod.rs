@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dump::DumpKind;
 
+mod custom;
+
 /// Bytes of a line looked at to tell what it is.
 const HEAD_MAX: usize = 1024;
 
@@ -379,7 +381,53 @@ impl TupleCounter {
 }
 
 /// Reads the table of contents of a stream fed to it block by block ([`TocReader::feed`]).
-pub struct TocReader {
+pub struct TocReader(Reader);
+
+enum Reader {
+    Text(TextToc),
+    Custom(custom::CustomToc),
+}
+
+impl TocReader {
+    /// A reader for a dump of `kind`; `None` for kinds without a table of contents.
+    pub fn for_dump(kind: DumpKind) -> Option<TocReader> {
+        Some(TocReader(match kind {
+            DumpKind::PostgresPlain => Reader::Text(TextToc::new(Dialect::Postgres)),
+            DumpKind::MySql => Reader::Text(TextToc::new(Dialect::MySql)),
+            DumpKind::PostgresCustom => Reader::Custom(custom::CustomToc::default()),
+            _ => return None,
+        }))
+    }
+
+    /// The next block of the stream.
+    pub fn feed(&mut self, block: &[u8]) {
+        match &mut self.0 {
+            Reader::Text(toc) => toc.feed(block),
+            Reader::Custom(toc) => toc.feed(block),
+        }
+    }
+
+    /// Where sections started since the last call (stream offsets, ascending; never 0): a
+    /// backup ends a chunk at each, so that a section is made of whole chunks.
+    pub fn take_starts(&mut self) -> Vec<u64> {
+        match &mut self.0 {
+            Reader::Text(toc) => std::mem::take(&mut toc.starts),
+            Reader::Custom(toc) => toc.take_starts(),
+        }
+    }
+
+    /// The sections, once the whole stream is fed (a last line without a newline may start
+    /// one: [`TocReader::take_starts`] says so after this).
+    pub fn finish(&mut self) -> Vec<Section> {
+        match &mut self.0 {
+            Reader::Text(toc) => toc.finish(),
+            Reader::Custom(toc) => toc.finish(),
+        }
+    }
+}
+
+/// The table of contents of a text dump (pg_dump plain, mysqldump), line by line.
+struct TextToc {
     dialect: Dialect,
     /// Stream offset of the next byte fed.
     at: u64,
@@ -400,15 +448,9 @@ pub struct TocReader {
     database: Option<String>,
 }
 
-impl TocReader {
-    /// A reader for a dump of `kind`; `None` for kinds without a table of contents.
-    pub fn for_dump(kind: DumpKind) -> Option<TocReader> {
-        let dialect = match kind {
-            DumpKind::PostgresPlain => Dialect::Postgres,
-            DumpKind::MySql => Dialect::MySql,
-            _ => return None,
-        };
-        Some(TocReader {
+impl TextToc {
+    fn new(dialect: Dialect) -> TextToc {
+        TextToc {
             dialect,
             at: 0,
             sections: Vec::new(),
@@ -421,11 +463,10 @@ impl TocReader {
             in_insert: false,
             tuples: TupleCounter::default(),
             database: None,
-        })
+        }
     }
 
-    /// The next block of the stream.
-    pub fn feed(&mut self, block: &[u8]) {
+    fn feed(&mut self, block: &[u8]) {
         let mut i = 0;
         while i < block.len() {
             if self.in_insert && self.head.is_empty() {
@@ -486,15 +527,7 @@ impl TocReader {
         }
     }
 
-    /// Where sections started since the last call (stream offsets, ascending; never 0): a
-    /// backup ends a chunk at each, so that a section is made of whole chunks.
-    pub fn take_starts(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.starts)
-    }
-
-    /// The sections, once the whole stream is fed (a last line without a newline may start
-    /// one: [`TocReader::take_starts`] says so after this).
-    pub fn finish(&mut self) -> Vec<Section> {
+    fn finish(&mut self) -> Vec<Section> {
         if self.line.is_none() && !self.head.is_empty() {
             self.head_complete();
         }
@@ -1081,7 +1114,6 @@ UNLOCK TABLES;
 
     #[test]
     fn streams_of_other_kinds_have_no_table_of_contents() {
-        assert!(TocReader::for_dump(DumpKind::PostgresCustom).is_none());
         assert!(TocReader::for_dump(DumpKind::Unknown).is_none());
     }
 }
