@@ -1019,7 +1019,7 @@ pub(crate) fn backup_from(
                     dump: Some(facts.dump),
                     toc: match facts.toc {
                         Some(sections) if !sections.is_empty() => {
-                            runs.entries(sections).unwrap_or_else(|| {
+                            runs.entries(sections, &root).unwrap_or_else(|| {
                                 progress(BackupEvent::Warning(
                                     "the dump's table of contents did not match its chunks and \
                                  is left out: `ls`, `diff` and `restore --table` will not \
@@ -1156,13 +1156,10 @@ fn stream_chunks<R: ChunkInput>(
         dedup.added.chunks += 1;
         let new_before = dedup.added.new_raw;
         dedup.offer(id, chunk, false, place)?;
-        runs.chunk(
-            place,
-            offset,
-            &id.0,
-            at_cut,
-            dedup.added.new_raw - new_before,
-        );
+        let new_bytes = dedup.added.new_raw - new_before;
+        runs.chunk(place, offset, &id.0, at_cut, new_bytes, || {
+            tree.cursor(place)
+        });
         // (After the first chunk is looked up: by then the parent's first packs are in.)
         report_detected(progress);
         tree.push(id, place, &mut |node, at| dedup.store_tree_node(node, at))?;

@@ -403,6 +403,7 @@ mod round_trips {
                         chunks: n[4],
                         digest,
                         new_bytes: n[5],
+                        tree_path: vec![crate::tree::TreeStep { index: n[0] as u32, place: n[1] }],
                     })
                     .collect(),
             };

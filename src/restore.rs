@@ -24,9 +24,9 @@ use crate::id::Id;
 use crate::index::Index;
 use crate::pack_reader::{Fetch, FrameReader, bases_of, fetch, fetch_frame};
 use crate::repo::Repository;
-use crate::snapshot::SnapshotEntry;
+use crate::snapshot::{PackRef, SnapshotEntry};
 use crate::stream_index::{FrameKey, HeaderSource, MAX_CHUNKS_HELD, StreamIndex, Strictness};
-use crate::tree::TreeWalker;
+use crate::tree::{TreeStep, TreeWalker};
 
 /// Decoded frames kept for reuse by later runs.
 const CACHED_FRAMES: usize = 8;
@@ -260,6 +260,9 @@ pub struct Part {
     pub chunks: std::ops::Range<u64>,
     pub bytes: u64,
     pub digest: [u8; 32],
+    /// Where its first chunk is in the snapshot's tree; empty if not known (the whole tree is
+    /// walked then).
+    pub tree_path: Vec<TreeStep>,
 }
 
 /// Walks the tree, groups chunks into runs and queues decodes, reusing recently decoded frames.
@@ -377,65 +380,132 @@ impl Planner<'_> {
         let mut reader = FrameReader::of_fetches(repo);
         let mut node_frames = Vec::new();
         let mut walker = TreeWalker::new(&entry.snapshot.tree);
-        let mut current: Option<(Option<FrameName>, Vec<Slice>)> = None;
-        // Stream chunks walked: the place of the next one.
-        let mut place = 0u64;
-        loop {
-            let next = walker.next_id(&mut |id| {
-                self.read_node(id, place, &mut reader, &mut node_frames, entry)
-            })?;
-            let Some(id) = next else { break };
-            place += 1;
-            if place <= self.skip {
-                continue;
-            }
-            if let Some(wanted) = &mut self.wanted {
-                match wanted.has(place - 1) {
-                    Some(true) => {}
-                    Some(false) => continue,
-                    None => break,
+        let mut run = None;
+        if let Some(parts) = self.wanted.map(|w| w.ranges).filter(|p| has_paths(p)) {
+            // Parts that say where they are in the tree: only the nodes above them are read.
+            for part in parts {
+                if part.chunks.end <= self.skip {
+                    continue;
                 }
-            }
-            let (frame, slice) = match self.has.and_then(|has| has(&id)) {
-                Some(len) => (
-                    None,
-                    Slice {
-                        id,
-                        offset: 0,
-                        len,
-                        place: place - 1,
-                    },
-                ),
-                None => {
-                    let (frame, slice) =
-                        self.locations
-                            .chunk(&id, place - 1)?
-                            .ok_or_else(|| Error::Missing {
-                                object: format!(
-                                    "chunk {} of snapshot {}",
-                                    id.short(),
-                                    entry.id.short()
-                                ),
-                            })?;
-                    (Some(frame), slice)
-                }
-            };
-            match &mut current {
-                Some((open, slices)) if *open == frame => slices.push(slice),
-                _ => {
-                    if let Some((frame, slices)) = current.replace((frame, vec![slice]))
-                        && !self.send(frame, slices)?
-                    {
+                walker.seek(&entry.snapshot.tree, &part.tree_path, &mut |id, at| {
+                    self.read_node(id, at, &mut reader, &mut node_frames, entry)
+                })?;
+                for place in part.chunks.clone() {
+                    let next = walker.next_id(&mut |id| {
+                        self.read_node(id, place, &mut reader, &mut node_frames, entry)
+                    })?;
+                    let Some(id) = next else {
+                        return Err(Error::corrupt(
+                            format!("snapshot {}", entry.id.short()),
+                            "its chunk tree ends inside a section of its table of contents",
+                        ));
+                    };
+                    if place >= self.skip && !self.queue(id, place, &mut run, entry)? {
                         return Ok(());
                     }
                 }
             }
+        } else {
+            // Stream chunks walked: the place of the next one.
+            let mut place = 0u64;
+            loop {
+                let next = walker.next_id(&mut |id| {
+                    self.read_node(id, place, &mut reader, &mut node_frames, entry)
+                })?;
+                let Some(id) = next else { break };
+                place += 1;
+                if place <= self.skip {
+                    continue;
+                }
+                if let Some(wanted) = &mut self.wanted {
+                    match wanted.has(place - 1) {
+                        Some(true) => {}
+                        Some(false) => continue,
+                        None => break,
+                    }
+                }
+                if !self.queue(id, place - 1, &mut run, entry)? {
+                    return Ok(());
+                }
+            }
         }
-        if let Some((frame, slices)) = current {
+        if let Some((frame, slices)) = run {
             self.send(frame, slices)?;
         }
         Ok(())
     }
+
+    /// Adds stream chunk `id` at `place` to the open run, or sends that run and opens another
+    /// in the chunk's frame; false when the writer has stopped.
+    fn queue(
+        &mut self,
+        id: Id,
+        place: u64,
+        run: &mut Option<(Option<FrameName>, Vec<Slice>)>,
+        entry: &SnapshotEntry,
+    ) -> Result<bool> {
+        let (frame, slice) = match self.has.and_then(|has| has(&id)) {
+            Some(len) => (
+                None,
+                Slice {
+                    id,
+                    offset: 0,
+                    len,
+                    place,
+                },
+            ),
+            None => {
+                let (frame, slice) =
+                    self.locations
+                        .chunk(&id, place)?
+                        .ok_or_else(|| Error::Missing {
+                            object: format!(
+                                "chunk {} of snapshot {}",
+                                id.short(),
+                                entry.id.short()
+                            ),
+                        })?;
+                (Some(frame), slice)
+            }
+        };
+        match run {
+            Some((open, slices)) if *open == frame => slices.push(slice),
+            _ => {
+                if let Some((frame, slices)) = run.replace((frame, vec![slice])) {
+                    return self.send(frame, slices);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Whether every part says where it is in the tree (those of a table of contents do).
+fn has_paths(parts: &[Part]) -> bool {
+    parts.iter().all(|p| !p.tree_path.is_empty())
+}
+
+/// The packs a restore of `parts` uses: those used at their chunks or at the places of the
+/// tree nodes above them. (All of them for parts without paths: the whole tree is walked.)
+fn packs_for_parts(packs: &[PackRef], parts: &[Part]) -> Vec<PackRef> {
+    if !has_paths(parts) {
+        return packs.to_vec();
+    }
+    packs
+        .iter()
+        .filter(|pack| {
+            let Some(uses) = pack.uses else { return true };
+            parts.iter().any(|part| {
+                let chunks = uses.first < part.chunks.end && uses.last >= part.chunks.start;
+                chunks
+                    || part
+                        .tree_path
+                        .iter()
+                        .any(|step| (uses.first..=uses.last).contains(&step.place))
+            })
+        })
+        .copied()
+        .collect()
 }
 
 /// The chunk at `offset..offset + len` of a decoded frame, checked against its id.
@@ -785,7 +855,10 @@ fn restore_with(
             Lookup::Stream => Locations::Stream(Box::new(StreamIndex::start(
                 scope,
                 HeaderSource::Store(repo),
-                &entry.snapshot.packs,
+                &match &sink.parts {
+                    Some(parts) => packs_for_parts(&entry.snapshot.packs, parts.parts),
+                    None => entry.snapshot.packs.clone(),
+                },
                 Strictness::Exact {
                     max_chunks_held: MAX_CHUNKS_HELD,
                 },

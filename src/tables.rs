@@ -352,6 +352,7 @@ pub fn restore_tables(
             chunks: e.first_chunk..e.first_chunk + e.chunks,
             bytes: e.len(),
             digest: e.digest,
+            tree_path: e.tree_path.clone(),
         })
         .collect();
     let mut writer = SectionWriter {
@@ -543,6 +544,7 @@ mod tests {
             chunks: 1,
             digest: [0; 32],
             new_bytes: 0,
+            tree_path: Vec::new(),
         };
         Snapshot {
             time: std::time::SystemTime::UNIX_EPOCH,

@@ -40,7 +40,62 @@ pub struct TreeBuilder {
     levels: Vec<(Vec<Id>, u64)>,
 }
 
+/// One step of a path down the tree from its root to a stream chunk: which entry of the root or
+/// node, and the place of what that entry names (a node's first stream chunk, or the chunk's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeStep {
+    pub index: u32,
+    pub place: u64,
+}
+
+/// Where a stream chunk will be in a tree still being built ([`TreeBuilder::cursor`]): its
+/// steps from the bottom up, for the levels that exist so far.
+#[derive(Clone, Debug, Default)]
+pub struct TreeCursor(Vec<TreeStep>);
+
+impl TreeCursor {
+    /// The path from the root of the finished tree (of `root.height`) down to the chunk: the
+    /// levels made after the cursor was taken hold its ancestors as their first entries.
+    pub fn path(&self, root: &TreeRoot) -> Vec<TreeStep> {
+        let levels = usize::from(root.height) + 1;
+        let mut steps = self.0.clone();
+        let top_place = steps.last().map_or(0, |s| s.place);
+        while steps.len() < levels {
+            steps.push(TreeStep {
+                index: 0,
+                place: top_place,
+            });
+        }
+        steps.truncate(levels);
+        steps.reverse();
+        steps
+    }
+}
+
 impl TreeBuilder {
+    /// Where stream chunk `place`, about to be pushed, will be: for each level so far, its
+    /// index in the open node there, and the place of its ancestor at that level.
+    pub fn cursor(&self, place: u64) -> TreeCursor {
+        let mut steps = Vec::with_capacity(self.levels.len() + 1);
+        let mut element_place = place;
+        for (pending, start) in &self.levels {
+            steps.push(TreeStep {
+                index: pending.len() as u32,
+                place: element_place,
+            });
+            // The node of the next level up: the open one, or one this element starts.
+            if !pending.is_empty() {
+                element_place = *start;
+            }
+        }
+        // The first element of a level not made yet.
+        steps.push(TreeStep {
+            index: 0,
+            place: element_place,
+        });
+        TreeCursor(steps)
+    }
+
     /// Adds stream chunk number `place`.
     pub fn push(
         &mut self,
@@ -107,13 +162,41 @@ impl TreeBuilder {
 /// Walks a tree's data chunk ids in order, fetching nodes as it goes (depth-first, so memory is
 /// one node per level).
 pub struct TreeWalker {
-    stack: Vec<(Vec<Id>, usize, u8)>,
+    stack: Vec<Level>,
+}
+
+/// A node (or the root) being walked: its ids, the next one to take, its height.
+struct Level {
+    /// `None` for the root.
+    node: Option<Id>,
+    ids: Vec<Id>,
+    pos: usize,
+    height: u8,
+}
+
+/// The ids a node's bytes hold.
+fn node_ids(id: &Id, bytes: &[u8]) -> Result<Vec<Id>> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(Id::LEN) {
+        return Err(Error::corrupt(
+            format!("tree node {}", id.short()),
+            format!("length {} is not a whole number of ids", bytes.len()),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(Id::LEN)
+        .filter_map(Id::from_slice)
+        .collect())
 }
 
 impl TreeWalker {
     pub fn new(root: &TreeRoot) -> TreeWalker {
         TreeWalker {
-            stack: vec![(root.ids.clone(), 0, root.height)],
+            stack: vec![Level {
+                node: None,
+                ids: root.ids.clone(),
+                pos: 0,
+                height: root.height,
+            }],
         }
     }
 
@@ -122,31 +205,78 @@ impl TreeWalker {
         fetch_node: &mut impl FnMut(&Id) -> Result<Vec<u8>>,
     ) -> Result<Option<Id>> {
         loop {
-            let Some((ids, pos, height)) = self.stack.last_mut() else {
+            let Some(level) = self.stack.last_mut() else {
                 return Ok(None);
             };
-            let Some(&id) = ids.get(*pos) else {
+            let Some(&id) = level.ids.get(level.pos) else {
                 self.stack.pop();
                 continue;
             };
-            *pos += 1;
-            if *height == 0 {
+            level.pos += 1;
+            if level.height == 0 {
                 return Ok(Some(id));
             }
-            let child_height = *height - 1;
-            let bytes = fetch_node(&id)?;
-            if bytes.is_empty() || bytes.len() % Id::LEN != 0 {
-                return Err(Error::corrupt(
-                    format!("tree node {}", id.short()),
-                    format!("length {} is not a whole number of ids", bytes.len()),
-                ));
-            }
-            let children = bytes
-                .chunks_exact(Id::LEN)
-                .filter_map(Id::from_slice)
-                .collect();
-            self.stack.push((children, 0, child_height));
+            let height = level.height - 1;
+            let ids = node_ids(&id, &fetch_node(&id)?)?;
+            self.stack.push(Level {
+                node: Some(id),
+                ids,
+                pos: 0,
+                height,
+            });
         }
+    }
+
+    /// Moves to the stream chunk at the end of `path` (from the root of `root`), so that
+    /// [`TreeWalker::next_id`] returns it next and the chunks after it then. Only the nodes on
+    /// the path that the walker does not hold already are fetched, each with its place.
+    pub fn seek(
+        &mut self,
+        root: &TreeRoot,
+        path: &[TreeStep],
+        fetch_node: &mut impl FnMut(&Id, u64) -> Result<Vec<u8>>,
+    ) -> Result<()> {
+        let bad_path =
+            |why: &str| Error::corrupt("a table of contents' tree path", why.to_string());
+        if path.len() != usize::from(root.height) + 1 {
+            return Err(bad_path("its length is not the tree's height"));
+        }
+        let mut stack = Vec::with_capacity(path.len());
+        let (mut node, mut ids) = (None, root.ids.clone());
+        for (depth, step) in path.iter().enumerate() {
+            let height = root.height - depth as u8;
+            let index = step.index as usize;
+            let Some(&child) = ids.get(index) else {
+                return Err(bad_path("it goes past the end of a node"));
+            };
+            if height == 0 {
+                stack.push(Level {
+                    node,
+                    ids,
+                    pos: index,
+                    height,
+                });
+                break;
+            }
+            let held = self
+                .stack
+                .get(depth + 1)
+                .filter(|level| level.node == Some(child))
+                .map(|level| level.ids.clone());
+            let child_ids = match held {
+                Some(child_ids) => child_ids,
+                None => node_ids(&child, &fetch_node(&child, step.place)?)?,
+            };
+            stack.push(Level {
+                node,
+                ids: std::mem::replace(&mut ids, child_ids),
+                pos: index + 1,
+                height,
+            });
+            node = Some(child);
+        }
+        self.stack = stack;
+        Ok(())
     }
 }
 
@@ -191,6 +321,59 @@ mod tests {
         (0..n)
             .map(|i| Id(*blake3::hash(&[&i.to_le_bytes()[..], &[salt]].concat()).as_bytes()))
             .collect()
+    }
+
+    /// A path taken while building leads a walker to its chunk, fetching each node at its own
+    /// place and only the nodes it does not hold; walking on from there gives the chunks after.
+    #[test]
+    fn a_cursor_taken_while_building_leads_a_walker_to_its_chunk() {
+        for n in [1, 64, 65, 1000, 70_000] {
+            let (mut nodes, mut places) = (HashMap::new(), HashMap::new());
+            let list = ids(n, 5);
+            let targets: Vec<usize> = [0, 1, n / 3, n / 2, n.saturating_sub(2), n - 1]
+                .into_iter()
+                .filter(|&t| t < n)
+                .collect();
+            let mut cursors = Vec::new();
+            let root = {
+                let mut store = |bytes: Vec<u8>, place: u64| {
+                    let id = Id(*blake3::hash(&bytes).as_bytes());
+                    nodes.insert(id, bytes);
+                    places.insert(id, place);
+                    Ok(id)
+                };
+                let mut builder = TreeBuilder::default();
+                for (place, id) in list.iter().enumerate() {
+                    if targets.contains(&place) {
+                        cursors.push((place, builder.cursor(place as u64)));
+                    }
+                    builder.push(*id, place as u64, &mut store).unwrap();
+                }
+                builder.finish(&mut store).unwrap()
+            };
+            let mut walker = TreeWalker::new(&root);
+            let mut fetched = 0;
+            for (place, cursor) in &cursors {
+                let path = cursor.path(&root);
+                assert_eq!(path.len(), usize::from(root.height) + 1);
+                assert_eq!(path.last().unwrap().place, *place as u64);
+                walker
+                    .seek(&root, &path, &mut |id, at| {
+                        assert_eq!(places[id], at, "n = {n}: a node fetched at its place");
+                        fetched += 1;
+                        Ok(nodes[id].clone())
+                    })
+                    .unwrap();
+                for expected in &list[*place..(*place + 3).min(n)] {
+                    let got = walker.next_id(&mut |id| Ok(nodes[id].clone())).unwrap();
+                    assert_eq!(got, Some(*expected), "n = {n}, place {place}");
+                }
+            }
+            assert!(
+                fetched <= cursors.len() * usize::from(root.height),
+                "n = {n}"
+            );
+        }
     }
 
     #[test]

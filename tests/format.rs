@@ -717,6 +717,8 @@ fn decode_from_the_specification(fixture: &Fixture) {
                 let (first_chunk, chunks) = (r.varint(), r.varint());
                 let digest = r.array32();
                 let _new_bytes = r.varint();
+                let tree_path: Vec<(u64, u64)> =
+                    (0..r.varint()).map(|_| (r.varint(), r.varint())).collect();
                 toc.push(TocEntry {
                     kind,
                     name,
@@ -727,6 +729,7 @@ fn decode_from_the_specification(fixture: &Fixture) {
                     first_chunk,
                     chunks,
                     digest,
+                    tree_path,
                 });
             }
         }
@@ -934,6 +937,24 @@ fn decode_from_the_specification(fixture: &Fixture) {
                     digest.update(id);
                 });
                 assert_eq!(digest.finalize().as_bytes(), &entry.digest);
+                // The tree path leads from the root to the section's first chunk, each step
+                // naming the place (first stream chunk) of what it leads to.
+                assert_eq!(entry.tree_path.len(), usize::from(*height) + 1);
+                let (mut ids, mut before) = (root_ids.clone(), 0u64);
+                for (depth, &(index, place)) in entry.tree_path.iter().enumerate() {
+                    let level = *height - depth as u8;
+                    for sibling in &ids[..index as usize] {
+                        before += leaves(sibling, level, &chunks);
+                    }
+                    assert_eq!(place, before, "{} at depth {depth}", entry.name);
+                    if level > 0 {
+                        ids = chunks[&ids[index as usize]]
+                            .chunks_exact(32)
+                            .map(|c| c.try_into().unwrap())
+                            .collect();
+                    }
+                }
+                assert_eq!(before, entry.first_chunk);
                 let section = &stream[entry.start as usize..entry.end as usize];
                 if entry.kind == "TABLE DATA" {
                     // COPY rows: the lines between the COPY line and `\.`.
@@ -953,6 +974,17 @@ fn decode_from_the_specification(fixture: &Fixture) {
     }
 }
 
+/// Stream chunks below tree entry `id` at `height` (0: it is one).
+fn leaves(id: &[u8; 32], height: u8, chunks: &std::collections::HashMap<[u8; 32], Vec<u8>>) -> u64 {
+    if height == 0 {
+        return 1;
+    }
+    chunks[id]
+        .chunks_exact(32)
+        .map(|child| leaves(child.try_into().unwrap(), height - 1, chunks))
+        .sum()
+}
+
 /// The last component of `path`.
 fn name_of(path: &Path) -> &str {
     path.file_name().unwrap().to_str().unwrap()
@@ -969,6 +1001,8 @@ struct TocEntry {
     first_chunk: u64,
     chunks: u64,
     digest: [u8; 32],
+    /// (index, place) from the root down to the first chunk.
+    tree_path: Vec<(u64, u64)>,
 }
 
 #[test]
@@ -1057,7 +1091,7 @@ fn format_v4_fixture_restores_and_checks_with_bkp() {
 
 #[test]
 fn format_v4_fixture_with_tables_of_contents_restores_lists_and_diffs_with_bkp() {
-    restores_and_checks(&V4_TOC, ["6b16be79", "a7b23b91", "876715f5"]);
+    restores_and_checks(&V4_TOC, ["6e676050", "d1393c9d", "9a1afc18"]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(V4_TOC.dir);
     let json = |args: &[&str]| -> serde_json::Value {
         serde_json::from_slice(&common::stdout_of(
@@ -1065,7 +1099,7 @@ fn format_v4_fixture_with_tables_of_contents_restores_lists_and_diffs_with_bkp()
         ))
         .unwrap()
     };
-    let listed = json(&["ls", "6b16be79", "--json"]);
+    let listed = json(&["ls", "6e676050", "--json"]);
     let names: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -1075,7 +1109,7 @@ fn format_v4_fixture_with_tables_of_contents_restores_lists_and_diffs_with_bkp()
     assert_eq!(names, ["public.t0", "public.t1", "public.t2", "public.t3"]);
     assert!(listed.as_array().unwrap().iter().all(|t| t["rows"] == 1200));
     // Every table of the generated dump changes from one day to the next.
-    let diff = json(&["diff", "6b16be79", "latest", "--tag", "fixture", "--json"]);
+    let diff = json(&["diff", "6e676050", "latest", "--tag", "fixture", "--json"]);
     let tables = diff["tables"].as_array().unwrap();
     assert_eq!(tables.len(), 4);
     for table in tables {
@@ -1083,7 +1117,7 @@ fn format_v4_fixture_with_tables_of_contents_restores_lists_and_diffs_with_bkp()
         assert_eq!(table["rows_before"], 1200, "{table}");
     }
     // A snapshot against itself: nothing changed.
-    let same = json(&["diff", "a7b23b91", "a7b23b91", "--json"]);
+    let same = json(&["diff", "d1393c9d", "d1393c9d", "--json"]);
     assert!(
         same["tables"]
             .as_array()

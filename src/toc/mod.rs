@@ -23,6 +23,7 @@ use memchr::memchr;
 use serde::{Deserialize, Serialize};
 
 use crate::dump::DumpKind;
+use crate::tree::{TreeCursor, TreeRoot, TreeStep};
 
 mod custom;
 
@@ -76,6 +77,9 @@ pub struct Entry {
     pub digest: [u8; 32],
     /// Bytes of its chunks that the backup stored as new (not yet in the repository).
     pub new_bytes: u64,
+    /// The path from the snapshot's tree root down to its first chunk, so that a restore of
+    /// the section reads only the tree nodes above its chunks.
+    pub tree_path: Vec<TreeStep>,
 }
 
 impl Entry {
@@ -110,12 +114,22 @@ struct Run {
     chunks: u64,
     new_bytes: u64,
     digest: [u8; 32],
+    cursor: TreeCursor,
 }
 
 impl ChunkRuns {
     /// The next chunk of the stream: `number`, at `offset`, starting a run if `at_cut` (or if
-    /// it is the first); `new_bytes` of it were stored as new (its length, or 0).
-    pub fn chunk(&mut self, number: u64, offset: u64, id: &[u8; 32], at_cut: bool, new_bytes: u64) {
+    /// it is the first), where `cursor` says it will be in the tree; `new_bytes` of it were
+    /// stored as new (its length, or 0).
+    pub fn chunk(
+        &mut self,
+        number: u64,
+        offset: u64,
+        id: &[u8; 32],
+        at_cut: bool,
+        new_bytes: u64,
+        cursor: impl FnOnce() -> TreeCursor,
+    ) {
         if at_cut || self.open.is_none() {
             self.close();
             let run = Run {
@@ -124,6 +138,7 @@ impl ChunkRuns {
                 chunks: 0,
                 new_bytes: 0,
                 digest: [0; 32],
+                cursor: cursor(),
             };
             self.open = Some((run, blake3::Hasher::new_derive_key(SECTION_DIGEST_CONTEXT)));
         }
@@ -141,8 +156,9 @@ impl ChunkRuns {
     }
 
     /// The sections with their chunks, if each starts where a run does (so it must, but a
-    /// table of contents that does not match is left out rather than recorded wrong).
-    pub fn entries(mut self, sections: Vec<Section>) -> Option<Vec<Entry>> {
+    /// table of contents that does not match is left out rather than recorded wrong), in the
+    /// tree of `root`.
+    pub fn entries(mut self, sections: Vec<Section>, root: &TreeRoot) -> Option<Vec<Entry>> {
         self.close();
         if sections.len() != self.runs.len() {
             return None;
@@ -157,6 +173,7 @@ impl ChunkRuns {
                     chunks: run.chunks,
                     digest: run.digest,
                     new_bytes: run.new_bytes,
+                    tree_path: run.cursor.path(root),
                 })
             })
             .collect()
