@@ -1354,8 +1354,12 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     if !quiet {
+        let what = match tables.is_empty() {
+            true => String::new(),
+            false => format!("{} of ", tables.join(", ")),
+        };
         eprintln!(
-            "restored snapshot {}: {} verified, {:.1} s",
+            "restored {what}snapshot {}: {} verified, {:.1} s",
             entry.id.short(),
             HumanBytes(summary.bytes_written),
             summary.elapsed.as_secs_f64()
