@@ -200,15 +200,7 @@ pub fn dump_toc(bytes: &[u8]) {
         _ => crate::DumpKind::PostgresCustom,
     };
     let read = |step: usize| {
-        let mut reader = crate::toc::TocReader::for_dump(kind).expect("a dialect with a toc");
-        let mut starts = Vec::new();
-        for block in stream.chunks(step) {
-            reader.feed(block);
-            starts.extend(reader.take_starts());
-        }
-        let sections = reader.finish();
-        starts.extend(reader.take_starts());
-        (sections, starts)
+        crate::toc::read_in_blocks(kind, stream, step).expect("a kind with a table of contents")
     };
     let (sections, starts) = read(usize::from(first >> 2) + 1);
     assert_eq!(

@@ -81,11 +81,7 @@ fn snapshot_count(repo: &Repo) -> usize {
 fn dump_toc(argv: &[String], kind: bkp::DumpKind) -> Vec<bkp::toc::Section> {
     let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
     assert!(out.status.success(), "{argv:?}: {}", text(&out.stderr));
-    let mut reader = bkp::toc::TocReader::for_dump(kind).unwrap();
-    for block in out.stdout.chunks(64 << 10) {
-        reader.feed(block);
-    }
-    let sections = reader.finish();
+    let (sections, _) = bkp::toc::read_in_blocks(kind, &out.stdout, 64 << 10).unwrap();
     assert_eq!(sections.last().unwrap().end, out.stdout.len() as u64);
     sections
 }

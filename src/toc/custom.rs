@@ -391,7 +391,6 @@ impl Section {
 mod tests {
     use super::*;
     use crate::dump::DumpKind;
-    use crate::toc::TocReader;
 
     fn int(out: &mut Vec<u8>, value: i64) {
         out.push(u8::from(value < 0));
@@ -474,15 +473,7 @@ mod tests {
     }
 
     fn read(archive: &[u8], block: usize) -> (Vec<Section>, Vec<u64>) {
-        let mut reader = TocReader::for_dump(DumpKind::PostgresCustom).unwrap();
-        let mut starts = Vec::new();
-        for piece in archive.chunks(block) {
-            reader.feed(piece);
-            starts.extend(reader.take_starts());
-        }
-        let sections = reader.finish();
-        starts.extend(reader.take_starts());
-        (sections, starts)
+        crate::toc::read_in_blocks(DumpKind::PostgresCustom, archive, block).unwrap()
     }
 
     #[test]

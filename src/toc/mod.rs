@@ -443,6 +443,26 @@ impl TocReader {
     }
 }
 
+/// The sections of a `kind` stream fed in blocks of `block` bytes, and the section starts told
+/// along the way; `None` for kinds without a table of contents. (Tests and fuzzing: a backup
+/// feeds the blocks it reads.)
+#[doc(hidden)]
+pub fn read_in_blocks(
+    kind: DumpKind,
+    stream: &[u8],
+    block: usize,
+) -> Option<(Vec<Section>, Vec<u64>)> {
+    let mut reader = TocReader::for_dump(kind)?;
+    let mut starts = Vec::new();
+    for piece in stream.chunks(block.max(1)) {
+        reader.feed(piece);
+        starts.extend(reader.take_starts());
+    }
+    let sections = reader.finish();
+    starts.extend(reader.take_starts());
+    Some((sections, starts))
+}
+
 /// The table of contents of a text dump (pg_dump plain, mysqldump), line by line.
 struct TextToc {
     dialect: Dialect,
@@ -827,15 +847,7 @@ mod tests {
 
     /// The sections of `dump` fed in blocks of `block` bytes, and the starts it told of.
     fn read(kind: DumpKind, dump: &[u8], block: usize) -> (Vec<Section>, Vec<u64>) {
-        let mut reader = TocReader::for_dump(kind).unwrap();
-        let mut starts = Vec::new();
-        for piece in dump.chunks(block) {
-            reader.feed(piece);
-            starts.extend(reader.take_starts());
-        }
-        let sections = reader.finish();
-        starts.extend(reader.take_starts());
-        (sections, starts)
+        read_in_blocks(kind, dump, block).unwrap()
     }
 
     /// The sections are the same however the stream is cut into blocks, they cover the
