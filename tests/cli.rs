@@ -465,8 +465,10 @@ fn the_snapshots_table_fits_80_columns_for_a_usual_series() {
     }
     let table = String::from_utf8(common::stdout_of(bkp(&repo).arg("snapshots"))).unwrap();
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 4, "{table}");
+    // The header, two snapshots, the count, the series' last drill (none yet).
+    assert_eq!(lines.len(), 5, "{table}");
     assert!(lines[0].starts_with("id "), "{table}");
+    assert!(lines[4].starts_with("shop: never drilled"), "{table}");
     for line in &lines {
         assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
     }
