@@ -286,14 +286,16 @@ mod tests {
     use std::collections::HashMap;
 
     fn build(ids: &[Id], nodes: &mut HashMap<Id, Vec<u8>>) -> TreeRoot {
-        build_placed(ids, nodes, &mut HashMap::new())
+        build_placed(ids, nodes, &mut HashMap::new(), |_, _| {})
     }
 
-    /// Also records each node's place.
+    /// Also records each node's place, and shows the builder to `before_push` before each
+    /// chunk is pushed.
     fn build_placed(
         ids: &[Id],
         nodes: &mut HashMap<Id, Vec<u8>>,
         places: &mut HashMap<Id, u64>,
+        mut before_push: impl FnMut(&TreeBuilder, usize),
     ) -> TreeRoot {
         let mut store = |bytes: Vec<u8>, place: u64| {
             let id = Id(*blake3::hash(&bytes).as_bytes());
@@ -303,6 +305,7 @@ mod tests {
         };
         let mut builder = TreeBuilder::default();
         for (place, id) in ids.iter().enumerate() {
+            before_push(&builder, place);
             builder.push(*id, place as u64, &mut store).unwrap();
         }
         builder.finish(&mut store).unwrap()
@@ -335,22 +338,11 @@ mod tests {
                 .filter(|&t| t < n)
                 .collect();
             let mut cursors = Vec::new();
-            let root = {
-                let mut store = |bytes: Vec<u8>, place: u64| {
-                    let id = Id(*blake3::hash(&bytes).as_bytes());
-                    nodes.insert(id, bytes);
-                    places.insert(id, place);
-                    Ok(id)
-                };
-                let mut builder = TreeBuilder::default();
-                for (place, id) in list.iter().enumerate() {
-                    if targets.contains(&place) {
-                        cursors.push((place, builder.cursor(place as u64)));
-                    }
-                    builder.push(*id, place as u64, &mut store).unwrap();
+            let root = build_placed(&list, &mut nodes, &mut places, |builder, place| {
+                if targets.contains(&place) {
+                    cursors.push((place, builder.cursor(place as u64)));
                 }
-                builder.finish(&mut store).unwrap()
-            };
+            });
             let mut walker = TreeWalker::new(&root);
             let mut fetched = 0;
             for (place, cursor) in &cursors {
@@ -392,7 +384,7 @@ mod tests {
         for n in [1, 65, 1000, 50_000] {
             let (mut nodes, mut places) = (HashMap::new(), HashMap::new());
             let list = ids(n, 3);
-            let root = build_placed(&list, &mut nodes, &mut places);
+            let root = build_placed(&list, &mut nodes, &mut places, |_, _| {});
             // Walk the tree as a restore does, noting where each node is read.
             let mut walker = TreeWalker::new(&root);
             let mut emitted = 0u64;
