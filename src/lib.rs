@@ -82,7 +82,7 @@ pub use id::Id;
 pub use index::{IndexFile, IndexedPack};
 pub use keys::{KeyInfo, add_key, change_password, find_key, list_keys, remove_key};
 pub use repo::{Config, InitOptions, Repository, hostname};
-pub use restore::{RestoreProgress, RestoreSummary, restore};
+pub use restore::{RestoreProgress, RestoreSummary, restore, restore_checking_stream_hash};
 pub use snapshot::{AddedBytes, MAX_CLOCK_SKEW, Snapshot, SnapshotEntry, annotation};
 pub use source::Source;
 pub use spill::set_sort_memory;

@@ -75,8 +75,10 @@ fn drill(location: &str, quiet: bool, args: DrillArgs) -> Result<(u8, Option<Dri
         Ok(mut child) => {
             child_pid.store(child.id(), Ordering::SeqCst);
             let stdin = child.stdin.take().expect("piped");
-            let mut out = BufWriter::with_capacity(1 << 20, stdin);
-            let restored = bkp::restore(&repo, &entry, &mut out, &mut |p| {
+            super::grow_pipe(&stdin);
+            let mut out = BufWriter::with_capacity(super::PIPE_BYTES, stdin);
+            // A drill is the deep check: the stream against the hash the backup took of it too.
+            let restored = bkp::restore_checking_stream_hash(&repo, &entry, &mut out, &mut |p| {
                 bytes = p.bytes_written;
             });
             drop(out); // end of input for the command
