@@ -913,7 +913,7 @@ pub(crate) fn backup_from(
     let next_send_log = send_log_dir.map(|dir| SendLogWriter::create(dir, key, &series));
     let session = PackSession::new(key);
     let threads = match options.threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        0 => repo.workers(),
         n => n,
     };
 

@@ -98,6 +98,9 @@ pub struct Repository {
     /// Data session keys a put-only writer knows (its own, from its send log), by ephemeral
     /// public key: the only frames it can read back.
     known_data_sessions: Mutex<HashMap<[u8; 32], CipherKey>>,
+    /// Threads a backup compresses and a restore decodes with; 0: one per core this process
+    /// may run on (its CPU affinity: `taskset`, a cgroup's cpuset).
+    workers: usize,
 }
 
 /// What a backup deduplicates against, as [`Repository::parent_for_backup`] found it.
@@ -350,6 +353,20 @@ impl Repository {
             config,
             damaged: Mutex::new(damaged),
             known_data_sessions: Mutex::new(HashMap::new()),
+            workers: 0,
+        }
+    }
+
+    /// Sets how many threads backups and restores work with (0: one per core).
+    pub fn set_workers(&mut self, workers: usize) {
+        self.workers = workers;
+    }
+
+    /// How many threads backups and restores work with.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
         }
     }
 

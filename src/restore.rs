@@ -857,7 +857,7 @@ fn restore_with(
     has: Option<Has<'_>>,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = repo.workers();
     std::thread::scope(|scope| -> Result<()> {
         // Dropped when this closure returns, however it returns, which releases the planner.
         let (_writing, stopped) = bounded::<()>(0);

@@ -33,6 +33,34 @@ fn backup_then_restore_latest_by_tag_is_byte_identical() {
 }
 
 #[test]
+fn threads_come_from_the_option_or_the_environment_and_zero_is_refused() {
+    let (_dir, repo) = local_repo();
+    let shop = dumpgen::dump(3_000_000, 1);
+    bkp(&repo)
+        .args(["backup", "--tag", "shop", "--threads", "1"])
+        .write_stdin(shop.clone())
+        .assert()
+        .success();
+    let one = bkp(&repo)
+        .env("BKP_THREADS", "1")
+        .args(["restore", "latest"])
+        .assert()
+        .success();
+    assert!(one.get_output().stdout == shop);
+    let three = bkp(&repo)
+        .args(["restore", "latest", "--threads", "3"])
+        .assert()
+        .success();
+    assert!(three.get_output().stdout == shop);
+    bkp(&repo)
+        .env("BKP_THREADS", "0")
+        .args(["restore", "latest"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--threads"));
+}
+
+#[test]
 fn summary_is_two_lines_that_fit_a_terminal_and_quiet_prints_nothing() {
     let (_dir, repo) = local_repo();
     bkp(&repo)

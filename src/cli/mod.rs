@@ -75,6 +75,8 @@ Environment:
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL
                          S3 credentials, region and endpoint (an S3-compatible server's URL);
                          AWS_ALLOW_HTTP=true allows a plain-http endpoint
+  BKP_THREADS            threads for backup and restore (instead of --threads; default: one per
+                         core this process may run on)
   BKP_RETRY_TIMEOUT      seconds to keep retrying a failing storage request (default 120)
   TMPDIR                 where prune, check and stats of a large repository and backup and
                          restore of a large dump sort (~60 bytes a chunk; private files,
@@ -118,6 +120,12 @@ struct Cli {
     /// Print nothing on success (errors still go to stderr)
     #[arg(short, long, global = true)]
     quiet: bool,
+
+    /// Threads for compressing (backup) and decoding (restore) [default: one per core this
+    /// process may run on, which follows taskset and a container's cpuset]
+    #[arg(long, global = true, env = "BKP_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 
     #[command(subcommand)]
     command: Commands,
@@ -596,6 +604,9 @@ pub fn run() -> Result<ExitCode> {
         }
         _ => {}
     }
+    if let Some(threads) = cli.threads {
+        let _ = THREADS.set(threads as usize);
+    }
     let Some(location) = cli.repo.clone() else {
         eprintln!("bkp: error: no repository given: pass --repo LOCATION or set BKP_REPOSITORY");
         return Ok(ExitCode::from(2));
@@ -771,7 +782,8 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
 fn open_source(location: &str, refused: &str) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_secret("BKP_FROM_PASSWORD", "Source repository password", false)?;
-    let repo = Repository::open(store, password.as_bytes())?;
+    let mut repo = Repository::open(store, password.as_bytes())?;
+    repo.set_workers(THREADS.get().copied().unwrap_or(0));
     repo.require_full_key(refused)?;
     Ok(OpenRepository {
         repo,
@@ -881,10 +893,14 @@ enum Access {
     FullKeyTo(&'static str),
 }
 
+/// `--threads` (`BKP_THREADS`), for every repository a command opens.
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 fn open_repository(location: &str, access: Access) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_password(false)?;
-    let repo = Repository::open(store, password.as_bytes())?;
+    let mut repo = Repository::open(store, password.as_bytes())?;
+    repo.set_workers(THREADS.get().copied().unwrap_or(0));
     if let Access::FullKeyTo(refused) = access {
         repo.require_full_key(refused)?;
     }
