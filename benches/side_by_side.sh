@@ -17,6 +17,7 @@
 #   CONSUMER  the hashing reader (default "openssl dgst -sha256"). coreutils' sha256sum on this
 #             machine hashes at ~320 MB/s (no SHA extensions), slower than every tool's
 #             restore; openssl's SHA-256 runs at ~1.3 GB/s, so the figure is the tool's.
+#   BKP_BEFORE  another bkp binary, run as the tool "bkp-before" (a before/after table in one run)
 #   KEEP=1    keep the scratch directory (its path is printed)
 # Peers missing are installed by benches/install-peers.sh (restic from Debian packages,
 # bupstash 0.12 from crates.io).
@@ -50,9 +51,9 @@ cores=$(nproc)
 setup() {
     local tool=$1 dir=$2
     case $tool in
-    bkp)
+    bkp | bkp-before)
         export BKP_REPOSITORY=$dir/repo BKP_PASSWORD_FILE=$work/password BKP_CACHE_DIR=$dir/cache
-        "$bkp" init > /dev/null 2>&1
+        "$(bkp_of "$tool")" init > /dev/null 2>&1
         ;;
     bupstash)
         export BUPSTASH_REPOSITORY=$dir/repo BUPSTASH_KEY=$dir/key
@@ -67,16 +68,17 @@ setup() {
         ;;
     esac
 }
+bkp_of() { if [ "$1" = bkp-before ]; then echo "$BKP_BEFORE"; else echo "$bkp"; fi; }
 backup() {
     case $1 in
-    bkp) "$bkp" backup --quiet --tag bench ;;
+    bkp | bkp-before) "$bkp" backup --quiet --tag bench ;;
     bupstash) bupstash put -q name=dump.sql - > "$dir/last-id" ;;
     restic) restic backup -q --stdin --stdin-filename dump.sql > /dev/null ;;
     esac
 }
 restore() {
     case $1 in
-    bkp) "$bkp" restore latest --tag bench --quiet ;;
+    bkp | bkp-before) "$bkp" restore latest --tag bench --quiet ;;
     bupstash) bupstash get "id=$(cat "$dir/last-id")" ;;
     restic) restic dump -q latest /dump.sql ;;
     esac
@@ -101,19 +103,19 @@ one_round() {
         size() { du -sb "$dir/repo" | cut -f1; }
         local before after
         before=$(size); sync
-        timed "$spec" "backup day 1" "$size1" "${pin[@]}" bash -c "$(declare -f backup); bkp=$bkp dir=$dir backup $tool" < "$day1"
+        timed "$spec" "backup day 1" "$size1" "${pin[@]}" bash -c "$(declare -f backup); bkp=$(bkp_of "$tool") dir=$dir backup $tool" < "$day1"
         after=$(size); printf '%s\tadded day 1\t%s\n' "$spec" $((after - before)) >> "$results"
         before=$after; sync
-        timed "$spec" "backup day 2" "$size2" "${pin[@]}" bash -c "$(declare -f backup); bkp=$bkp dir=$dir backup $tool" < "$day2"
+        timed "$spec" "backup day 2" "$size2" "${pin[@]}" bash -c "$(declare -f backup); bkp=$(bkp_of "$tool") dir=$dir backup $tool" < "$day2"
         after=$(size); printf '%s\tadded day 2\t%s\n' "$spec" $((after - before)) >> "$results"
         # The consumer reads a fifo, so that only the tool is timed.
         mkfifo "$dir/fifo"
         $consumer < "$dir/fifo" > "$dir/hash" &
-        timed "$spec" "restore day 2 | hash" "$size2" "${pin[@]}" bash -c "$(declare -f restore); bkp=$bkp dir=$dir restore $tool" > "$dir/fifo"
+        timed "$spec" "restore day 2 | hash" "$size2" "${pin[@]}" bash -c "$(declare -f restore); bkp=$(bkp_of "$tool") dir=$dir restore $tool" > "$dir/fifo"
         wait $!
         got=$(awk '{print $NF}' "$dir/hash")
         [ "$got" = "$expected" ] || { echo "$spec: restore of day 2 differs (sha256 $got, expected $expected)" >&2; exit 1; }
-        timed "$spec" "restore day 2 > /dev/null" "$size2" "${pin[@]}" bash -c "$(declare -f restore); bkp=$bkp dir=$dir restore $tool > /dev/null"
+        timed "$spec" "restore day 2 > /dev/null" "$size2" "${pin[@]}" bash -c "$(declare -f restore); bkp=$(bkp_of "$tool") dir=$dir restore $tool > /dev/null"
     )
     rm -rf "$dir"
 }
