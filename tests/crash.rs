@@ -133,6 +133,11 @@ fn crash_everywhere(start: &World, op: &Op) -> usize {
             let what = format!("{} crashed at step {at} of {steps}, {lost:?}", op.name);
             let (crash, repo) = open(&start.objects, Some(at));
             let result = (op.run)(&repo, &mut start.clone());
+            if result.is_ok() && !crash.crashed() && crash.steps() <= at {
+                // This run took fewer steps than the counting run: a backup's frames finish
+                // in another order under load and fill its packs differently. No step `at`.
+                continue;
+            }
             assert!(result.is_err() && crash.crashed(), "{what}: {result:?}");
             drop(repo);
             let disk = crash.after_power_loss(lost);
