@@ -14,7 +14,7 @@
 //! authenticated snapshot), and the total against the snapshot's size. The snapshot's
 //! `stream_hash`, a plain BLAKE3 of what the backup read, is a second pass over every byte; it
 //! checks bkp's own backup pipeline rather than the repository, so drills check it
-//! ([`restore_checking_stream_hash`]), a restore does not: it would cost a third of its CPU.
+//! ([`restore_checking_stream_hash`]), a restore does not: it was ~15 % of its CPU.
 //! A day-N snapshot interleaves chunks from the frames of many earlier backups, in runs of a
 //! chunk or two, so decoded frames are shared between runs through a small cache; a budget of
 //! decoded frames alive at once ([`MAX_FRAMES_ALIVE`]) bounds memory and read-ahead.
