@@ -517,8 +517,8 @@ const DRILL_HELP: &str = "\
 A backup is only as good as its last restore. `bkp drill` restores the snapshot into COMMAND's
 standard input (a client of a scratch database), checks that every byte verified (and, beyond
 what a restore checks, the whole stream against the BLAKE3 hash the backup took of what it
-read: a check of bkp's own backup) and that COMMAND exited 0, and records the outcome in the repository (time, duration, bytes, host,
-command, and what failed): `bkp snapshots` shows each series' last drill, `--json` too.
+read: a check of bkp's own backup) and that COMMAND exited 0, and records the outcome in the
+repository (time, duration, bytes, host, command, and what failed): `bkp snapshots` shows each series' last drill, `--json` too.
 COMMAND's output goes to stderr. Exit codes: 0 the drill succeeded; 9 COMMAND failed (exited
 non-zero, stopped reading, could not be started); 5 the restore failed verification; 130/143
 interrupted (recorded as such). A password in COMMAND's arguments is refused, as for backup.
@@ -782,8 +782,7 @@ fn open_store(location: &str, create: bool) -> Result<Store> {
 fn open_source(location: &str, refused: &str) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_secret("BKP_FROM_PASSWORD", "Source repository password", false)?;
-    let mut repo = Repository::open(store, password.as_bytes())?;
-    repo.set_workers(THREADS.get().copied().unwrap_or(0));
+    let repo = unlock(store, &password)?;
     repo.require_full_key(refused)?;
     Ok(OpenRepository {
         repo,
@@ -896,11 +895,17 @@ enum Access {
 /// `--threads` (`BKP_THREADS`), for every repository a command opens.
 static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
+/// Opens the repository in `store` with `password`, working with `--threads` threads.
+fn unlock(store: Store, password: &str) -> Result<Repository> {
+    let mut repo = Repository::open(store, password.as_bytes())?;
+    repo.set_workers(THREADS.get().copied().unwrap_or(0));
+    Ok(repo)
+}
+
 fn open_repository(location: &str, access: Access) -> Result<OpenRepository> {
     let store = open_store(location, false)?;
     let password = read_password(false)?;
-    let mut repo = Repository::open(store, password.as_bytes())?;
-    repo.set_workers(THREADS.get().copied().unwrap_or(0));
+    let repo = unlock(store, &password)?;
     if let Access::FullKeyTo(refused) = access {
         repo.require_full_key(refused)?;
     }
