@@ -646,25 +646,43 @@ impl<'a> Sink<'a> {
                 }
             }
             Some(slot) => slot.with_raw(|raw| {
+                // Chunks that lie next to each other in the frame (most of a run) go out in
+                // one write, each verified before it joins: no copy into a buffer on the way,
+                // and a write that large goes past the writer's buffer.
+                let mut pending = 0..0;
                 for slice in &run.slices {
                     let chunk = verified_chunk(repo, raw, slice)?;
                     self.count(entry, slice)?;
-                    match &mut self.out {
-                        Output::Stream(out) => {
-                            out.write_all(chunk).map_err(Error::Sink)?;
-                            if let Some(hasher) = &mut self.hasher {
-                                hasher.update(chunk);
-                            }
-                        }
-                        Output::Chunks(out) => out(&slice.id, slice.len, Some(chunk))?,
+                    if let Output::Chunks(out) = &mut self.out {
+                        out(&slice.id, slice.len, Some(chunk))?;
+                        continue;
                     }
+                    let start = slice.offset as usize;
+                    if start != pending.end {
+                        self.write(&raw[pending])?;
+                        pending = start..start;
+                    }
+                    pending.end = start + chunk.len();
                 }
-                Ok(())
+                self.write(&raw[pending])
             })?,
         }
         if self.written >= self.next_report {
             self.next_report = self.written + (8 << 20);
             self.report();
+        }
+        Ok(())
+    }
+
+    /// Writes verified bytes to the stream.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Output::Stream(out) = &mut self.out
+            && !bytes.is_empty()
+        {
+            out.write_all(bytes).map_err(Error::Sink)?;
+            if let Some(hasher) = &mut self.hasher {
+                hasher.update(bytes);
+            }
         }
         Ok(())
     }

@@ -76,7 +76,7 @@ fn drill(location: &str, quiet: bool, args: DrillArgs) -> Result<(u8, Option<Dri
             child_pid.store(child.id(), Ordering::SeqCst);
             let stdin = child.stdin.take().expect("piped");
             super::grow_pipe(&stdin);
-            let mut out = BufWriter::with_capacity(super::PIPE_BYTES, stdin);
+            let mut out = BufWriter::with_capacity(super::WRITE_BUFFER, stdin);
             // A drill is the deep check: the stream against the hash the backup took of it too.
             let restored = bkp::restore_checking_stream_hash(&repo, &entry, &mut out, &mut |p| {
                 bytes = p.bytes_written;

@@ -1369,7 +1369,7 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
         None => {
             let stdout = io::stdout();
             grow_pipe(&stdout);
-            let mut out = BufWriter::with_capacity(PIPE_BYTES, stdout.lock());
+            let mut out = BufWriter::with_capacity(WRITE_BUFFER, stdout.lock());
             restore(&mut out)?
         }
     };
@@ -1391,9 +1391,15 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// What a restore writes at once, and the pipe buffer it asks for (Linux's default limit for
-/// an unprivileged process, /proc/sys/fs/pipe-max-size).
+/// The pipe buffer a restore asks for (Linux's default limit for an unprivileged process,
+/// /proc/sys/fs/pipe-max-size).
 pub(crate) const PIPE_BYTES: usize = 1 << 20;
+
+/// The buffer in front of a restore's output. A restore writes the chunks that lie together in
+/// a frame in one write (~80 KB on average on the real pair); this buffer only gathers the
+/// short ones, the rest go past it uncopied. A 1 MiB buffer copied every byte once more: 3 % of
+/// a restore's CPU.
+pub(crate) const WRITE_BUFFER: usize = 64 << 10;
 
 /// Asks for a pipe buffer of [`PIPE_BYTES`] if `fd` is a pipe. With the default 64 KiB, a
 /// restore into `psql` or a hash switches between writer and reader every 64 KiB: 16 times
@@ -1457,7 +1463,7 @@ fn restore_to_file(
                 temp.display()
             )
         })?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
     let result = restore(&mut out)
         .map_err(anyhow::Error::from)
         .and_then(|summary| {
