@@ -75,8 +75,8 @@ fn drill(location: &str, quiet: bool, args: DrillArgs) -> Result<(u8, Option<Dri
         Ok(mut child) => {
             child_pid.store(child.id(), Ordering::SeqCst);
             let stdin = child.stdin.take().expect("piped");
-            super::grow_pipe(&stdin);
-            let mut out = BufWriter::with_capacity(super::WRITE_BUFFER, stdin);
+            let stdin = super::pipe::PipeWriter::new(stdin);
+            let mut out = BufWriter::with_capacity(super::pipe::WRITE_BUFFER, stdin);
             // A drill is the deep check: the stream against the hash the backup took of it too.
             let restored = bkp::restore_checking_stream_hash(&repo, &entry, &mut out, &mut |p| {
                 bytes = p.bytes_written;

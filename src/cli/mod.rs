@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 mod drill;
 mod maintenance;
 mod metrics;
+mod pipe;
 mod tables;
 use maintenance::{check, forget, key_command, prune, stats};
 
@@ -1367,9 +1368,8 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
     let summary = match &args.output {
         Some(path) => restore_to_file(path, &mut restore)?,
         None => {
-            let stdout = io::stdout();
-            grow_pipe(&stdout);
-            let mut out = BufWriter::with_capacity(WRITE_BUFFER, stdout.lock());
+            let stdout = pipe::PipeWriter::new(io::stdout().lock());
+            let mut out = BufWriter::with_capacity(pipe::WRITE_BUFFER, stdout);
             restore(&mut out)?
         }
     };
@@ -1389,35 +1389,6 @@ fn restore(location: &str, quiet: bool, args: RestoreArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The pipe buffer a restore asks for (Linux's default limit for an unprivileged process,
-/// /proc/sys/fs/pipe-max-size).
-pub(crate) const PIPE_BYTES: usize = 1 << 20;
-
-/// The buffer in front of a restore's output. A restore writes the chunks that lie together in
-/// a frame in one write (~80 KB on average on the real pair); this buffer only gathers the
-/// short ones, the rest go past it uncopied. A 1 MiB buffer copied every byte once more: 3 % of
-/// a restore's CPU.
-pub(crate) const WRITE_BUFFER: usize = 64 << 10;
-
-/// Asks for a pipe buffer of [`PIPE_BYTES`] if `fd` is a pipe. With the default 64 KiB, a
-/// restore into `psql` or a hash switches between writer and reader every 64 KiB: 16 times
-/// for each write. Nothing changes if the system refuses (a lower limit, or not Linux).
-pub(crate) fn grow_pipe(fd: &impl std::os::fd::AsRawFd) {
-    #[cfg(target_os = "linux")]
-    {
-        let fd = fd.as_raw_fd();
-        // SAFETY: fstat and fcntl on a descriptor we hold, with a valid out-pointer.
-        unsafe {
-            let mut stat: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut stat) == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFIFO {
-                libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = fd;
 }
 
 /// Restores into a new file at `path`, never overwriting one. The stream goes to a temporary
@@ -1463,7 +1434,7 @@ fn restore_to_file(
                 temp.display()
             )
         })?;
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+    let mut out = BufWriter::with_capacity(pipe::WRITE_BUFFER, file);
     let result = restore(&mut out)
         .map_err(anyhow::Error::from)
         .and_then(|summary| {
