@@ -23,7 +23,7 @@ const MOST_PATIENCE: Duration = Duration::from_millis(2);
 /// until the reader frees a page, copies a page, and sleeps again, so writer and reader switch
 /// for every few KiB the reader takes (50,000 switches for a 1 GB restore into `openssl dgst`).
 /// This one waits until the pipe has room for half its size (or the whole write) and writes
-/// what fits: 16,000 switches, 10-15 % less of the restore's CPU. Anything but a pipe is
+/// what fits: 16,000 switches, 8-15 % less of the restore's CPU. Anything but a pipe is
 /// written to as it is.
 pub(crate) struct PipeWriter<W: Write + AsFd> {
     inner: W,
