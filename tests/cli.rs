@@ -41,17 +41,14 @@ fn threads_come_from_the_option_or_the_environment_and_zero_is_refused() {
         .write_stdin(shop.clone())
         .assert()
         .success();
-    let one = bkp(&repo)
-        .env("BKP_THREADS", "1")
-        .args(["restore", "latest"])
-        .assert()
-        .success();
-    assert!(one.get_output().stdout == shop);
-    let three = bkp(&repo)
-        .args(["restore", "latest", "--threads", "3"])
-        .assert()
-        .success();
-    assert!(three.get_output().stdout == shop);
+    let one = common::stdout_of(
+        bkp(&repo)
+            .env("BKP_THREADS", "1")
+            .args(["restore", "latest"]),
+    );
+    assert!(one == shop);
+    let three = common::stdout_of(bkp(&repo).args(["restore", "latest", "--threads", "3"]));
+    assert!(three == shop);
     bkp(&repo)
         .env("BKP_THREADS", "0")
         .args(["restore", "latest"])
