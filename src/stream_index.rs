@@ -116,9 +116,14 @@ impl LivePack {
         filter
     }
 
-    fn find(&self, prefix: &[u8; 8]) -> Option<&PackChunk> {
+    /// False if the pack surely does not hold a chunk with this prefix.
+    fn might_hold(&self, prefix: &[u8; 8]) -> bool {
         let bit = filter_bit(prefix, self.filter.len() * 64);
-        if self.filter[bit / 64] & (1 << (bit % 64)) == 0 {
+        self.filter[bit / 64] & (1 << (bit % 64)) != 0
+    }
+
+    fn find(&self, prefix: &[u8; 8]) -> Option<&PackChunk> {
+        if !self.might_hold(prefix) {
             return None;
         }
         let at = self
@@ -548,10 +553,7 @@ mod tests {
             let absent = count..count + 10_000;
             let passed = absent
                 .clone()
-                .filter(|&n| {
-                    let bit = filter_bit(&prefix(n), pack.filter.len() * 64);
-                    pack.filter[bit / 64] & (1 << (bit % 64)) != 0
-                })
+                .filter(|&n| pack.might_hold(&prefix(n)))
                 .count();
             assert!(
                 passed < 1_500,
